@@ -1,0 +1,23 @@
+"""FactorLLM: factor a pretrained decoder-only LLM's FFNs into routed experts.
+
+Pure torch (plus transformers' modelling classes). Read in this order:
+partition.py -> experts.py -> router.py -> par.py -> ffn.py -> factorize.py.
+"""
+
+from .config import FactorConfig
+from .experts import Experts
+from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, factor_config_of,
+                        factorize, load_factorized, match_ffn, save_factorized)
+from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers
+from .par import PSEUDO_LABELS, balance_loss, pa_loss
+from .partition import PARTITIONS
+from .router import COMBINES, ROUTER_MODES, Router, RouterMode, Routing
+from .stats import RoutingStats, router_agreement
+
+__all__ = [
+    "AuxCollector", "COMBINES", "Experts", "FFNAux", "FFN_ADAPTERS", "FactorConfig",
+    "FactorReport", "FactorizedFFN", "PARTITIONS", "PSEUDO_LABELS", "ROUTER_MODES", "Router",
+    "RouterMode", "Routing", "RoutingStats", "balance_loss", "build_factorized_ffn",
+    "collect_aux", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
+    "match_ffn", "pa_loss", "router_agreement", "save_factorized",
+]

@@ -1,0 +1,66 @@
+"""N experts cut from one gated FFN: `down(act(gate(x)) * up(x))`.
+
+Expert e owns rows `neuron_index[e]` of gate and up and the same columns of down.
+Weights are stored stacked per expert, laid out once at factorization time:
+gate/up (N, I/N, H) and down (N, H, I/N). The down bias, if any, belongs to no
+expert: it is added once by the caller, so sum(all experts) + bias == dense FFN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(nn.Module):
+    def __init__(self, gate_weight, up_weight, down_weight, neuron_index, act_fn,
+                 gate_bias=None, up_bias=None):
+        """gate_weight, up_weight: (I, H); down_weight: (H, I); neuron_index: (N, I/N)."""
+        super().__init__()
+        self.n_experts, self.expert_width = neuron_index.shape
+        self.register_buffer("neuron_index", neuron_index.clone())
+        self.gate_weight = nn.Parameter(gate_weight[neuron_index].clone())  # (N, I/N, H)
+        self.up_weight = nn.Parameter(up_weight[neuron_index].clone())  # (N, I/N, H)
+        self.down_weight = nn.Parameter(down_weight[:, neuron_index].permute(1, 0, 2).clone())  # (N, H, I/N)
+        self.gate_bias = None if gate_bias is None else nn.Parameter(gate_bias[neuron_index].clone())
+        self.up_bias = None if up_bias is None else nn.Parameter(up_bias[neuron_index].clone())
+        self.act_fn = act_fn
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Run one expert on its tokens. x: (M, H) -> (M, H)."""
+        gate = F.linear(x, self.gate_weight[expert], _row(self.gate_bias, expert))
+        up = F.linear(x, self.up_weight[expert], _row(self.up_bias, expert))
+        return F.linear(self.act_fn(gate) * up, self.down_weight[expert])
+
+    def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, batched. x: (S, H) -> (S, N, H).
+
+        Used for the PAR teacher and the collapse statistics, never for inference.
+        """
+        gate = torch.einsum("sh,nih->sni", x, self.gate_weight)
+        up = torch.einsum("sh,nih->sni", x, self.up_weight)
+        if self.gate_bias is not None:
+            gate = gate + self.gate_bias
+        if self.up_bias is not None:
+            up = up + self.up_bias
+        return torch.einsum("sni,nhi->snh", self.act_fn(gate) * up, self.down_weight)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Reference sparse dispatch: each expert runs on exactly the tokens routed to it.
+
+        x: (S, H); indices, weights: (S, K) -> (S, H). Plain and obviously correct;
+        the per-expert `nonzero` syncs with the host, which a fast path must avoid.
+        """
+        out = torch.zeros_like(x)
+        for expert in range(self.n_experts):
+            token_idx, slot = torch.nonzero(indices == expert, as_tuple=True)
+            if token_idx.numel() == 0:
+                continue
+            y = self.expert_forward(expert, x[token_idx])
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(1).to(y.dtype))
+        return out
+
+
+def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
+    return None if bias is None else bias[expert]

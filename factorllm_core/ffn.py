@@ -1,0 +1,118 @@
+"""FactorizedFFN: a drop-in replacement for a gated FFN, routed over N experts.
+
+Forward (per token): router probabilities averaged over R routers -> top-K ->
+only the chosen experts run on their tokens -> combined with the combine rule's
+weights. In training with a PAR router the teacher (all experts on the same
+input, i.e. the dense FFN on the hidden state the student really sees) is
+computed too, so the pseudo-labels and PA loss come for free and the student
+output is gathered from the same expert outputs.
+
+Auxiliary losses come back from `forward_with_aux`. Hugging Face decoder layers
+call `mlp(x)` and expect a tensor, so `forward` returns the tensor and hands the
+aux to an `AuxCollector` only while one is attached by `collect_aux(model)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import FactorConfig
+from .experts import Experts
+from .par import PSEUDO_LABELS, balance_loss, pa_loss
+from .router import Router, Routing
+
+
+@dataclass
+class FFNAux:
+    """What one FactorizedFFN call produced besides its output."""
+
+    routing: Routing
+    balance_loss: torch.Tensor  # scalar
+    pa_loss: torch.Tensor | None = None  # scalar, only when the PAR teacher ran
+    pseudo_labels: torch.Tensor | None = None  # (S, N) multi-hot
+
+
+class FactorizedFFN(nn.Module):
+    def __init__(self, config: FactorConfig, router: Router, experts: Experts,
+                 down_bias: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.router = router
+        self.experts = experts
+        self.down_bias = None if down_bias is None else nn.Parameter(down_bias.clone())
+        self.pseudo_label = PSEUDO_LABELS.get(config.pseudo_label, "pseudo_label")
+        self._collector: tuple[AuxCollector, str] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, aux = self.forward_with_aux(x)
+        if self._collector is not None:
+            collector, name = self._collector
+            collector.add(name, aux)
+        return y
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, FFNAux]:
+        """x: (..., H) -> (output (..., H), FFNAux over the flattened tokens)."""
+        flat = x.reshape(-1, x.shape[-1])  # (S, H)
+        routing = self.router(flat)
+        aux = FFNAux(routing, balance_loss(routing.probs, routing.indices))
+        if self.training and self.router.mode.uses_pa_loss:
+            y = self._forward_with_teacher(flat, routing, aux)
+        else:
+            y = self.experts(flat, routing.indices, routing.weights)
+        if self.down_bias is not None:
+            y = y + self.down_bias
+        return y.view_as(x), aux
+
+    def _forward_with_teacher(self, flat: torch.Tensor, routing: Routing, aux: FFNAux) -> torch.Tensor:
+        all_outputs = self.experts.all_outputs(flat)  # (S, N, H)
+        with torch.no_grad():
+            aux.pseudo_labels = self.pseudo_label(all_outputs.float(), self.config.top_k)
+        aux.pa_loss = pa_loss(routing.router_probs, aux.pseudo_labels)
+        index = routing.indices.unsqueeze(-1).expand(-1, -1, flat.shape[-1])  # (S, K, H)
+        chosen = all_outputs.gather(1, index)
+        return (chosen * routing.weights.unsqueeze(-1).to(chosen.dtype)).sum(dim=1)
+
+
+@dataclass
+class AuxCollector:
+    """Per-layer FFNAux of every FactorizedFFN call made while attached, in call order."""
+
+    records: list[tuple[str, FFNAux]] = field(default_factory=list)
+
+    def add(self, name: str, aux: FFNAux) -> None:
+        self.records.append((name, aux))
+
+    def pa_loss(self) -> torch.Tensor | None:
+        """Mean PA loss over layers, or None when no layer computed one."""
+        losses = [aux.pa_loss for _, aux in self.records if aux.pa_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def balance_loss(self) -> torch.Tensor | None:
+        losses = [aux.balance_loss for _, aux in self.records]
+        return torch.stack(losses).mean() if losses else None
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def factorized_layers(model: nn.Module) -> list[tuple[str, FactorizedFFN]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedFFN)]
+
+
+@contextmanager
+def collect_aux(model: nn.Module) -> Iterator[AuxCollector]:
+    """Attach one collector to every FactorizedFFN in `model` for the duration."""
+    collector = AuxCollector()
+    layers = factorized_layers(model)
+    for name, layer in layers:
+        layer._collector = (collector, name)
+    try:
+        yield collector
+    finally:
+        for _, layer in layers:
+            layer._collector = None

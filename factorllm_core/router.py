@@ -1,0 +1,106 @@
+"""Routers: score experts per token, pick the top-K, and weight the picked experts.
+
+The router and the experts meet at a narrow interface (as in megablocks): the
+router returns a `Routing` (probabilities, indices, weights) and the experts take
+indices and weights. Router modes and combine rules are registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class RouterMode:
+    """How a router behaves in training and inference.
+
+    trainable: the router's weights receive gradients.
+    random_choice: experts are picked uniformly at random per token (seeded),
+        ignoring the router's scores.
+    uses_pa_loss: the PAR teacher-student loss is computed and applied.
+    """
+
+    trainable: bool
+    random_choice: bool
+    uses_pa_loss: bool
+
+
+ROUTER_MODES: Registry[RouterMode] = Registry("router mode")
+ROUTER_MODES.register("par")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=True))
+ROUTER_MODES.register("lm_only")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=False))
+ROUTER_MODES.register("random")(RouterMode(trainable=False, random_choice=True, uses_pa_loss=False))
+ROUTER_MODES.register("frozen")(RouterMode(trainable=False, random_choice=False, uses_pa_loss=False))
+
+
+@dataclass
+class Routing:
+    """One routing decision for S tokens, N experts, R routers, top-K.
+
+    router_probs: (S, R, N) softmax of each router's logits.
+    probs: (S, N) the routers' probabilities averaged over R.
+    indices: (S, K) chosen experts per token (distinct).
+    weights: (S, K) multiplier applied to each chosen expert's output.
+    """
+
+    router_probs: torch.Tensor
+    probs: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+CombineFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+COMBINES: Registry[CombineFn] = Registry("combine")
+
+
+@COMBINES.register("scaled")
+def scaled(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The paper's rule: each chosen expert x N/K (hard mask; no gradient to the router)."""
+    top_k = indices.shape[1]
+    return torch.full(indices.shape, n_experts / top_k, dtype=probs.dtype, device=probs.device)
+
+
+@COMBINES.register("weighted")
+def weighted(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Renormalised top-K router probabilities x N (differentiable w.r.t. the router)."""
+    chosen = probs.gather(1, indices)  # (S, K)
+    return chosen / chosen.sum(dim=1, keepdim=True) * n_experts
+
+
+class Router(nn.Module):
+    """R linear gates (with bias) on the FFN input; their softmaxes are averaged."""
+
+    def __init__(self, hidden_size: int, n_experts: int, n_routers: int, top_k: int,
+                 mode: str, combine: str, seed: int):
+        super().__init__()
+        self.n_experts, self.n_routers, self.top_k = n_experts, n_routers, top_k
+        self.mode = ROUTER_MODES.get(mode, "router_mode")
+        self.combine = COMBINES.get(combine, "combine")
+        self.gate = nn.Linear(hidden_size, n_routers * n_experts, bias=True)
+        self.gate.requires_grad_(self.mode.trainable)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (S, hidden) -> Routing over S tokens."""
+        logits = self.gate(x).float().view(-1, self.n_routers, self.n_experts)
+        router_probs = logits.softmax(dim=-1)  # (S, R, N)
+        probs = router_probs.mean(dim=1)  # (S, N)
+        if self.mode.random_choice:
+            scores = torch.rand(probs.shape, generator=self._generator(x.device), device=x.device)
+            probs_for_weights = torch.full_like(probs, 1.0 / self.n_experts)
+        else:
+            scores, probs_for_weights = probs, probs
+        indices = scores.topk(self.top_k, dim=-1).indices  # (S, K)
+        weights = self.combine(probs_for_weights, indices, self.n_experts)
+        return Routing(router_probs, probs, indices, weights)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
