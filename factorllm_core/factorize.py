@@ -127,6 +127,7 @@ def factorize(model: nn.Module, config: FactorConfig, *, _placeholder_partition:
         config.check_ffn_width(weights.gate_weight.shape[0], where=name)
         new = build_factorized_ffn(weights, build_config, layer_seed=config.seed + layer_number)
         new.config = config
+        new.train(module.training)  # a fresh nn.Module is in training mode; keep the model's
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     layers = factorized_layers(model)

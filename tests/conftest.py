@@ -1,0 +1,35 @@
+"""Tiny random models built from configs: no download, a second or less each."""
+
+import pytest
+import torch
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**TINY, head_dim=16)),
+}
+
+
+def make_tiny(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return FAMILIES[family]().eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model_factory():
+    return make_tiny
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
