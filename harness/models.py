@@ -204,3 +204,22 @@ def pretraining_tokens(name: str) -> float | None:
     if name in MODELS:
         return MODELS.get(name).pretraining_tokens
     return KNOWN_PRETRAINING_TOKENS.get(name)
+
+
+def use_offline_mode_if_hub_unreachable() -> bool:
+    """Set the HF offline switches when the hub cannot be reached, so that hub
+    libraries fail at once instead of retrying (~23 s per dataset). True if offline."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return True
+    return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return device

@@ -33,3 +33,34 @@ def tiny_model_factory():
 @pytest.fixture
 def token_ids():
     return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never touch the network: hub libraries must fail at once."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def make_word_tokenizer(texts, vocab_size: int = 128):
+    """A real (tiny) fast tokenizer trained on `texts`: word-level, with EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<eos>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+@pytest.fixture
+def word_tokenizer():
+    return make_word_tokenizer
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTORLLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

