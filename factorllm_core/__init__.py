@@ -12,12 +12,12 @@ from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_la
 from .par import PSEUDO_LABELS, balance_loss, pa_loss
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_MODES, Router, RouterMode, Routing
-from .stats import RoutingStats, router_agreement
+from .stats import RoutingStats, expert_similarity, router_agreement
 
 __all__ = [
     "AuxCollector", "COMBINES", "Experts", "FFNAux", "FFN_ADAPTERS", "FactorConfig",
     "FactorReport", "FactorizedFFN", "PARTITIONS", "PSEUDO_LABELS", "ROUTER_MODES", "Router",
     "RouterMode", "Routing", "RoutingStats", "balance_loss", "build_factorized_ffn",
-    "collect_aux", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
+    "collect_aux", "expert_similarity", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
     "match_ffn", "pa_loss", "router_agreement", "save_factorized",
 ]

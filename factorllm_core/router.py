@@ -100,6 +100,14 @@ class Router(nn.Module):
         weights = self.combine(probs_for_weights, indices, self.n_experts)
         return Routing(router_probs, probs, indices, weights)
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The random-routing generators' states, per device, for checkpoints."""
+        return {str(device): g.get_state() for device, g in self._generators.items()}
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        for device, state in states.items():
+            self._generator(torch.device(device)).set_state(state)
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)

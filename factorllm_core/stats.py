@@ -61,3 +61,15 @@ def router_agreement(router_probs: torch.Tensor, top_k: int) -> torch.Tensor:
     pairs = [(multi_hot[:, i] * multi_hot[:, j]).sum(-1) / top_k
              for i, j in combinations(range(n_routers), 2)]
     return torch.stack(pairs).mean(dim=0)
+
+
+def expert_similarity(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """(S, N, H) every expert's output per token -> mean pairwise cosine similarity
+    over expert pairs and tokens (a scalar). Near 1: experts collapsed into one module."""
+    n_experts = expert_outputs.shape[1]
+    if n_experts < 2:
+        return torch.tensor(float("nan"))
+    unit = torch.nn.functional.normalize(expert_outputs.float(), dim=-1)
+    gram = unit @ unit.transpose(1, 2)  # (S, N, N)
+    off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return (off_diagonal / (n_experts * (n_experts - 1))).mean()

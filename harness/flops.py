@@ -1,0 +1,68 @@
+"""FLOPs per token by module with fvcore, on real text (routing depends on the data).
+
+fvcore counts one FLOP per multiply-add and skips SDPA, so the model is traced
+with eager attention, where the score and value matmuls are plain matmuls it
+counts. Modules are grouped into attention (q/k/v/o projections + score/value
+matmuls), ffn (the experts actually run + the router, or the dense MLP), lm_head
+and other; total is fvcore's whole-model count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+COUNTING_CONVENTION = "fvcore: 1 FLOP per multiply-add (MAC); SDPA uncounted, so eager attention is traced"
+
+
+class _LogitsOnly(torch.nn.Module):
+    """fvcore traces with torch.jit; the HF output object and KV cache get in its way."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _category(module_name: str) -> str | None:
+    parts = module_name.split(".")
+    if "self_attn" in parts or "attention" in parts:
+        return "attention"
+    if "mlp" in parts or "feed_forward" in parts:
+        return "ffn"
+    if parts[-1] == "lm_head":
+        return "lm_head"
+    return None
+
+
+def count_flops(model, input_ids: torch.Tensor) -> dict:
+    """input_ids: (1, T) real text. Returns GFLOPs per token by category, and the raw totals."""
+    from fvcore.nn import FlopCountAnalysis
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(_LogitsOnly(model).eval(), (input_ids,))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            by_module = analysis.by_module()
+            total = analysis.total()
+    finally:
+        model.set_attn_implementation(previous)
+    sums = {"attention": 0, "ffn": 0, "lm_head": 0}
+    for name, flops in by_module.items():
+        category = _category(name) if name else None
+        parent = name.rpartition(".")[0]
+        # by_module lists every ancestor too: count only the outermost module of a category
+        if category and (not parent or _category(parent) != category):
+            sums[category] += flops
+    tokens = input_ids.numel()
+    per_token = {f"{k}_gflops_per_token": v / tokens / 1e9 for k, v in sums.items()}
+    per_token["total_gflops_per_token"] = total / tokens / 1e9
+    per_token["other_gflops_per_token"] = (total - sum(sums.values())) / tokens / 1e9
+    per_token.update(tokens=tokens, convention=COUNTING_CONVENTION)
+    return per_token

@@ -1,0 +1,190 @@
+"""PAR training of routers and expert slices, resumable from checkpoints.
+
+Frozen: embeddings, attention, norms, lm_head. Trainable: the expert slices, and
+the routers when the router mode trains them. Loss per micro-batch:
+    next-token cross-entropy + lambda_pa x PA loss + lambda_balance x balance loss
+(the PA term only for modes that use it). The teacher runs inside each
+FactorizedFFN on the hidden state the student really sees.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from factorllm_core import collect_aux, factorized_layers
+
+from .config import TrainConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainSummary:
+    tokens: int = 0
+    steps: int = 0
+    micro_batches: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float | None = None
+    final: dict = field(default_factory=dict)  # mean loss terms over the last optimizer step
+    history: list = field(default_factory=list)  # [step, lm, pa, balance] per optimizer step
+    resumed_from_step: int = 0
+    trainable_params: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mark_trainable(model: torch.nn.Module) -> int:
+    """Freeze everything, then unfreeze expert slices and trainable routers."""
+    model.requires_grad_(False)
+    for _, layer in factorized_layers(model):
+        layer.experts.requires_grad_(True)
+        if layer.down_bias is not None:
+            layer.down_bias.requires_grad_(True)
+        layer.router.requires_grad_(layer.router.mode.trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_batches(sequences: list[torch.Tensor], batch_size: int, pad_id: int) -> list[dict]:
+    """Consecutive sequences -> padded batches; padding is masked and ignored by the loss."""
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        group = sequences[start:start + batch_size]
+        length = max(len(s) for s in group)
+        ids = torch.full((len(group), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), length), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": int(mask.sum())})
+    return batches
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
+          on_step: Callable[[int], None] | None = None, show_progress: bool = True) -> TrainSummary:
+    """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present."""
+    summary = TrainSummary(trainable_params=mark_trainable(model))
+    total_steps = math.ceil(len(batches) / config.grad_accum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio))
+    state_path = checkpoint_dir / "train_state.pt" if checkpoint_dir else None
+    if state_path and state_path.exists():
+        _load_state(model, optimizer, scheduler, summary, state_path)
+    model.train()
+    budget = sum(b["tokens"] for b in batches)
+    bar = tqdm(total=budget, initial=summary.tokens, unit="tok", desc="train", disable=not show_progress,
+               dynamic_ncols=True, mininterval=1.0)
+    start, start_tokens = time.perf_counter() - summary.seconds, summary.tokens
+    for step in range(summary.steps, total_steps):
+        micro = batches[step * config.grad_accum:(step + 1) * config.grad_accum]
+        terms = _optimizer_step(model, micro, config, device, optimizer, params, step)
+        scheduler.step()
+        summary.steps, summary.micro_batches = step + 1, summary.micro_batches + len(micro)
+        summary.tokens += sum(b["tokens"] for b in micro)
+        summary.final = terms
+        summary.history.append([step + 1, terms["lm"], terms["pa"], terms["balance"]])
+        summary.seconds = time.perf_counter() - start
+        rate = (summary.tokens - start_tokens) / max(1e-9, summary.seconds)
+        bar.update(sum(b["tokens"] for b in micro))
+        bar.set_postfix(lm=f"{terms['lm']:.3f}", pa=_fmt(terms["pa"]), bal=f"{terms['balance']:.4f}",
+                        tok_s=f"{rate:.0f}", refresh=False)
+        if state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
+                and step + 1 < total_steps:
+            _save_state(model, optimizer, scheduler, summary, state_path)
+        if on_step:
+            on_step(step + 1)
+    bar.close()
+    model.eval()
+    summary.seconds = time.perf_counter() - start
+    summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else None
+    return summary
+
+
+def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step):
+    sums = {"lm": 0.0, "pa": None, "balance": 0.0}
+    for batch in micro:
+        with _autocast(device), collect_aux(model) as aux:
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        labels=batch["labels"].to(device), use_cache=False)
+            pa, balance = aux.pa_loss(), aux.balance_loss()
+            loss = out.loss + config.lambda_balance * balance
+            if pa is not None:
+                loss = loss + config.lambda_pa * pa
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1}: lm={out.loss.item()}, "
+                                f"pa={None if pa is None else pa.item()}, balance={balance.item()}")
+        (loss / len(micro)).backward()
+        sums["lm"] += out.loss.item() / len(micro)
+        sums["balance"] += balance.item() / len(micro)
+        if pa is not None:
+            sums["pa"] = (sums["pa"] or 0.0) + pa.item() / len(micro)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path) -> None:
+    state = {"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "summary": summary.to_dict(),
+             "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+
+
+def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for key, value in state["summary"].items():
+        setattr(summary, key, value)
+    summary.resumed_from_step = summary.steps
+    layers = dict(factorized_layers(model))
+    for name, rng in state["router_rng"].items():
+        layers[name].router.set_rng_state(rng)
+    print(f"[train] resumed from step {summary.steps} ({summary.tokens} tokens) at {path}", flush=True)

@@ -1,0 +1,233 @@
+"""One FactorLLM trial end to end; the unit Ray dispatches and a researcher debugs.
+
+    python -m harness.trial experiments/trials/smollm2_1r4e2k_par.yaml [--out runs/trials]
+
+load -> (dense reference FLOPs/latency) -> factorize -> train (PAR) -> evaluate ->
+count FLOPs -> measure latency -> analyse routing -> write <out>/<trial_id>/record.json.
+The record is written atomically and always says `completed` or `failed` (with the
+reason); a failed trial carries no metrics. Training checkpoints let a rerun of
+the same trial resume where it stopped; a completed record is never recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from factorllm_core import factorize
+
+from .analysis import analyze_routing
+from .benchmarks import evaluate
+from .cache import write_json_atomic
+from .config import ConfigError, TrialConfig
+from .corpora import pack, resolve_corpus, token_budget
+from .flops import count_flops
+from .latency import measure_latency
+from .models import load_model, resolve_device, use_offline_mode_if_hub_unreachable
+from .probe import probe_tokens
+from .record import RECORD_FILE, environment, non_finite_paths
+from .train import make_batches, train
+
+ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+class Trial:
+    """Holds one trial's state between stages; `run` drives them and writes the record."""
+
+    def __init__(self, config: TrialConfig, out_dir: Path, cache_dir: str | Path | None = None,
+                 log: Callable[[str], None] = print, show_progress: bool = True,
+                 on_train_step: Callable[[int], None] | None = None):
+        self.config, self.cache_dir, self.log = config, cache_dir, log
+        self.dir = Path(out_dir) / config.trial_id
+        self.show_progress, self.on_train_step = show_progress, on_train_step
+        self.device = resolve_device(config.device)
+        self.record: dict = {"schema": 1, "trial_id": config.trial_id, "label": config.label,
+                             "config": config.to_dict(), "status": "running", "error": None,
+                             "stage_seconds": {}, "environment": environment(self.device)}
+
+    @contextmanager
+    def stage(self, name: str):
+        self.log(f"[{self.config.trial_id}] {name} ...")
+        start = time.perf_counter()
+        yield
+        self.record["stage_seconds"][name] = round(time.perf_counter() - start, 3)
+        self.log(f"[{self.config.trial_id}] {name} done in {self.record['stage_seconds'][name]:.1f} s")
+
+    def run(self) -> dict:
+        self.record["started_at"] = _now()
+        try:
+            self._run_stages()
+            self._check_finite()
+            self.record["status"] = "completed"
+        except KeyboardInterrupt:
+            raise  # leave checkpoints for a resume; an interrupted trial writes no record
+        except Exception as error:  # every failure is recorded with its reason
+            self.record.update(status="failed", error=f"{type(error).__name__}: {error}",
+                               traceback=traceback.format_exc(limit=8))
+            for key in ("metrics", "flops", "latency", "speedup", "routing"):
+                self.record.pop(key, None)  # a failed trial never reports numbers as results
+        self.record["finished_at"] = _now()
+        write_json_atomic(self.dir / RECORD_FILE, self.record)
+        self.log(f"[{self.config.trial_id}] {self.record['status']}: {self.dir / RECORD_FILE}")
+        return self.record
+
+    def _run_stages(self) -> None:
+        with self.stage("load"):
+            self._load()
+        if not self.config.is_dense:
+            with self.stage("dense_reference"):
+                self.record["dense_reference"] = self._measure()
+            with self.stage("factorize"):
+                self.record["factorization"] = factorize(self.model, self.config.factor).to_dict()
+            with self.stage("train"):
+                self._train()
+        with self.stage("evaluate"):
+            self._evaluate()
+        with self.stage("measure"):
+            self.record.update(self._measure())
+        if not self.config.is_dense:
+            self.record["speedup"] = _speedup(self.record["dense_reference"].get("latency"),
+                                              self.record.get("latency"))
+            with self.stage("analyze"):
+                self.record["routing"] = analyze_routing(self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)
+
+    def _load(self) -> None:
+        loaded = load_model(self.config.model, dtype=torch.float32, device=self.device,
+                            cache_dir=self.cache_dir, trust_remote_code=self.config.trust_remote_code)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        cfg = self.model.config
+        self.max_len = getattr(cfg, "max_position_embeddings", None) or self.config.flops.seq_len
+        self.flops_len = min(self.config.flops.seq_len, self.max_len)
+        self.probe = probe_tokens(self.tokenizer, max(self.flops_len, self.config.latency.prefill_len,
+                                                      ANALYSIS_TOKENS))
+        self.record["model"] = {"name": self.config.model, "kind": loaded.source.kind,
+                                "fingerprint": loaded.source.fingerprint, "architecture": type(self.model).__name__,
+                                "n_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+                                "ffn_width": cfg.intermediate_size,
+                                "params": sum(p.numel() for p in self.model.parameters())}
+
+    def _measure(self) -> dict:
+        out = {}
+        if self.config.flops.enabled:
+            out["flops"] = count_flops(self.model, self.probe[:, :self.flops_len].to(self.device))
+        if self.config.latency.enabled:
+            out["latency"] = measure_latency(self.model, self.probe, self.config.latency, self.device)
+        return out
+
+    def _train(self) -> None:
+        cfg = self.config.train
+        if cfg.data_budget_tokens == 0:
+            self.record["training"] = {"tokens": 0, "steps": 0, "note": "data budget 0: no training"}
+            return
+        tokens = token_budget(resolve_corpus(cfg.corpus), self.tokenizer, cfg.data_budget_tokens,
+                              seed=self.config.seed, cache_dir=self.cache_dir)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batches = make_batches(pack(tokens, min(cfg.seq_len, self.max_len)), cfg.batch_size, pad or 0)
+        summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
+                        on_step=self.on_train_step, show_progress=self.show_progress)
+        if summary.tokens != cfg.data_budget_tokens:
+            raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens}")
+        self.record["training"] = summary.to_dict()
+
+    def _evaluate(self) -> None:
+        from lm_eval.models.huggingface import HFLM
+
+        ev = self.config.eval
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        lm = HFLM(pretrained=self.model.to(dtype).eval(), tokenizer=self.tokenizer,
+                  batch_size=ev.batch_size, device=self.device)
+        results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
+                           progress=lambda r: self.log(f"  {r.name}: {r.metric}={r.value:.4f} (n={r.n}, "
+                                                       f"{r.seconds:.0f} s)"))
+        self.record["metrics"] = {name: r.to_dict() for name, r in results.items()}
+
+    def _check_finite(self) -> None:
+        bad = non_finite_paths({k: self.record.get(k) for k in ("metrics", "flops", "latency", "training")})
+        if bad:
+            raise TrialFailed(f"non-finite values at {', '.join(bad[:5])}")
+
+
+def _speedup(dense: dict | None, factored: dict | None) -> dict | None:
+    if not dense or not factored:
+        return None
+    return {"prefill": factored["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            "decode": dense["decode_ms_per_token"] / factored["decode_ms_per_token"],
+            "device": factored["device"]}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def existing_record(config: TrialConfig, out_dir: Path) -> dict | None:
+    path = Path(out_dir) / config.trial_id / RECORD_FILE
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("status") == "completed":
+            return record
+    return None
+
+
+def run_trial(config: TrialConfig, out_dir: str | Path, **kwargs) -> dict:
+    """Run (or resume) one trial; a completed record in `out_dir` is returned as is."""
+    done = existing_record(config, Path(out_dir))
+    if done is not None:
+        return done
+    return Trial(config, Path(out_dir), **kwargs).run()
+
+
+def summary_lines(record: dict) -> list[str]:
+    lines = [f"trial {record['trial_id']} ({record['label']}): {record['status']}"]
+    if record["error"]:
+        lines.append(f"  error: {record['error']}")
+    lines.append("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["stage_seconds"].items()))
+    for name, m in record.get("metrics", {}).items():
+        stderr = "n/a" if m["stderr"] is None else f"{m['stderr']:.3f}"
+        lines.append(f"  {name:14s} {m['metric']:8s} {m['value']:.4f} +- {stderr} (n={m['n']})")
+    if "flops" in record:
+        f = record["flops"]
+        lines.append(f"  GFLOPs/token: attention {f['attention_gflops_per_token']:.4f}, ffn "
+                     f"{f['ffn_gflops_per_token']:.4f}, total {f['total_gflops_per_token']:.4f}")
+    if record.get("speedup"):
+        lines.append(f"  speedup vs dense: prefill {record['speedup']['prefill']:.2f}x, "
+                     f"decode {record['speedup']['decode']:.2f}x")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="trial YAML")
+    parser.add_argument("--out", default="runs/trials", help="records go to <out>/<trial_id>/record.json")
+    parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda)")
+    parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
+    args = parser.parse_args(argv)
+    try:
+        config = TrialConfig.from_yaml(args.config)
+        if args.device:
+            config = replace(config, device=args.device)
+        resolve_device(config.device)
+    except (ConfigError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    use_offline_mode_if_hub_unreachable()
+    record = run_trial(config, args.out, cache_dir=args.cache_dir)
+    print("\n".join(summary_lines(record)))
+    return 0 if record["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

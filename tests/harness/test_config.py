@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, TrialConfig
+
+TRIALS = sorted(Path(__file__).parents[2].joinpath("experiments", "trials").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRIALS, ids=[p.name for p in TRIALS])
+def test_shipped_trial_yaml_validates(path):
+    assert TrialConfig.from_yaml(path).trial_id
+
+
+def test_every_problem_is_reported_with_field_and_value():
+    with pytest.raises(ConfigError) as error:
+        TrialConfig.from_dict({"modle": "x", "factor": {"n_experts": 4, "top_k": 5},
+                               "train": {"seq_len": "long"}, "eval": {"tasks": ["squad"]},
+                               "latency": {"repeats": 0}})
+    problems = error.value.problems
+    assert len(problems) == 5
+    assert any(p.startswith("modle: unknown key; allowed: model,") for p in problems)
+    assert "factor.top_k=5 must satisfy 1 <= top_k <= n_experts=4" in problems
+    assert "train.seq_len: 'long' is not int" in problems
+    assert any(p.startswith("eval.tasks='squad' is not a known benchmark") for p in problems)
+    assert "latency.repeats: 0 must be >= 1" in problems
+
+
+def test_trial_id_is_stable_and_content_derived():
+    a = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
+    b = TrialConfig.from_dict({"factor": {"top_k": 2, "n_experts": 4}, "device": "cpu"})
+    c = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 1}})
+    assert a.trial_id == b.trial_id != c.trial_id
+    assert a.trial_id.startswith("1R4E2K-") and TrialConfig().trial_id.startswith("dense-")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor"):
+        TrialConfig.from_yaml(path)

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from factorllm_core import FactorConfig, factorize
+from harness.flops import count_flops
+
+H, I, LAYERS, HEADS, KV_HEADS, T, VOCAB = 64, 96, 2, 4, 2, 32, 128
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(0))
+
+
+def test_dense_counts_match_the_analytic_formula(tiny_model_factory, ids):
+    flops = count_flops(tiny_model_factory("llama"), ids)
+    head_dim = H // HEADS
+    ffn = LAYERS * 3 * H * I  # gate, up, down: one MAC per weight per token
+    projections = LAYERS * (2 * H * H + 2 * H * KV_HEADS * head_dim)  # q, o and the smaller k, v
+    scores = LAYERS * 2 * T * H  # QK^T and AV over the full T x T matrix (eager)
+    assert flops["ffn_gflops_per_token"] * 1e9 == pytest.approx(ffn, rel=1e-9)
+    assert flops["attention_gflops_per_token"] * 1e9 == pytest.approx(projections + scores, rel=1e-9)
+    assert flops["lm_head_gflops_per_token"] * 1e9 == pytest.approx(H * VOCAB, rel=1e-9)
+    assert flops["other_gflops_per_token"] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("top_k,n_routers", [(1, 1), (2, 1), (3, 2)])
+def test_ffn_share_is_k_over_n_of_dense_plus_router(tiny_model_factory, ids, top_k, n_routers):
+    model = tiny_model_factory("qwen2")
+    dense = count_flops(model, ids)["ffn_gflops_per_token"]
+    factorize(model, FactorConfig(n_experts=4, top_k=top_k, n_routers=n_routers))
+    flops = count_flops(model, ids)
+    router = LAYERS * H * 4 * n_routers / 1e9
+    assert flops["ffn_gflops_per_token"] == pytest.approx(top_k / 4 * dense + router, rel=0.01)
+    assert flops["attention_gflops_per_token"] == pytest.approx(count_flops(model, ids)["attention_gflops_per_token"])

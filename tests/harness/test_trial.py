@@ -1,0 +1,133 @@
+"""A whole trial on a tiny random Llama saved as a local checkpoint, with a tiny corpus."""
+
+import json
+
+import pytest
+import torch
+
+from factorllm_core import factorized_layers
+from harness.config import TrialConfig
+from harness.trial import Trial, run_trial
+
+WORDS = ("the a cat dog sat ran on in mat house big small red blue one two and or but so "
+         "man woman is was he she it they").split()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path_factory, tiny_model_factory, word_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny") / "ckpt"
+    tiny_model_factory("llama").save_pretrained(folder)
+    word_tokenizer(WORDS).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+            for n in torch.randint(20, 80, (80,), generator=g)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs))
+    return str(path)
+
+
+def config(checkpoint, corpus, mode="par", budget=1000, **train):
+    return TrialConfig.from_dict({
+        "model": checkpoint, "device": "cpu",
+        "factor": None if mode == "dense" else {"n_experts": 4, "top_k": 2, "router_mode": mode},
+        "train": {"data_budget_tokens": budget, "corpus": corpus, "seq_len": 64, "batch_size": 2,
+                  "lr": 1e-3, "checkpoint_every": 2, **train},
+        "eval": {"tasks": ["arc_easy"], "limit": 2},
+        "flops": {"seq_len": 64}, "latency": {"prefill_len": 16, "decode_tokens": 2, "repeats": 1, "warmup": 0},
+    })
+
+
+def run(cfg, tmp_path, **kwargs):
+    trial = Trial(cfg, tmp_path / "runs", show_progress=False, log=lambda m: None, **kwargs)
+    return trial, trial.run()
+
+
+@pytest.mark.parametrize("mode,router_trained", [("par", True), ("lm_only", True), ("random", False),
+                                                  ("frozen", False)])
+def test_every_router_mode_completes_and_trains_what_it_should(tiny_checkpoint, tiny_corpus, cache_dir,
+                                                                tmp_path, mode, router_trained):
+    cfg = config(tiny_checkpoint, tiny_corpus, mode)
+    trial, record = run(cfg, tmp_path)
+    assert record["status"] == "completed", record["error"]
+    assert record["training"]["tokens"] == 1000  # exactly the budget (1000 = 15 x 64 + 40)
+    assert (record["training"]["final"]["pa"] is not None) == (mode == "par")
+    assert record["metrics"]["arc_easy"]["n"] == 2
+    layer = factorized_layers(trial.model)[0][1]
+    reference = Trial(cfg, tmp_path / "unused", log=lambda m: None)
+    reference._load()
+    from factorllm_core import factorize
+    factorize(reference.model, cfg.factor)
+    fresh = factorized_layers(reference.model)[0][1]
+    assert torch.equal(layer.router.gate.weight, fresh.router.gate.weight) != router_trained
+    assert not torch.equal(layer.experts.up_weight, fresh.experts.up_weight)  # experts train in every mode
+    on_disk = json.loads((tmp_path / "runs" / cfg.trial_id / "record.json").read_text())
+    assert on_disk["trial_id"] == cfg.trial_id and on_disk["status"] == "completed"
+    routing = record["routing"]["layers"][0]
+    assert sum(routing["expert_load"]) == routing["tokens"] * 2
+    assert 0 < routing["expert_similarity"] < 1
+
+
+def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    _, record = run(config(tiny_checkpoint, tiny_corpus), tmp_path)
+    for key in ("trial_id", "config", "status", "metrics", "flops", "latency", "speedup", "training",
+                "routing", "environment", "stage_seconds", "dense_reference", "factorization"):
+        assert key in record, key
+    assert record["config"]["factor"]["top_k"] == 2
+    assert record["flops"]["convention"].startswith("fvcore: 1 FLOP per multiply-add")
+    assert record["environment"]["torch"] == torch.__version__
+    assert set(record["stage_seconds"]) == {"load", "dense_reference", "factorize", "train", "evaluate",
+                                            "measure", "analyze"}
+    ffn, dense_ffn = record["flops"]["ffn_gflops_per_token"], record["dense_reference"]["flops"]["ffn_gflops_per_token"]
+    assert ffn < 0.6 * dense_ffn  # K/N = 1/2 plus a tiny router
+
+
+def test_dense_trial_skips_factorization_and_training(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    _, record = run(config(tiny_checkpoint, tiny_corpus, "dense"), tmp_path)
+    assert record["status"] == "completed"
+    assert "training" not in record and "routing" not in record and "speedup" not in record
+    assert record["trial_id"].startswith("dense-")
+
+
+def test_zero_budget_means_no_training(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    _, record = run(config(tiny_checkpoint, tiny_corpus, budget=0), tmp_path)
+    assert record["status"] == "completed" and record["training"]["steps"] == 0
+
+
+def test_non_finite_loss_fails_the_trial_without_numbers(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setattr("factorllm_core.ffn.pa_loss", lambda probs, labels: torch.tensor(float("nan")))
+    _, record = run(config(tiny_checkpoint, tiny_corpus), tmp_path)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("NonFiniteLoss: non-finite loss at optimizer step 1")
+    assert "metrics" not in record and "flops" not in record and "latency" not in record
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    cfg = config(tiny_checkpoint, tiny_corpus, "random")  # random routing: its RNG state must resume too
+    straight, straight_record = run(cfg, tmp_path / "a")
+
+    def crash(step):
+        if step == 5:  # checkpoints are written at steps 2 and 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "b", on_train_step=crash)
+    assert not (tmp_path / "b" / "runs" / cfg.trial_id / "record.json").exists()
+    resumed, resumed_record = run(cfg, tmp_path / "b")
+    assert resumed_record["training"]["resumed_from_step"] == 4
+    assert resumed_record["training"]["history"] == straight_record["training"]["history"]
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_completed_trial_is_not_rerun(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_checkpoint, tiny_corpus, budget=0)
+    first = run_trial(cfg, tmp_path / "runs", show_progress=False, log=lambda m: None)
+    monkeypatch.setattr("harness.trial.Trial.run", lambda self: pytest.fail("re-ran a completed trial"))
+    again = run_trial(cfg, tmp_path / "runs")
+    assert (again["trial_id"], again["started_at"]) == (first["trial_id"], first["started_at"])
