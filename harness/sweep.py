@@ -1,0 +1,213 @@
+"""The main job: a grid of FactorLLM trials dispatched by Ray Tune, then the report.
+
+    python -m harness.sweep experiments/grid.yaml             # run (or continue) the sweep
+    python -m harness.sweep experiments/grid.yaml --dry-run   # the expanded trials, then exit
+    python -m harness.sweep experiments/grid.yaml --resume    # restore an interrupted sweep
+    python -m harness.sweep grid.yaml --address auto          # join a running Ray cluster
+
+Layout under `storage` (a local or shared NFS path; every node must see it):
+  <storage>/<name>/records/<trial_id>/record.json    one record per trial (+ checkpoints)
+  <storage>/baselines/<model fingerprint>/<trial_id>/ dense baselines, reused across sweeps
+  <storage>/<name>/report/report.md                  the report, rebuilt after every run
+  <storage>/<name>/ (Ray's own experiment state, for --resume)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from .cache import write_json_atomic
+from .config import ConfigError, TrialConfig
+from .grid import Resources, Sweep, load_grid, trial_table
+from .models import model_fingerprint
+from .record import RECORD_FILE
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
+    """Where a trial's record lives: dense baselines are shared by every sweep in `storage`."""
+    if config.is_dense:
+        fingerprint = hashlib.sha256(model_fingerprint(config.model).encode()).hexdigest()[:12]
+        return storage / "baselines" / fingerprint
+    return storage / name / "records"
+
+
+def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int) -> None:
+    """Runs inside a Ray worker: one trial, then one report to Tune."""
+    import torch
+    from ray import tune
+
+    from .models import use_offline_mode_if_hub_unreachable
+    from .trial import run_trial
+
+    torch.set_num_threads(cpus)
+    use_offline_mode_if_hub_unreachable()
+    config = TrialConfig.from_dict(tune_config["params"]["config"])
+    record = run_trial(config, trial_dir(config, Path(storage), name), cache_dir=cache_dir,
+                       show_progress=False, log=lambda line: print(line, flush=True))
+    tune.report(tune_metrics(record))
+
+
+def tune_metrics(record: dict) -> dict:
+    """The few numbers Tune shows per trial (completed ones only)."""
+    out = {"status": record["status"], "trial": record["trial_id"]}  # Ray owns the `trial_id` key
+    metrics = record.get("metrics") or {}
+    if metrics:
+        out["avg_score"] = sum(m["value"] for m in metrics.values()) / len(metrics)
+    if record.get("flops"):
+        out["ffn_gflops"] = record["flops"]["ffn_gflops_per_token"]
+    if record.get("speedup"):
+        out["prefill_speedup"] = record["speedup"]["prefill"]
+    return out
+
+
+def resolve_resources(resources: Resources, cluster: dict) -> dict:
+    gpus = resources.gpus_per_trial
+    if gpus == "auto":
+        gpus = 1 if cluster.get("GPU", 0) > 0 else 0
+    return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
+
+
+class Progress:
+    """A Tune callback printing one line per finished trial, and nothing else."""
+
+    def __new__(cls, total: int):
+        from ray.tune import Callback
+
+        class _Progress(Callback):
+            def __init__(self):
+                self.done, self.start = 0, time.perf_counter()
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                self.done += 1
+                numbers = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
+                                    if k in ("avg_score", "ffn_gflops", "prefill_speedup"))
+                print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
+                      f"{result.get('trial')}: {result.get('status')} {numbers}", flush=True)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                print(f"[sweep] {trial.config['params']['id']}: error in Ray (retried up to max_failures)",
+                      flush=True)
+
+        return _Progress()
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own noise out of the user's way."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None,
+              cache_dir: str | None = None) -> dict[str, dict | None]:
+    """Dispatch every trial with Ray Tune; returns {trial_id: record or None if unfinished}."""
+    quiet_ray()
+    import ray
+    from ray import tune
+
+    storage.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
+                 log_to_driver=True)
+    resources = resolve_resources(sweep.resources, ray.cluster_resources())
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_worker, storage=str(storage), name=sweep.name, cache_dir=cache_dir,
+                             cpus=sweep.resources.cpus_per_trial), resources)
+    experiment = storage / sweep.name
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        params = [{"id": t.trial_id, "config": t.to_dict()} for t in sweep.trials]
+        tuner = tune.Tuner(
+            trainable, param_space={"params": tune.grid_search(params)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources.max_concurrent_trials or None,
+                                        trial_name_creator=lambda t: t.config["params"]["id"],
+                                        trial_dirname_creator=lambda t: t.config["params"]["id"]),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
+                                      callbacks=[Progress(len(sweep.trials))]))
+    results = tuner.fit()
+    return collect_records(sweep, storage, results)
+
+
+def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict | None]:
+    """Each trial's record; a trial Ray gave up on gets a failed record with Ray's reason."""
+    import json
+
+    errors = {}
+    for result in results or []:
+        if result.error is not None and result.config:
+            errors[result.config["params"]["id"]] = ANSI.sub("", str(result.error)).strip()
+    records = {}
+    for config in sweep.trials:
+        path = trial_dir(config, storage, sweep.name) / config.trial_id / RECORD_FILE
+        if path.exists():
+            records[config.trial_id] = json.loads(path.read_text())
+        elif config.trial_id in errors:
+            record = {"schema": 1, "trial_id": config.trial_id, "label": config.label,
+                      "config": config.to_dict(), "status": "failed",
+                      "error": "ray: " + errors[config.trial_id].splitlines()[-1][:2000], "stage_seconds": {}}
+            write_json_atomic(path, record)
+            records[config.trial_id] = record
+        else:
+            records[config.trial_id] = None  # never finished (interrupted)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="grid YAML (see experiments/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the expanded trial table and exit")
+    parser.add_argument("--resume", action="store_true", help="restore an interrupted sweep of the same name")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="join a Ray cluster (e.g. auto or host:6379); default: start Ray locally")
+    parser.add_argument("--storage", default=None, help="override the grid's storage path")
+    parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_grid(args.grid)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(trial_table(sweep))
+    if args.dry_run:
+        return 0
+    storage = Path(args.storage or sweep.storage).expanduser().resolve()
+    start = time.perf_counter()
+    try:
+        records = run_sweep(sweep, storage, resume=args.resume, address=args.address, cache_dir=args.cache_dir)
+    except KeyboardInterrupt:
+        records = collect_records(sweep, storage)
+    return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
+
+
+def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path: str) -> int:
+    from reports.build import build_report
+
+    unfinished = [tid for tid, r in records.items() if r is None]
+    failed = [tid for tid, r in records.items() if r and r["status"] != "completed"]
+    report = build_report([r for r in records.values() if r], storage / sweep.name / "report",
+                          expected=[t.to_dict() | {"trial_id": t.trial_id} for t in sweep.trials],
+                          title=f"Sweep {sweep.name} ({grid_path})", skipped=[s.__dict__ for s in sweep.skipped])
+    print(f"sweep {sweep.name}: {len(records) - len(unfinished) - len(failed)} completed, {len(failed)} failed, "
+          f"{len(unfinished)} unfinished in {seconds / 60:.1f} min")
+    print(f"report: {report}")
+    if unfinished:
+        print(f"interrupted: resume with  python -m harness.sweep {grid_path} --resume")
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
