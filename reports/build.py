@@ -62,12 +62,14 @@ def _markdown(frame: pd.DataFrame) -> str:
     """pandas -> markdown; NaN shows as n/a, counts as integers, other numbers with 3 decimals."""
     if frame.empty:
         return "_none_"
-    shown = frame.copy()
-    for column in shown.columns:
+    def cell(value, column):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
         if column in INTEGER_COLUMNS:
-            shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{int(v)}")
-        elif pd.api.types.is_float_dtype(shown[column]):
-            shown[column] = shown[column].map(lambda v: fmt(float(v)) if pd.notna(v) else "n/a")
+            return str(int(value))
+        return f"{value:.3g}" if isinstance(value, float) and abs(value) >= 1e5 else fmt(value)
+
+    shown = pd.DataFrame({c: [cell(v, c) for v in frame[c]] for c in frame.columns})
     return shown.to_markdown(index=False)
 
 

@@ -140,7 +140,7 @@ def failure_flags(row) -> list[str]:
 
 def data_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     variants = frame[~frame["is_dense"]].copy()
-    variants["pretraining_tokens"] = variants["model"].map(pretraining_tokens)
+    variants["pretraining_tokens"] = variants["model"].map(lambda m: pretraining_tokens(m) or math.nan).astype(float)
     variants["budget_pct_of_pretraining"] = 100 * variants["budget"] / variants["pretraining_tokens"]
     return variants[["model", "setting", "router_mode", "partition", "budget", "pretraining_tokens",
                      "budget_pct_of_pretraining", "maintenance_pct"]].sort_values(["model", "setting", "budget"])
