@@ -132,6 +132,7 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
         tuner = tune.Tuner(
             trainable, param_space={"params": tune.grid_search(params)},
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources.max_concurrent_trials or None,
+                                        reuse_actors=True,  # keeps imports and the lm-eval task index warm
                                         trial_name_creator=lambda t: t.config["params"]["id"],
                                         trial_dirname_creator=lambda t: t.config["params"]["id"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
