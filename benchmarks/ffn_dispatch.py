@@ -5,7 +5,8 @@
 
 dense: the original SwiGLU FFN on all tokens. ideal: a dense FFN of width
 FFN*K/N on all tokens (what perfect sparse dispatch would cost). reference: the
-FactorizedFFN's plain per-expert dispatch (router included). Ratios come from
+FactorizedFFN's plain per-expert dispatch; sorted: the fast path that sorts
+token slots by expert once (both with the router included). Ratios come from
 medians measured interleaved in the same process, so machine noise hits all
 columns alike. Prints a markdown table; correctness is checked before timing.
 """
@@ -63,8 +64,11 @@ def run(hidden, ffn, tokens, device, dtype, n_experts=4, repeats=15, warmup=3):
     candidates = {"dense": dense}
     for top_k in range(1, n_experts):
         candidates[f"ideal K={top_k}"] = DenseFFN(hidden, ffn * top_k // n_experts).to(device, dtype).eval()
-        factored = build_factorized_ffn(weights, FactorConfig(n_experts, top_k), layer_seed=0).eval()
-        candidates[f"reference 1R{n_experts}E{top_k}K"] = factored
+        for dispatch in DISPATCHES:
+            factored = build_factorized_ffn(weights, FactorConfig(n_experts, top_k), layer_seed=0).eval()
+            factored.experts.dispatch = dispatch
+            candidates[f"{dispatch} 1R{n_experts}E{top_k}K"] = factored
+        check_same(candidates[f"reference 1R{n_experts}E{top_k}K"], candidates[f"sorted 1R{n_experts}E{top_k}K"], x)
     check_identity(weights, x, dense, n_experts)
     measure = timer(device)
     times = {name: [] for name in candidates}
@@ -77,12 +81,28 @@ def run(hidden, ffn, tokens, device, dtype, n_experts=4, repeats=15, warmup=3):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+DISPATCHES = ("reference", "sorted")
+
+
+def _relative_error(expected, got) -> float:
+    return ((expected.float() - got.float()).norm() / expected.float().norm()).item()
+
+
+def check_same(reference, fast, x):
+    """The fast path must reproduce the reference before its time means anything."""
+    with torch.no_grad():
+        rel = _relative_error(reference(x), fast(x))
+    limit = 1e-5 if x.dtype == torch.float32 else 1e-2
+    if rel > limit:
+        raise SystemExit(f"correctness check failed: sorted vs reference relative error {rel:.2e} > {limit}")
+    print(f"correctness: sorted vs reference relative error {rel:.1e} (limit {limit:.0e})")
+
+
 def check_identity(weights, x, dense, n_experts):
     """K = N must reproduce the dense FFN before any timing is believed."""
     full = build_factorized_ffn(weights, FactorConfig(n_experts, n_experts), layer_seed=0).eval()
     with torch.no_grad():
-        expected, got = dense(x).float(), full(x).float()
-    rel = ((expected - got).norm() / expected.norm()).item()
+        rel = _relative_error(dense(x), full(x))
     limit = 1e-5 if x.dtype == torch.float32 else 1e-2
     if rel > limit:
         raise SystemExit(f"correctness check failed: K=N relative error {rel:.2e} > {limit}")
@@ -97,7 +117,7 @@ def table(medians: dict, n_experts: int = 4) -> str:
         ideal = medians[f"ideal K={top_k}"]
         lines.append(f"| ideal K={top_k} | {ideal * 1e3:.2f} | {ideal / dense:.2f} | 1.00 |")
         for name, t in medians.items():
-            if name.endswith(f"E{top_k}K"):
+            if name.endswith(f"E{top_k}K"):  # reference and sorted
                 lines.append(f"| {name} | {t * 1e3:.2f} | {t / dense:.2f} | {t / ideal:.2f} |")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ partition.py -> experts.py -> router.py -> par.py -> ffn.py -> factorize.py.
 """
 
 from .config import FactorConfig
-from .experts import Experts
+from .experts import DISPATCH, Experts
 from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, factor_config_of,
                         factorize, load_factorized, match_ffn, save_factorized)
 from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers
@@ -15,7 +15,7 @@ from .router import COMBINES, ROUTER_MODES, Router, RouterMode, Routing
 from .stats import RoutingStats, expert_similarity, router_agreement
 
 __all__ = [
-    "AuxCollector", "COMBINES", "Experts", "FFNAux", "FFN_ADAPTERS", "FactorConfig",
+    "AuxCollector", "COMBINES", "DISPATCH", "Experts", "FFNAux", "FFN_ADAPTERS", "FactorConfig",
     "FactorReport", "FactorizedFFN", "PARTITIONS", "PSEUDO_LABELS", "ROUTER_MODES", "Router",
     "RouterMode", "Routing", "RoutingStats", "balance_loss", "build_factorized_ffn",
     "collect_aux", "expert_similarity", "factor_config_of", "factorize", "factorized_layers", "load_factorized",

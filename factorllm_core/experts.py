@@ -8,9 +8,17 @@ expert: it is added once by the caller, so sum(all experts) + bias == dense FFN.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import Registry
+
+# (experts, x (S, H), indices (S, K), weights (S, K)) -> (S, H)
+DispatchFn = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DISPATCH: Registry[DispatchFn] = Registry("dispatch")
 
 
 class Experts(nn.Module):
@@ -26,6 +34,7 @@ class Experts(nn.Module):
         self.gate_bias = None if gate_bias is None else nn.Parameter(gate_bias[neuron_index].clone())
         self.up_bias = None if up_bias is None else nn.Parameter(up_bias[neuron_index].clone())
         self.act_fn = act_fn
+        self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Run one expert on its tokens. x: (M, H) -> (M, H)."""
@@ -47,19 +56,42 @@ class Experts(nn.Module):
         return torch.einsum("sni,nhi->snh", self.act_fn(gate) * up, self.down_weight)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Reference sparse dispatch: each expert runs on exactly the tokens routed to it.
+        """Sparse dispatch: each expert runs on exactly the tokens routed to it.
+        x: (S, H); indices, weights: (S, K) -> (S, H). `self.dispatch` names the
+        implementation ("auto" picks the fast one); all give the same result."""
+        name = "sorted" if self.dispatch == "auto" else self.dispatch
+        return DISPATCH.get(name, "dispatch")(self, x, indices, weights)
 
-        x: (S, H); indices, weights: (S, K) -> (S, H). Plain and obviously correct;
-        the per-expert `nonzero` syncs with the host, which a fast path must avoid.
-        """
-        out = torch.zeros_like(x)
-        for expert in range(self.n_experts):
-            token_idx, slot = torch.nonzero(indices == expert, as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            y = self.expert_forward(expert, x[token_idx])
-            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(1).to(y.dtype))
-        return out
+
+@DISPATCH.register("reference")
+def reference(experts: Experts, x, indices, weights):
+    """Plain and obviously correct: per expert, find its tokens, run it, add back.
+    The per-expert `nonzero` scans all slots and syncs with the host each time."""
+    out = torch.zeros_like(x)
+    for expert in range(experts.n_experts):
+        token_idx, slot = torch.nonzero(indices == expert, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        y = experts.expert_forward(expert, x[token_idx])
+        out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(1).to(y.dtype))
+    return out
+
+
+@DISPATCH.register("sorted")
+def sorted_segments(experts: Experts, x, indices, weights):
+    """Sort the S*K (token, slot) pairs by expert once; every expert then runs on one
+    contiguous slice of a single gathered copy of the inputs, and one index_add puts
+    the weighted outputs back. One host sync (the per-expert counts) per call."""
+    top_k = indices.shape[1]
+    flat = indices.reshape(-1)  # (S*K,) expert of each (token, slot)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k  # (S*K,) token of each sorted slot
+    counts = torch.bincount(flat, minlength=experts.n_experts).tolist()
+    inputs = x.index_select(0, token_of)  # (S*K, H)
+    outputs = torch.cat([experts.expert_forward(e, part)
+                         for e, part in enumerate(inputs.split(counts)) if part.shape[0]])
+    outputs = outputs * weights.reshape(-1)[order].unsqueeze(1).to(outputs.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, outputs)
 
 
 def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:

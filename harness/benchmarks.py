@@ -18,6 +18,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,8 +264,11 @@ def _parse(name: str, out: dict, seconds: float) -> BenchmarkResult:
         stderrs = [rows[t].get(f"{bench.metric}_stderr") for t in tasks]
         metrics = {bench.metric: aggregate_subtask_metrics([rows[t][bench.metric] for t in tasks], n),
                    "subjects": len(tasks)}
-        if all(isinstance(e, float) for e in stderrs):  # lm-eval gives "N/A" for 1-row subjects
+        if all(isinstance(e, float) for e in stderrs):
             metrics[f"{bench.metric}_stderr"] = pooled_sample_stderr(stderrs, n)
+        elif sum(n) > 1:  # lm-eval gives "N/A" for 1-row subjects: treat all rows as one sample
+            p = metrics[bench.metric]
+            metrics[f"{bench.metric}_stderr"] = math.sqrt(p * (1 - p) / (sum(n) - 1))
     stderr = metrics.get(f"{bench.metric}_stderr")
     return BenchmarkResult(name, bench.metric, float(metrics[bench.metric]),
                            None if stderr in (None, "N/A") else float(stderr),

@@ -29,6 +29,9 @@ from .models import model_fingerprint
 from .record import RECORD_FILE
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Progress bars garble Ray's log forwarding: workers log one line per stage (and per
+# ~10% of training) instead.
+WORKER_ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
@@ -107,6 +110,8 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # workers keep the driver's working directory (lm-eval asks git there for its hash)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
 def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None,
@@ -119,7 +124,7 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
     storage.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
-                 log_to_driver=True)
+                 log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     resources = resolve_resources(sweep.resources, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(trial_worker, storage=str(storage), name=sweep.name, cache_dir=cache_dir,

@@ -83,8 +83,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
 
 
 def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
-          on_step: Callable[[int], None] | None = None, show_progress: bool = True) -> TrainSummary:
-    """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present."""
+          on_step: Callable[[int], None] | None = None, show_progress: bool = True,
+          log: Callable[[str], None] | None = None) -> TrainSummary:
+    """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
+    Progress: a tqdm bar, or (show_progress=False, e.g. in Ray workers) a `log` line
+    about every 10% of the budget."""
     summary = TrainSummary(trainable_params=mark_trainable(model))
     total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,6 +115,9 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
         bar.update(sum(b["tokens"] for b in micro))
         bar.set_postfix(lm=f"{terms['lm']:.3f}", pa=_fmt(terms["pa"]), bal=f"{terms['balance']:.4f}",
                         tok_s=f"{rate:.0f}", refresh=False)
+        if log and not show_progress and _crossed_decile(summary.tokens, micro, budget):
+            log(f"train {summary.tokens}/{budget} tokens, step {step + 1}/{total_steps}, lm {terms['lm']:.3f}, "
+                f"pa {_fmt(terms['pa'])}, balance {terms['balance']:.4f}, {rate:.0f} tok/s")
         if state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < total_steps:
             _save_state(model, optimizer, scheduler, summary, state_path)
@@ -153,6 +159,11 @@ def _autocast(device: str):
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def _crossed_decile(tokens: int, micro: list[dict], budget: int) -> bool:
+    before = tokens - sum(b["tokens"] for b in micro)
+    return tokens * 10 // budget > before * 10 // budget
 
 
 def _fmt(value: float | None) -> str:

@@ -12,6 +12,7 @@ the same trial resume where it stopped; a completed record is never recomputed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -121,12 +122,19 @@ class Trial:
                                 "params": sum(p.numel() for p in self.model.parameters())}
 
     def _measure(self) -> dict:
+        """FLOPs and latency in the evaluation dtype (bf16 on GPU, fp32 on CPU). Before
+        training the fp32 weights must survive, so a bf16 copy is measured instead."""
+        dtype = self._eval_dtype()
+        model = self.model if next(self.model.parameters()).dtype == dtype else copy.deepcopy(self.model).to(dtype)
         out = {}
         if self.config.flops.enabled:
-            out["flops"] = count_flops(self.model, self.probe[:, :self.flops_len].to(self.device))
+            out["flops"] = count_flops(model, self.probe[:, :self.flops_len].to(self.device))
         if self.config.latency.enabled:
-            out["latency"] = measure_latency(self.model, self.probe, self.config.latency, self.device)
+            out["latency"] = measure_latency(model, self.probe, self.config.latency, self.device)
         return out
+
+    def _eval_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
 
     def _train(self) -> None:
         cfg = self.config.train
@@ -138,7 +146,8 @@ class Trial:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batches = make_batches(pack(tokens, min(cfg.seq_len, self.max_len)), cfg.batch_size, pad or 0)
         summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
-                        on_step=self.on_train_step, show_progress=self.show_progress)
+                        on_step=self.on_train_step, show_progress=self.show_progress,
+                        log=lambda line: self.log(f"[{self.config.trial_id}] {line}"))
         if summary.tokens != cfg.data_budget_tokens:
             raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens}")
         self.record["training"] = summary.to_dict()
@@ -147,8 +156,7 @@ class Trial:
         from lm_eval.models.huggingface import HFLM
 
         ev = self.config.eval
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        lm = HFLM(pretrained=self.model.to(dtype).eval(), tokenizer=self.tokenizer,
+        lm = HFLM(pretrained=self.model.to(self._eval_dtype()).eval(), tokenizer=self.tokenizer,
                   batch_size=ev.batch_size, device=self.device)
         results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
                            progress=lambda r: self.log(f"  {r.name}: {r.metric}={r.value:.4f} (n={r.n}, "

@@ -67,10 +67,12 @@ def _markdown(frame: pd.DataFrame) -> str:
             return "n/a"
         if column in INTEGER_COLUMNS:
             return str(int(value))
-        return f"{value:.3g}" if isinstance(value, float) and abs(value) >= 1e5 else fmt(value)
+        if isinstance(value, float) and value != 0 and not 1e-3 <= abs(value) < 1e5:
+            return f"{value:.3g}"
+        return fmt(value)
 
     shown = pd.DataFrame({c: [cell(v, c) for v in frame[c]] for c in frame.columns})
-    return shown.to_markdown(index=False)
+    return shown.to_markdown(index=False, disable_numparse=True)  # keep our formatting
 
 
 def scaling_table(frame: pd.DataFrame) -> str:
@@ -135,7 +137,9 @@ def _setup_note(records: list[dict]) -> str:
     devices = sorted({r.get("environment", {}).get("device", "?") for r in done})
     return (f"Evaluation: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, "
             f"limit {ev['limit'] if ev['limit'] else 'none (full sets)'} per benchmark; training budgets "
-            f"{budgets} tokens; devices {devices}.")
+            f"{budgets} tokens; devices {devices}. Maintenance is computed on raw accuracies, as in the "
+            f"paper: chance levels (25% for 4-way tasks, 50% for BoolQ, PIQA, Winogrande) put a floor under "
+            f"it, and with few rows per benchmark differences within the stderr are noise.")
 
 
 def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:

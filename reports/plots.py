@@ -20,7 +20,7 @@ def maintenance_vs_flops(frame: pd.DataFrame, path: Path) -> Path | None:
     front = points[pareto_front(points)].sort_values("ffn_gflops")
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, group in points.groupby("router_mode"):
-        ax.scatter(group["ffn_gflops"], group["maintenance_pct"], label=mode)
+        ax.scatter(group["ffn_gflops"], group["maintenance_pct"], label="dense" if mode == "-" else mode)
         for _, row in group.iterrows():
             ax.annotate(row["setting"], (row["ffn_gflops"], row["maintenance_pct"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
@@ -52,9 +52,10 @@ def expert_load_heatmap(record: dict, path: Path) -> Path | None:
     if not layers:
         return None
     load = [[count / max(1, sum(layer["expert_load"])) for count in layer["expert_load"]] for layer in layers]
-    fig, ax = plt.subplots(figsize=(4, max(3, len(load) * 0.18)))
+    fig, ax = plt.subplots(figsize=(4.5, max(3, len(load) * 0.18)))
     image = ax.imshow(load, aspect="auto", cmap="viridis")
-    ax.set(xlabel="expert", ylabel="layer", title=f"Expert load share: {record['label']}")
+    ax.set(xlabel="expert", ylabel="layer")
+    ax.set_title(f"Expert load share\n{record['label']}", fontsize=8)
     ax.set_xticks(range(len(load[0])))
     fig.colorbar(image, ax=ax, label="share of routed tokens")
     return _save(fig, path)

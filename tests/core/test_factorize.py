@@ -43,11 +43,13 @@ def count_expert_tokens(model, monkeypatch):
     return counts
 
 
-def test_unselected_experts_do_no_work(family, tiny_model_factory, token_ids, monkeypatch):
+@pytest.mark.parametrize("dispatch", ["reference", "sorted"])
+def test_unselected_experts_do_no_work(family, tiny_model_factory, token_ids, monkeypatch, dispatch):
     model = tiny_model_factory(family)
     factorize(model, FactorConfig(n_experts=4, top_k=2))
     for _, layer in factorized_layers(model):  # every token prefers experts 1 and 3
         layer.router.gate.bias.data = torch.tensor([0.0, 50.0, 0.0, 40.0])
+        layer.experts.dispatch = dispatch
     counts = count_expert_tokens(model, monkeypatch)
     with torch.no_grad():
         model(token_ids)

@@ -85,3 +85,15 @@ def test_task_set_is_the_eight_benchmarks_with_their_headline_metrics():
     assert resolve_task_names("piqa,arc_easy") == ["arc_easy", "piqa"]
     with pytest.raises(ValueError, match=r"tasks='squad' is not a known benchmark"):
         resolve_task_names("squad")
+
+
+def test_mmlu_group_aggregate_and_stderr_fallback():
+    from harness.benchmarks import _parse
+
+    out = {"results": {"mmlu_a": {"acc,none": 1.0, "acc_stderr,none": "N/A"},
+                       "mmlu_b": {"acc,none": 0.25, "acc_stderr,none": 0.25}},
+           "n-samples": {"mmlu_a": {"effective": 1}, "mmlu_b": {"effective": 4}}}
+    result = _parse("mmlu", out, 1.0)
+    assert result.n == 5 and result.value == pytest.approx((1.0 + 4 * 0.25) / 5)  # weighted by size
+    # a 1-row subject has no stderr: all 5 rows are treated as one sample
+    assert result.stderr == pytest.approx((0.4 * 0.6 / 4) ** 0.5)
