@@ -36,11 +36,15 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
 
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Run one expert on its tokens. x: (M, H) -> (M, H)."""
+    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one expert on its tokens. x: (M, H) -> (M, H); `scale` (M, 1) multiplies
+        each token's output, applied before the down projection (linear, and narrower)."""
         gate = F.linear(x, self.gate_weight[expert], _row(self.gate_bias, expert))
         up = F.linear(x, self.up_weight[expert], _row(self.up_bias, expert))
-        return F.linear(self.act_fn(gate) * up, self.down_weight[expert])
+        hidden = self.act_fn(gate) * up
+        if scale is not None:
+            hidden = hidden * scale.to(hidden.dtype)
+        return F.linear(hidden, self.down_weight[expert])
 
     def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, batched. x: (S, H) -> (S, N, H).
@@ -79,19 +83,25 @@ def reference(experts: Experts, x, indices, weights):
 
 @DISPATCH.register("sorted")
 def sorted_segments(experts: Experts, x, indices, weights):
-    """Sort the S*K (token, slot) pairs by expert once; every expert then runs on one
-    contiguous slice of a single gathered copy of the inputs, and one index_add puts
-    the weighted outputs back. One host sync (the per-expert counts) per call."""
+    """Sort the S*K (token, slot) pairs by expert once (no per-expert scan of all
+    slots); every expert runs on one contiguous slice of a single gathered copy of the
+    inputs, scales at the intermediate width, and adds its outputs straight back.
+    One host sync (the per-expert counts) per call."""
     top_k = indices.shape[1]
     flat = indices.reshape(-1)  # (S*K,) expert of each (token, slot)
     order = torch.argsort(flat, stable=True)
     token_of = order // top_k  # (S*K,) token of each sorted slot
     counts = torch.bincount(flat, minlength=experts.n_experts).tolist()
-    inputs = x.index_select(0, token_of)  # (S*K, H)
-    outputs = torch.cat([experts.expert_forward(e, part)
-                         for e, part in enumerate(inputs.split(counts)) if part.shape[0]])
-    outputs = outputs * weights.reshape(-1)[order].unsqueeze(1).to(outputs.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, outputs)
+    inputs = x.index_select(0, token_of)  # (S*K, H), grouped by expert
+    scales = weights.reshape(-1)[order].unsqueeze(1)  # (S*K, 1)
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            part = slice(start, start + count)
+            out.index_add_(0, token_of[part], experts.expert_forward(expert, inputs[part], scales[part]))
+        start += count
+    return out
 
 
 def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
