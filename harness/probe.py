@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .benchmarks import _disk
+from .benchmarks import local_split
 
 
 def probe_text_chunks():
-    for row in _disk("hellaswag/none/validation"):
+    for row in local_split("hellaswag/none/validation"):
         yield row["ctx"]
 
 

@@ -78,28 +78,26 @@ def resolve_resources(resources: Resources, cluster: dict) -> dict:
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
 
 
-class Progress:
-    """A Tune callback printing one line per finished trial, and nothing else."""
+def progress_callback(total: int):
+    """A Tune callback printing one line per finished trial (Ray is imported lazily)."""
+    from ray.tune import Callback
 
-    def __new__(cls, total: int):
-        from ray.tune import Callback
+    class Progress(Callback):
+        def __init__(self):
+            self.done, self.start = 0, time.perf_counter()
 
-        class _Progress(Callback):
-            def __init__(self):
-                self.done, self.start = 0, time.perf_counter()
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += 1
+            numbers = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
+                                if k in ("avg_score", "ffn_gflops", "prefill_speedup"))
+            print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
+                  f"{result.get('trial')}: {result.get('status')} {numbers}", flush=True)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                self.done += 1
-                numbers = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
-                                    if k in ("avg_score", "ffn_gflops", "prefill_speedup"))
-                print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
-                      f"{result.get('trial')}: {result.get('status')} {numbers}", flush=True)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[sweep] {trial.config['params']['id']}: error in Ray (retried up to max_failures)",
+                  flush=True)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                print(f"[sweep] {trial.config['params']['id']}: error in Ray (retried up to max_failures)",
-                      flush=True)
-
-        return _Progress()
+    return Progress()
 
 
 def quiet_ray() -> None:
@@ -142,7 +140,7 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
                                         trial_dirname_creator=lambda t: t.config["params"]["id"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
-                                      callbacks=[Progress(len(sweep.trials))]))
+                                      callbacks=[progress_callback(len(sweep.trials))]))
     results = tuner.fit()
     return collect_records(sweep, storage, results)
 

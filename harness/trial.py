@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from factorllm_core import factorize
+from factorllm_core import defactorize, factorize
 
 from .analysis import analyze_routing
 from .benchmarks import evaluate
@@ -91,7 +91,7 @@ class Trial:
             self._load()
         if not self.config.is_dense:
             with self.stage("dense_reference"):
-                self.record["dense_reference"] = self._measure()
+                self.record["dense_reference"] = self._dense_flops()
             with self.stage("factorize"):
                 self.record["factorization"] = factorize(self.model, self.config.factor).to_dict()
             with self.stage("train"):
@@ -99,10 +99,8 @@ class Trial:
         with self.stage("evaluate"):
             self._evaluate()
         with self.stage("measure"):
-            self.record.update(self._measure())
+            self._measure()
         if not self.config.is_dense:
-            self.record["speedup"] = _speedup(self.record["dense_reference"].get("latency"),
-                                              self.record.get("latency"))
             with self.stage("analyze"):
                 self.record["routing"] = analyze_routing(self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)
 
@@ -121,17 +119,32 @@ class Trial:
                                 "ffn_width": cfg.intermediate_size,
                                 "params": sum(p.numel() for p in self.model.parameters())}
 
-    def _measure(self) -> dict:
-        """FLOPs and latency in the evaluation dtype (bf16 on GPU, fp32 on CPU). Before
-        training the fp32 weights must survive, so a bf16 copy is measured instead."""
-        dtype = self._eval_dtype()
-        model = self.model if next(self.model.parameters()).dtype == dtype else copy.deepcopy(self.model).to(dtype)
-        out = {}
+    def _dense_flops(self) -> dict:
+        """The dense model's FLOPs, before factorization (counted in the evaluation dtype;
+        a bf16 copy on GPU, so the fp32 weights that training needs survive)."""
+        if not self.config.flops.enabled:
+            return {}
+        return {"flops": count_flops(self._in_eval_dtype(self.model), self.probe[:, :self.flops_len].to(self.device))}
+
+    def _measure(self) -> None:
+        """FLOPs of this model; latency of this model and, for a factorized one, of its
+        merged dense equivalent, timed interleaved so that the speedup is fair."""
         if self.config.flops.enabled:
-            out["flops"] = count_flops(model, self.probe[:, :self.flops_len].to(self.device))
-        if self.config.latency.enabled:
-            out["latency"] = measure_latency(model, self.probe, self.config.latency, self.device)
-        return out
+            self.record["flops"] = count_flops(self.model, self.probe[:, :self.flops_len].to(self.device))
+        if not self.config.latency.enabled:
+            return
+        models = {"model": self.model}
+        if not self.config.is_dense:
+            models["dense"] = defactorize(copy.deepcopy(self.model))
+        latency = measure_latency(models, self.probe, self.config.latency, self.device)
+        self.record["latency"] = latency["model"]
+        if not self.config.is_dense:
+            self.record["dense_reference"]["latency"] = latency["dense"]
+            self.record["speedup"] = _speedup(latency["dense"], latency["model"])
+
+    def _in_eval_dtype(self, model):
+        dtype = self._eval_dtype()
+        return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
 
     def _eval_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32

@@ -164,3 +164,26 @@ def test_factorize_rejects_width_not_divisible(tiny_model_factory):
 def test_factorize_rejects_model_without_gated_ffn():
     with pytest.raises(ValueError, match="no gated FFN found"):
         factorize(torch.nn.Sequential(torch.nn.Linear(4, 4)), FactorConfig(n_experts=2, top_k=1))
+
+
+@pytest.mark.parametrize("partition", ["random", "cluster"])
+def test_defactorize_merges_experts_back_into_the_dense_model(family, tiny_model_factory, token_ids, partition):
+    import copy
+
+    from factorllm_core import defactorize
+
+    model = tiny_model_factory(family)
+    with torch.no_grad():
+        dense = model(token_ids).logits
+    factorize(model, FactorConfig(n_experts=4, top_k=1, partition=partition))
+    merged = defactorize(copy.deepcopy(model))
+    assert not factorized_layers(merged)
+    with torch.no_grad():
+        assert (merged(token_ids).logits - dense).abs().max().item() <= 1e-5
+    for _, layer in factorized_layers(model):  # trained experts: the merge follows their weights
+        layer.experts.up_weight.data.mul_(2)
+    merged = defactorize(copy.deepcopy(model))
+    first = merged.model.layers[0].mlp
+    original = factorized_layers(model)[0][1].experts
+    order = original.neuron_index.flatten().argsort()
+    torch.testing.assert_close(first.up_proj.weight, original.up_weight.reshape(-1, 64)[order])

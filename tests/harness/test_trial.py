@@ -82,6 +82,10 @@ def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_
     assert record["environment"]["torch"] == torch.__version__
     assert set(record["stage_seconds"]) == {"load", "dense_reference", "factorize", "train", "evaluate",
                                             "measure", "analyze"}
+    dense_latency = record["dense_reference"]["latency"]
+    assert dense_latency["interleaved"] and record["latency"]["interleaved"]
+    assert record["speedup"]["prefill"] == pytest.approx(
+        record["latency"]["prefill_tokens_per_s"] / dense_latency["prefill_tokens_per_s"])
     ffn, dense_ffn = record["flops"]["ffn_gflops_per_token"], record["dense_reference"]["flops"]["ffn_gflops_per_token"]
     assert ffn < 0.6 * dense_ffn  # K/N = 1/2 plus a tiny router
 
