@@ -84,29 +84,25 @@ def run(hidden, ffn, tokens, device, dtype, n_experts=4, repeats=15, warmup=3):
 DISPATCHES = ("reference", "sorted")
 
 
-def _relative_error(expected, got) -> float:
-    return ((expected.float() - got.float()).norm() / expected.float().norm()).item()
+def check_close(what: str, expected_fn, got_fn, x) -> None:
+    """Refuse to time anything whose output is wrong (rel. error 1e-5 fp32, 1e-2 bf16)."""
+    with torch.no_grad():
+        expected, got = expected_fn(x).float(), got_fn(x).float()
+    rel = ((expected - got).norm() / expected.norm()).item()
+    limit = 1e-5 if x.dtype == torch.float32 else 1e-2
+    if rel > limit:
+        raise SystemExit(f"correctness check failed: {what} relative error {rel:.2e} > {limit}")
+    print(f"correctness: {what} relative error {rel:.1e} (limit {limit:.0e})")
 
 
 def check_same(reference, fast, x):
-    """The fast path must reproduce the reference before its time means anything."""
-    with torch.no_grad():
-        rel = _relative_error(reference(x), fast(x))
-    limit = 1e-5 if x.dtype == torch.float32 else 1e-2
-    if rel > limit:
-        raise SystemExit(f"correctness check failed: sorted vs reference relative error {rel:.2e} > {limit}")
-    print(f"correctness: sorted vs reference relative error {rel:.1e} (limit {limit:.0e})")
+    check_close("sorted vs reference", reference, fast, x)
 
 
 def check_identity(weights, x, dense, n_experts):
-    """K = N must reproduce the dense FFN before any timing is believed."""
+    """K = N must reproduce the dense FFN."""
     full = build_factorized_ffn(weights, FactorConfig(n_experts, n_experts), layer_seed=0).eval()
-    with torch.no_grad():
-        rel = _relative_error(dense(x), full(x))
-    limit = 1e-5 if x.dtype == torch.float32 else 1e-2
-    if rel > limit:
-        raise SystemExit(f"correctness check failed: K=N relative error {rel:.2e} > {limit}")
-    print(f"correctness: K=N vs dense relative error {rel:.1e} (limit {limit:.0e})")
+    check_close("K=N vs dense", dense, full, x)
 
 
 def table(medians: dict, n_experts: int = 4) -> str:
