@@ -183,9 +183,7 @@ def _hub_source(name: str) -> ModelSource:
         return ModelSource(name, name, "hub", "hub:" + Path(folder).name)
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # no retry storm from later hub calls
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if use_offline_mode_if_hub_unreachable():  # offline from here on: no retry storm later
         raise ModelUnavailable(
             f"model {name!r} is not a packaged model ({', '.join(MODELS.names())}), not a local "
             f"folder, and not in the Hugging Face cache, and the hub ({hub_endpoint()}) is "
