@@ -8,6 +8,7 @@ expert: it is added once by the caller, so sum(all experts) + bias == dense FFN.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,15 +37,26 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
 
-    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """Run one expert on its tokens. x: (M, H) -> (M, H); `scale` (M, 1) multiplies
-        each token's output, applied before the down projection (linear, and narrower)."""
-        gate = F.linear(x, self.gate_weight[expert], _row(self.gate_bias, expert))
-        up = F.linear(x, self.up_weight[expert], _row(self.up_bias, expert))
-        hidden = self.act_fn(gate) * up
+        each token's output, applied before the down projection (linear, and narrower).
+        `out` (inference only): write the result there, with the activation and scaling
+        done in place, so no fresh (M, H) buffer is allocated (on CPU every large
+        allocation costs page faults)."""
+        gate = _project(x, self.gate_weight[expert], _row(self.gate_bias, expert))
+        up = _project(x, self.up_weight[expert], _row(self.up_bias, expert))
+        if out is None:
+            hidden = self.act_fn(gate) * up
+            if scale is not None:
+                hidden = hidden * scale.to(hidden.dtype)
+            return F.linear(hidden, self.down_weight[expert])
+        if torch.is_grad_enabled():
+            raise RuntimeError("expert_forward(out=...) works in place: inference only (torch.no_grad())")
+        hidden = self.act_fn(gate).mul_(up)
         if scale is not None:
-            hidden = hidden * scale.to(hidden.dtype)
-        return F.linear(hidden, self.down_weight[expert])
+            hidden.mul_(scale.to(hidden.dtype))
+        return torch.mm(hidden, self.down_weight[expert].t(), out=out)
 
     def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, batched. x: (S, H) -> (S, N, H).
@@ -62,9 +74,17 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sparse dispatch: each expert runs on exactly the tokens routed to it.
         x: (S, H); indices, weights: (S, K) -> (S, H). `self.dispatch` names the
-        implementation ("auto" picks the fast one); all give the same result."""
-        name = "sorted" if self.dispatch == "auto" else self.dispatch
+        implementation ("auto": `auto_dispatch`); all give the same result."""
+        name = auto_dispatch(x) if self.dispatch == "auto" else self.dispatch
         return DISPATCH.get(name, "dispatch")(self, x, indices, weights)
+
+
+def auto_dispatch(x: torch.Tensor) -> str:
+    """The fast path for x's device: `grouped` (no host sync) where the device has a
+    grouped GEMM for x's dtype (CUDA, compute capability >= 9.0, bf16), else `sorted`."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        return "grouped"
+    return "sorted"
 
 
 @DISPATCH.register("reference")
@@ -81,27 +101,77 @@ def reference(experts: Experts, x, indices, weights):
     return out
 
 
+@dataclass
+class SortedSlots:
+    """The S*K (token, slot) pairs grouped by expert: slot j of the sorted order is
+    token `token_of[j]`, with combine weight `scales[j]`; `order` maps sorted
+    positions back to flat (token, slot) positions."""
+
+    order: torch.Tensor  # (S*K,)
+    token_of: torch.Tensor  # (S*K,)
+    scales: torch.Tensor  # (S*K, 1)
+
+    @classmethod
+    def of(cls, indices: torch.Tensor, weights: torch.Tensor) -> "SortedSlots":
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        return cls(order, order // indices.shape[1], weights.reshape(-1)[order].unsqueeze(1))
+
+
 @DISPATCH.register("sorted")
 def sorted_segments(experts: Experts, x, indices, weights):
     """Sort the S*K (token, slot) pairs by expert once (no per-expert scan of all
     slots); every expert runs on one contiguous slice of a single gathered copy of the
-    inputs, scales at the intermediate width, and adds its outputs straight back.
-    One host sync (the per-expert counts) per call."""
-    top_k = indices.shape[1]
-    flat = indices.reshape(-1)  # (S*K,) expert of each (token, slot)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // top_k  # (S*K,) token of each sorted slot
-    counts = torch.bincount(flat, minlength=experts.n_experts).tolist()
-    inputs = x.index_select(0, token_of)  # (S*K, H), grouped by expert
-    scales = weights.reshape(-1)[order].unsqueeze(1)  # (S*K, 1)
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            part = slice(start, start + count)
-            out.index_add_(0, token_of[part], experts.expert_forward(expert, inputs[part], scales[part]))
-        start += count
-    return out
+    inputs, scales at the intermediate width, and its outputs are added back in one
+    pass. One host sync (the per-expert counts) per call: the CPU path."""
+    slots = SortedSlots.of(indices, weights)
+    counts = torch.bincount(indices.reshape(-1), minlength=experts.n_experts).tolist()
+    inputs = x.index_select(0, slots.token_of)  # (S*K, H), grouped by expert
+    parts = zip(range(experts.n_experts), inputs.split(counts), slots.scales.split(counts))
+    if torch.is_grad_enabled():
+        outputs = torch.cat([experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)])
+    else:  # each expert's output overwrites its own inputs: no fresh buffers
+        for e, part, scale in parts:
+            if len(part):
+                experts.expert_forward(e, part, scale, out=part)
+        outputs = inputs
+    if indices.shape[1] == 1:  # a permutation: copy each row to its token
+        return torch.empty_like(x).index_copy_(0, slots.token_of, outputs)
+    return torch.zeros_like(x).index_add_(0, slots.token_of, outputs)  # faster than gather+sum on CPU
+
+
+def _project(x, weight, bias):
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+@DISPATCH.register("grouped")
+def grouped(experts: Experts, x, indices, weights):
+    """No host synchronisation: the per-expert offsets stay on the device and one
+    grouped GEMM per projection (`torch._grouped_mm`) runs all experts, so shapes
+    depend only on S and K (CUDA-graph and torch.compile friendly). The GPU path."""
+    n_experts = experts.n_experts
+    slots = SortedSlots.of(indices, weights)
+    flat = indices.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = counts.cumsum(0).to(torch.int32)  # end of each expert's rows
+    inputs = x.index_select(0, slots.token_of)
+    gate = torch._grouped_mm(inputs, experts.gate_weight.transpose(1, 2), offs=offsets)  # (S*K, I/N)
+    up = torch._grouped_mm(inputs, experts.up_weight.transpose(1, 2), offs=offsets)
+    if experts.gate_bias is not None:
+        gate = gate + experts.gate_bias.index_select(0, flat[slots.order])
+    if experts.up_bias is not None:
+        up = up + experts.up_bias.index_select(0, flat[slots.order])
+    hidden = experts.act_fn(gate) * up * slots.scales.to(up.dtype)
+    outputs = torch._grouped_mm(hidden, experts.down_weight.transpose(1, 2), offs=offsets)  # (S*K, H)
+    return _unpermute(outputs, slots, x.shape[0], indices.shape[1])
+
+
+def _unpermute(outputs, slots: SortedSlots, n_tokens: int, top_k: int):
+    """Expert outputs in sorted order -> (S, H): one gather back to (token, slot)
+    order and a sum over the K slots (no atomic adds)."""
+    inverse = torch.empty_like(slots.order).scatter_(
+        0, slots.order, torch.arange(len(slots.order), device=slots.order.device))
+    back = outputs.index_select(0, inverse)
+    return back if top_k == 1 else back.view(n_tokens, top_k, -1).sum(dim=1)
 
 
 def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:

@@ -24,11 +24,15 @@ def routing(n_tokens, n_experts, top_k, seed=1, skip_expert=None):
     return indices, weights
 
 
+FAST_PATHS = ("sorted", "grouped")
+
+
+@pytest.mark.parametrize("fast", FAST_PATHS)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("skip_expert", [None, 2])
-def test_sorted_equals_reference_forward_and_backward(top_k, skip_expert):
+def test_fast_paths_equal_reference_forward_and_backward(fast, top_k, skip_expert):
     outputs, grads = {}, {}
-    for name in ("reference", "sorted"):
+    for name in ("reference", fast):
         experts = make_experts(top_k=top_k)
         x = torch.randn(37, 48, generator=torch.Generator().manual_seed(5), requires_grad=True)
         indices, weights = routing(37, 4, top_k, skip_expert=skip_expert)
@@ -37,9 +41,66 @@ def test_sorted_equals_reference_forward_and_backward(top_k, skip_expert):
         (out * torch.linspace(-1, 1, 48)).sum().backward()
         outputs[name] = out.detach()
         grads[name] = [x.grad, weights.grad] + [p.grad for p in experts.parameters()]
-    torch.testing.assert_close(outputs["sorted"], outputs["reference"], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads["sorted"], grads["reference"]):
+    torch.testing.assert_close(outputs[fast], outputs["reference"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[fast], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", FAST_PATHS)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_fast_paths_equal_reference_in_inference(fast, top_k):
+    """Under no_grad `sorted` works in place on its gathered copy; x must stay intact."""
+    experts = make_experts(top_k=top_k)
+    x = torch.randn(53, 48, generator=torch.Generator().manual_seed(7))
+    x_before = x.clone()
+    indices, weights = routing(53, 4, top_k, skip_expert=0)
+    with torch.no_grad():
+        expected = DISPATCH.get("reference")(experts, x, indices, weights)
+        got = DISPATCH.get(fast)(experts, x, indices, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, x_before)
+
+
+def test_in_place_expert_forward_refuses_autograd():
+    experts = make_experts()
+    x = torch.randn(4, 48)
+    with pytest.raises(RuntimeError, match="inference only"):
+        experts.expert_forward(0, x, out=torch.empty(4, 48))
+
+
+def test_grouped_biases_match_reference():
+    experts = make_experts(top_k=2)
+    g = torch.Generator().manual_seed(3)
+    experts.gate_bias = torch.nn.Parameter(torch.randn(4, experts.expert_width, generator=g))
+    experts.up_bias = torch.nn.Parameter(torch.randn(4, experts.expert_width, generator=g))
+    x = torch.randn(29, 48, generator=g)
+    indices, weights = routing(29, 4, 2)
+    with torch.no_grad():
+        expected = DISPATCH.get("reference")(experts, x, indices, weights)
+        for fast in FAST_PATHS:
+            torch.testing.assert_close(DISPATCH.get(fast)(experts, x, indices, weights), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_never_reads_device_data_on_the_host():
+    """On the meta device tensors have no data: any `.tolist()`, `.item()`,
+    `nonzero` or data-dependent shape fails. `grouped` must run there, so on a GPU
+    it makes no host synchronisation; `sorted` and `reference` do (and fail)."""
+    experts = make_experts(top_k=2).to("meta", torch.bfloat16)  # the GPU dtype
+    x = torch.empty(64, 48, device="meta", dtype=torch.bfloat16)
+    indices = torch.empty(64, 2, dtype=torch.long, device="meta")
+    weights = torch.empty(64, 2, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = DISPATCH.get("grouped")(experts, x, indices, weights)
+        assert out.shape == (64, 48) and out.device.type == "meta"
+        for host_syncing in ("sorted", "reference"):
+            with pytest.raises((RuntimeError, NotImplementedError)):
+                DISPATCH.get(host_syncing)(experts, x, indices, weights)
+
+
+def test_auto_picks_by_device_and_dtype(monkeypatch):
+    from factorllm_core.experts import auto_dispatch
+    assert auto_dispatch(torch.zeros(2, 2)) == "sorted"
+    assert auto_dispatch(torch.zeros(2, 2, dtype=torch.bfloat16)) == "sorted"  # CPU: no fast grouped GEMM
 
 
 def test_auto_uses_the_fast_path_and_reference_stays_selectable(monkeypatch):

@@ -35,9 +35,9 @@ def count_expert_tokens(model, monkeypatch):
     for name, layer in factorized_layers(model):
         original = layer.experts.expert_forward
 
-        def counting(expert, x, *args, _name=name, _original=original):
+        def counting(expert, x, *args, _name=name, _original=original, **kwargs):
             counts[(_name, expert)] = counts.get((_name, expert), 0) + x.shape[0]
-            return _original(expert, x, *args)
+            return _original(expert, x, *args, **kwargs)
 
         monkeypatch.setattr(layer.experts, "expert_forward", counting)
     return counts
