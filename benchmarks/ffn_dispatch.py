@@ -8,7 +8,8 @@ dense: the original SwiGLU FFN on all tokens. ideal: a dense FFN of width
 FFN*K/N on all tokens (what perfect sparse dispatch would cost). Then one
 column per dispatch path of the FactorizedFFN, router included: `reference`
 (plain per-expert loop), `sorted` (sort once, per-expert GEMMs; the CPU path),
-`grouped` (no host sync, grouped GEMMs; the GPU path). Ratios come from medians
+`grouped` (no host sync, grouped GEMMs; the GPU path) and, on CUDA with Triton,
+`fused` (two Triton kernels, opt-in). Ratios come from medians
 measured interleaved in the same process, so machine noise hits all columns
 alike. Correctness is checked before anything is timed, and on CUDA `grouped` is
 run under `torch.cuda.set_sync_debug_mode("error")`, which fails on any host sync.
@@ -19,6 +20,7 @@ paths that sync with the host cannot be captured and are left out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -33,9 +35,17 @@ PRESETS = {
     "smollm2-cpu": dict(hidden=576, ffn=1536, tokens=4096, device="cpu", dtype="float32"),
     "tinyllama-gpu": dict(hidden=2048, ffn=5632, tokens=16384, device="cuda", dtype="bfloat16"),
     "tinyllama-gpu-256": dict(hidden=2048, ffn=5632, tokens=256, device="cuda", dtype="bfloat16"),
+    "tiny-cpu": dict(hidden=64, ffn=256, tokens=256, device="cpu", dtype="float32"),  # for the tests
 }
-DISPATCHES = ("reference", "sorted", "grouped")
-GRAPH_SAFE = ("grouped",)  # no host sync: can be captured in a CUDA graph
+GRAPH_SAFE = ("grouped", "fused")  # no host sync: can be captured in a CUDA graph
+
+
+def default_dispatches(device: str) -> tuple[str, ...]:
+    """Every path that can run on the device: `fused` (Triton) only on CUDA with Triton."""
+    paths = ("reference", "sorted", "grouped")
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        paths += ("fused",)
+    return paths
 
 
 class DenseFFN(nn.Module):
@@ -79,7 +89,7 @@ def cuda_graph(fn, x):
     return graph.replay
 
 
-def build(hidden, ffn, tokens, device, dtype, n_experts=4, dispatches=DISPATCHES):
+def build(hidden, ffn, tokens, device, dtype, dispatches, n_experts=4):
     """Every candidate module, after the correctness checks."""
     torch.manual_seed(0)
     dtype = getattr(torch, dtype)
@@ -171,15 +181,15 @@ def table(medians: dict, n_experts: int = 4) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=None,
                         help="calls per timed sample (default: 1, or 50 below 1,024 tokens)")
     parser.add_argument("--graphs", action="store_true", help="CUDA only: time CUDA-graph replays")
-    parser.add_argument("--dispatch", default=",".join(DISPATCHES), help="comma-separated dispatch paths to time")
-    args = parser.parse_args()
+    parser.add_argument("--dispatch", help="comma-separated dispatch paths to time (default: all that run here)")
+    args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} needs a CUDA device; none is available")
@@ -188,7 +198,8 @@ def main():
     inner = args.inner or (50 if preset["tokens"] < 1024 else 1)
     print(f"preset {args.preset}: {preset}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"inner {inner}, graphs {args.graphs}")
-    candidates, x = build(**preset, dispatches=tuple(args.dispatch.split(",")))
+    dispatches = tuple(args.dispatch.split(",")) if args.dispatch else default_dispatches(preset["device"])
+    candidates, x = build(**preset, dispatches=dispatches)
     print(table(run(candidates, x, repeats=args.repeats, inner=inner, graphs=args.graphs)))
 
 

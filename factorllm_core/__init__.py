@@ -6,6 +6,7 @@ partition.py -> experts.py -> router.py -> par.py -> ffn.py -> factorize.py.
 
 from .config import FactorConfig
 from .experts import DISPATCH, Experts
+from . import fused  # noqa: F401  registers the opt-in `fused` (Triton) dispatch
 from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, defactorize, factor_config_of,
                         factorize, load_factorized, match_ffn, save_factorized)
 from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers

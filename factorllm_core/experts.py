@@ -31,7 +31,7 @@ class Experts(nn.Module):
         self.register_buffer("neuron_index", neuron_index.clone())
         self.gate_weight = nn.Parameter(gate_weight[neuron_index].clone())  # (N, I/N, H)
         self.up_weight = nn.Parameter(up_weight[neuron_index].clone())  # (N, I/N, H)
-        self.down_weight = nn.Parameter(down_weight[:, neuron_index].permute(1, 0, 2).clone())  # (N, H, I/N)
+        self.down_weight = nn.Parameter(down_weight[:, neuron_index].permute(1, 0, 2).contiguous())  # (N, H, I/N)
         self.gate_bias = None if gate_bias is None else nn.Parameter(gate_bias[neuron_index].clone())
         self.up_bias = None if up_bias is None else nn.Parameter(up_bias[neuron_index].clone())
         self.act_fn = act_fn

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU check of the dispatch issue in one run (about 3-6 minutes on an H200).
+#     bash benchmarks/gpu_check.sh
+# Needs torch (CUDA), transformers and, for the `fused` column, triton; not ray,
+# lm-eval or fvcore, and the package need not be installed. Each step has its own
+# time limit so one hang cannot eat the rest; a failed step is reported, the rest run.
+# Targets (the issue), all measured in this one run:
+#   FFN, TinyLlama sizes, bf16, 16,384 tokens: <= 1.25x ideal for K = 1/2/3 of 4,
+#     i.e. <= 0.37 / 0.64 / 0.97 x dense (ideal measured earlier: 0.295 / 0.511 / 0.773).
+#   FFN, 256 tokens: <= 1.5x dense, with no host sync (checked under
+#     torch.cuda.set_sync_debug_mode("error")) and CUDA graphs.
+#   Whole model, 8 x 2,048 tokens prefill: 1R4E1K >= 1.30x, 1R4E2K >= 1.15x faster than dense.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+failed=()
+step() {
+    local limit=$1; shift
+    echo; echo "### $*"; local start=$SECONDS
+    timeout "$limit" "$@" || failed+=("$* (exit $?)")
+    echo "(step took $((SECONDS - start)) s)"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+$PY -c "import triton; print('triton', triton.__version__)" || echo "no triton: the fused column is left out"
+step 120 $PY benchmarks/dispatch_grad_check.py
+step 180 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu
+step 120 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs
+step 120 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256
+fused=$($PY -c "import triton" 2>/dev/null && echo ",fused")
+step 240 $PY benchmarks/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
+echo
+if [ ${#failed[@]} -eq 0 ]; then echo "all steps ran"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi

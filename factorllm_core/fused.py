@@ -1,0 +1,82 @@
+"""`fused` dispatch: two Triton kernels for inference on a GPU (opt-in).
+
+Layout: the S*K (token, slot) pairs sorted by expert (`SortedSlots`), expert e
+owning rows [start[e], start[e] + count[e]) of that order. Each kernel program
+takes one BLOCK_M-row tile of one expert and one BLOCK_N-column tile of the
+output; it finds its expert from the per-expert counts on the device (no
+padding, no host sync, so the launch grid depends only on S*K).
+
+1. gate/up: the gather of token rows is fused into the loads of the GEMM;
+   hidden[row] = silu(x[token] @ Wg[e].T) * (x[token] @ Wu[e].T) * scale[row],
+   written once, in sorted order, at the expert width.
+2. down: hidden[row] @ Wd[e].T, stored straight to the row's (token, slot)
+   position, so the un-permute is fused into the store; the K slots of a token
+   are summed after (no atomics).
+
+Limits, checked with a clear error: inference only (no autograd), SiLU-gated
+FFNs without gate/up biases, CUDA tensors (or CPU tensors under
+TRITON_INTERPRET=1, which the tests use). Triton is imported only when this
+path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .experts import DISPATCH, Experts, SortedSlots
+
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
+
+
+@DISPATCH.register("fused")
+def fused(experts: Experts, x, indices, weights):
+    _check_supported(experts, x, weights)
+    kernels = _kernels()
+    n_tokens, top_k = indices.shape
+    n_experts, width, hidden_size = experts.n_experts, experts.expert_width, x.shape[1]
+    flat = indices.reshape(-1)
+    slots = SortedSlots.of(indices, weights)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    starts = counts.cumsum(0, dtype=torch.int32) - counts
+    token_of = slots.token_of.to(torch.int32)
+    order = slots.order.to(torch.int32)
+    scales = slots.scales.reshape(-1).float()
+    rows = flat.numel()
+    max_tiles = -(-rows // BLOCK_M) + n_experts  # sum over experts of ceil(count / BLOCK_M)
+    x = x.contiguous()
+    hidden = torch.empty(rows, width, device=x.device, dtype=x.dtype)
+    kernels.gate_up[(max_tiles, -(-width // BLOCK_N))](
+        x, experts.gate_weight, experts.up_weight, token_of, scales, counts, starts, hidden,
+        hidden_size, width, n_experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    out = torch.empty(rows, hidden_size, device=x.device, dtype=x.dtype)
+    kernels.down[(max_tiles, -(-hidden_size // BLOCK_N))](
+        hidden, experts.down_weight, order, counts, starts, out,
+        hidden_size, width, n_experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out if top_k == 1 else out.view(n_tokens, top_k, hidden_size).sum(dim=1)
+
+
+def _check_supported(experts: Experts, x, weights) -> None:
+    problems = []
+    if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                    or any(p.requires_grad for p in experts.parameters())):
+        problems.append("it is inference only: run under torch.no_grad() or use dispatch 'grouped' for training")
+    if experts.gate_bias is not None or experts.up_bias is not None:
+        problems.append("the experts have gate/up biases, which it does not add")
+    if not isinstance(experts.act_fn, torch.nn.SiLU) and type(experts.act_fn).__name__ != "SiLUActivation":
+        problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
+    if not all(w.is_contiguous() for w in (experts.gate_weight, experts.up_weight, experts.down_weight)):
+        problems.append("expert weights are not contiguous")
+    if problems:
+        raise RuntimeError("dispatch 'fused' cannot run here: " + "; ".join(problems))
+
+
+@functools.cache
+def _kernels():
+    try:
+        from . import fused_kernels
+    except ImportError as error:
+        raise RuntimeError("dispatch 'fused' needs Triton (pip install triton; CUDA builds of torch ship it)") from error
+    return fused_kernels

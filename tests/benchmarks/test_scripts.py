@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end on tiny CPU presets, and refuse to time wrong outputs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[2]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ffn_dispatch_prints_a_row_per_path_after_the_checks(capsys):
+    load("ffn_dispatch").main(["--preset", "tiny-cpu", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert out.count("correctness:") == 7  # sorted + grouped for K = 1..3, and K = N vs dense
+    for top_k in (1, 2, 3):
+        for path in ("reference", "sorted", "grouped"):
+            assert f"| {path} 1R4E{top_k}K |" in out
+    assert "fused" not in out  # CUDA only
+
+
+def test_ffn_dispatch_refuses_a_wrong_fast_path():
+    bench = load("ffn_dispatch")
+    x = torch.randn(8, 4)
+    with pytest.raises(SystemExit, match="correctness check failed"):
+        bench.check_close("broken", lambda t: t, lambda t: t * 1.01, x)
+    with pytest.raises(SystemExit, match="correctness check failed"):
+        bench.check_close("nan", lambda t: t, lambda t: t * float("nan"), x)
+
+
+def test_model_prefill_checks_then_times_every_dispatch(capsys):
+    load("model_prefill").main(["--preset", "tiny-cpu", "--repeats", "1", "--dispatch", "sorted,grouped"])
+    out = capsys.readouterr().out
+    assert "correctness: K=N vs dense logits" in out
+    assert "correctness: grouped vs reference dispatch logits, 1R4E2K" in out
+    for row in ("| dense |", "| 1R4E1K sorted |", "| 1R4E1K grouped |", "| 1R4E2K sorted |", "| 1R4E2K grouped |"):
+        assert row in out
+
+
+def test_gpu_presets_stop_with_one_line_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        load("ffn_dispatch").main(["--preset", "tinyllama-gpu"])
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        load("model_prefill").main(["--preset", "tinyllama-gpu"])
+
+
+def test_dispatch_grad_check_passes_on_cpu(capsys):
+    with pytest.raises(SystemExit) as done:
+        load("dispatch_grad_check").main(["--device", "cpu"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.count(" ok") == 6  # sorted and grouped, K = 1..3
