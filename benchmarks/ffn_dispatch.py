@@ -6,13 +6,16 @@
 
 dense: the original SwiGLU FFN on all tokens. ideal: a dense FFN of width
 FFN*K/N on all tokens (what perfect sparse dispatch would cost). Then one
-column per dispatch path of the FactorizedFFN, router included: `reference`
+row per dispatch path of the FactorizedFFN, router included: `reference`
 (plain per-expert loop), `sorted` (sort once, per-expert GEMMs; the CPU path),
 `grouped` (no host sync, grouped GEMMs; the GPU path) and, on CUDA with Triton,
-`fused` (two Triton kernels, opt-in). Ratios come from medians
-measured interleaved in the same process, so machine noise hits all columns
-alike. Correctness is checked before anything is timed, and on CUDA `grouped` is
-run under `torch.cuda.set_sync_debug_mode("error")`, which fails on any host sync.
+`fused` (two Triton kernels, opt-in). Every round times all candidates back to
+back, so noise on a shared machine hits them alike; each ratio is the median
+over rounds of that round's ratio. Each timed call follows an untimed call of
+the same candidate: on CPU, what the previous candidate left in the caches and
+in the allocator otherwise moved a candidate's time by up to 10%. Correctness is checked before anything is
+timed, and on CUDA `grouped` and `fused` run once under
+`torch.cuda.set_sync_debug_mode("error")`, which fails on any host sync.
 `--graphs` (CUDA) captures every candidate in a CUDA graph and times replays;
 paths that sync with the host cannot be captured and are left out.
 """
@@ -162,29 +165,38 @@ def run(candidates, x, repeats=15, warmup=3, inner=1, graphs=False):
     times = {name: [] for name in calls}
     for step in range(warmup + repeats):
         for name, call in calls.items():  # interleaved: noise hits all alike
+            call()  # untimed: what the previous candidate left in caches and the allocator is not charged here
             elapsed = measure(call)
             if step >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def table(medians: dict, n_experts: int = 4) -> str:
-    dense = medians["dense"]
-    lines = ["| variant | ms | x dense | x ideal |", "|---|---:|---:|---:|",
-             f"| dense | {dense * 1e3:.3f} | 1.00 | |"]
+def ratio(times: dict, name: str, base: str) -> float:
+    """Median over rounds of the per-round ratio: each pair was timed back to back,
+    so slow stretches of a shared machine cancel."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+def table(times: dict, n_experts: int = 4) -> str:
+    """times: seconds per round for each candidate (rounds aligned)."""
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    lines = ["| variant | ms (median) | x dense | x ideal |", "|---|---:|---:|---:|",
+             f"| dense | {ms['dense']:.3f} | 1.00 | |"]
     for top_k in range(1, n_experts):
-        ideal = medians[f"ideal K={top_k}"]
-        lines.append(f"| ideal K={top_k} | {ideal * 1e3:.3f} | {ideal / dense:.2f} | 1.00 |")
-        for name, t in medians.items():
+        ideal = f"ideal K={top_k}"
+        lines.append(f"| {ideal} | {ms[ideal]:.3f} | {ratio(times, ideal, 'dense'):.2f} | 1.00 |")
+        for name in times:
             if name.endswith(f"E{top_k}K"):  # one row per dispatch path
-                lines.append(f"| {name} | {t * 1e3:.3f} | {t / dense:.2f} | {t / ideal:.2f} |")
+                lines.append(f"| {name} | {ms[name]:.3f} | {ratio(times, name, 'dense'):.2f} | "
+                             f"{ratio(times, name, ideal):.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-cpu")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (after 3 warm-up rounds)")
     parser.add_argument("--inner", type=int, default=None,
                         help="calls per timed sample (default: 1, or 50 below 1,024 tokens)")
     parser.add_argument("--graphs", action="store_true", help="CUDA only: time CUDA-graph replays")

@@ -32,7 +32,7 @@ class FFNAux:
     """What one FactorizedFFN call produced besides its output."""
 
     routing: Routing
-    balance_loss: torch.Tensor  # scalar
+    balance_loss: torch.Tensor | None  # scalar, only in training (no use at inference)
     pa_loss: torch.Tensor | None = None  # scalar, only when the PAR teacher ran
     pseudo_labels: torch.Tensor | None = None  # (S, N) multi-hot
 
@@ -59,7 +59,7 @@ class FactorizedFFN(nn.Module):
         """x: (..., H) -> (output (..., H), FFNAux over the flattened tokens)."""
         flat = x.reshape(-1, x.shape[-1])  # (S, H)
         routing = self.router(flat)
-        aux = FFNAux(routing, balance_loss(routing.probs, routing.indices))
+        aux = FFNAux(routing, balance_loss(routing.probs, routing.indices) if self.training else None)
         if self.training and self.router.mode.uses_pa_loss:
             y = self._forward_with_teacher(flat, routing, aux)
         else:
@@ -93,7 +93,7 @@ class AuxCollector:
         return torch.stack(losses).mean() if losses else None
 
     def balance_loss(self) -> torch.Tensor | None:
-        losses = [aux.balance_loss for _, aux in self.records]
+        losses = [aux.balance_loss for _, aux in self.records if aux.balance_loss is not None]
         return torch.stack(losses).mean() if losses else None
 
     def clear(self) -> None:

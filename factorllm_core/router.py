@@ -90,7 +90,7 @@ class Router(nn.Module):
         """x: (S, hidden) -> Routing over S tokens."""
         logits = self.gate(x).float().view(-1, self.n_routers, self.n_experts)
         router_probs = logits.softmax(dim=-1)  # (S, R, N)
-        probs = router_probs.mean(dim=1)  # (S, N)
+        probs = router_probs[:, 0] if self.n_routers == 1 else router_probs.mean(dim=1)  # (S, N)
         if self.mode.random_choice:
             scores = torch.rand(probs.shape, generator=self._generator(x.device), device=x.device)
             probs_for_weights = torch.full_like(probs, 1.0 / self.n_experts)

@@ -38,6 +38,15 @@ def _category(module_name: str) -> str | None:
     return None
 
 
+def _mm_macs(inputs, outputs) -> int:
+    """aten::mm, also its `out=` form (a third input) that fvcore's own handle rejects;
+    the in-place inference path of the `sorted` dispatch writes expert outputs that way."""
+    from fvcore.nn.jit_handles import get_shape
+
+    (m, k), (_, n) = get_shape(inputs[0]), get_shape(inputs[1])
+    return m * k * n
+
+
 def count_flops(model, input_ids: torch.Tensor) -> dict:
     """input_ids: (1, T) real text. Returns GFLOPs per token by category, and the raw totals."""
     from fvcore.nn import FlopCountAnalysis
@@ -48,6 +57,7 @@ def count_flops(model, input_ids: torch.Tensor) -> dict:
     try:
         with torch.no_grad():
             analysis = FlopCountAnalysis(_LogitsOnly(model).eval(), (input_ids,))
+            analysis.set_op_handle("aten::mm", _mm_macs)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             by_module = analysis.by_module()
             total = analysis.total()

@@ -96,3 +96,21 @@ def test_auto_uses_the_fast_path_and_reference_stays_selectable(monkeypatch):
     experts.dispatch = "reference"
     experts(torch.zeros(3, 48), torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
     assert calls == ["sorted"]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_sorted_inference_in_cache_blocks_equals_reference(top_k, monkeypatch):
+    """CPU inference splits the tokens into blocks; force 5 uneven ones (53 tokens)."""
+    import factorllm_core.experts as experts_module
+    monkeypatch.setattr(experts_module, "CPU_BLOCK_BYTES", -(-53 * top_k * 48 * 4 // 5))  # 5 blocks
+    experts = make_experts(top_k=top_k)
+    x = torch.randn(53, 48, generator=torch.Generator().manual_seed(11))
+    indices, weights = routing(53, 4, top_k, skip_expert=1)
+    calls = []
+    original = experts_module._sorted_block
+    monkeypatch.setattr(experts_module, "_sorted_block", lambda e, xb, *a: calls.append(len(xb)) or original(e, xb, *a))
+    with torch.no_grad():
+        expected = DISPATCH.get("reference")(experts, x, indices, weights)
+        got = DISPATCH.get("sorted")(experts, x, indices, weights)
+    assert calls == [11, 11, 11, 11, 9]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
