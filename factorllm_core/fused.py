@@ -14,9 +14,10 @@ padding, no host sync, so the launch grid depends only on S*K).
    are summed after (no atomics).
 
 Limits, checked with a clear error: inference only (no autograd), SiLU-gated
-FFNs without gate/up biases, CUDA tensors (or CPU tensors under
+FFNs without gate/up biases, bf16/fp16 on CUDA (or CPU tensors under
 TRITON_INTERPRET=1, which the tests use). Triton is imported only when this
-path runs.
+path runs. Not measured on a GPU yet, so `auto` does not pick it: select it
+with `experts.dispatch = "fused"` (see benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import functools
 import torch
 
 from .experts import DISPATCH, Experts, SortedSlots
-
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
 
 
 @DISPATCH.register("fused")
@@ -44,17 +43,11 @@ def fused(experts: Experts, x, indices, weights):
     token_of = slots.token_of.to(torch.int32)
     order = slots.order.to(torch.int32)
     scales = slots.scales.reshape(-1).float()
-    rows = flat.numel()
-    max_tiles = -(-rows // BLOCK_M) + n_experts  # sum over experts of ceil(count / BLOCK_M)
     x = x.contiguous()
-    hidden = torch.empty(rows, width, device=x.device, dtype=x.dtype)
-    kernels.gate_up[(max_tiles, -(-width // BLOCK_N))](
-        x, experts.gate_weight, experts.up_weight, token_of, scales, counts, starts, hidden,
-        hidden_size, width, n_experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    out = torch.empty(rows, hidden_size, device=x.device, dtype=x.dtype)
-    kernels.down[(max_tiles, -(-hidden_size // BLOCK_N))](
-        hidden, experts.down_weight, order, counts, starts, out,
-        hidden_size, width, n_experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    hidden = torch.empty(flat.numel(), width, device=x.device, dtype=x.dtype)
+    kernels.launch_gate_up(x, experts.gate_weight, experts.up_weight, token_of, scales, counts, starts, hidden)
+    out = torch.empty(flat.numel(), hidden_size, device=x.device, dtype=x.dtype)
+    kernels.launch_down(hidden, experts.down_weight, order, counts, starts, out)
     return out if top_k == 1 else out.view(n_tokens, top_k, hidden_size).sum(dim=1)
 
 
@@ -67,6 +60,8 @@ def _check_supported(experts: Experts, x, weights) -> None:
         problems.append("the experts have gate/up biases, which it does not add")
     if not isinstance(experts.act_fn, torch.nn.SiLU) and type(experts.act_fn).__name__ != "SiLUActivation":
         problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
+    if x.is_cuda and x.dtype == torch.float32:
+        problems.append("in fp32 on a GPU its dots would run in TF32: use bf16/fp16, or dispatch 'grouped'")
     if not all(w.is_contiguous() for w in (experts.gate_weight, experts.up_weight, experts.down_weight)):
         problems.append("expert weights are not contiguous")
     if problems:

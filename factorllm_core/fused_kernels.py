@@ -1,8 +1,50 @@
-"""Triton kernels of the `fused` dispatch (see fused.py for the layout).
-Importing this module needs Triton."""
+"""Triton kernels of the `fused` dispatch (see fused.py for the layout), and
+their launchers. Importing this module needs Triton.
+
+On a GPU the tile sizes are autotuned per (hidden, expert width, rows rounded up
+to a power of two) on first use; under TRITON_INTERPRET=1 (CPU, the tests) one
+fixed tiling is used, since autotuning times kernels on a GPU.
+"""
+
+import os
 
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+FIXED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+CONFIGS = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=st)
+           for m, n, k, w, st in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                                  (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (32, 64, 128, 4, 4)]]
+TUNE_KEY = ["H", "W", "M_BUCKET"]
+
+
+def launch_gate_up(x, gate_weight, up_weight, token_of, scales, counts, starts, hidden):
+    rows, width = hidden.shape
+    _launch(_gate_up, _gate_up_tuned, rows, counts.numel(), width,
+            (x, gate_weight, up_weight, token_of, scales, counts, starts, hidden,
+             x.shape[1], width, _bucket(rows), counts.numel()))
+
+
+def launch_down(hidden, down_weight, order, counts, starts, out):
+    rows, width = hidden.shape
+    hidden_size = out.shape[1]
+    _launch(_down, _down_tuned, rows, counts.numel(), hidden_size,
+            (hidden, down_weight, order, counts, starts, out, hidden_size, width, _bucket(rows), counts.numel()))
+
+
+def _launch(kernel, tuned, rows, n_experts, columns, args):
+    def grid(meta):  # every expert may leave one partial tile: sum of ceil(count / BLOCK_M) <= this
+        return triton.cdiv(rows, meta["BLOCK_M"]) + n_experts, triton.cdiv(columns, meta["BLOCK_N"])
+
+    if INTERPRETED:
+        kernel[grid(FIXED)](*args, **FIXED)
+    else:
+        tuned[grid](*args)
+
+
+def _bucket(rows: int) -> int:
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 @triton.jit
@@ -21,10 +63,11 @@ def _tile(pid_m, counts_ptr, starts_ptr, N_EXPERTS: tl.constexpr, BLOCK_M: tl.co
         tiles_before += tiles
     return expert, first, n_rows
 
+
 @triton.jit
-def gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr, hidden_ptr,
-            H, W, N_EXPERTS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr, hidden_ptr,
+             H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, first, n_rows = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -51,10 +94,11 @@ def gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr,
     tl.store(hidden_ptr + rows.to(tl.int64)[:, None] * W + offs_n[None, :],
              h.to(hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+
 @triton.jit
-def down(hidden_ptr, wd_ptr, order_ptr, counts_ptr, starts_ptr, out_ptr,
-         H, W, N_EXPERTS: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down(hidden_ptr, wd_ptr, order_ptr, counts_ptr, starts_ptr, out_ptr,
+          H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, first, n_rows = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -76,3 +120,7 @@ def down(hidden_ptr, wd_ptr, order_ptr, counts_ptr, starts_ptr, out_ptr,
     dest = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # (token, slot) position
     tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+_gate_up_tuned = None if INTERPRETED else triton.autotune(CONFIGS, key=TUNE_KEY)(_gate_up)
+_down_tuned = None if INTERPRETED else triton.autotune(CONFIGS, key=TUNE_KEY)(_down)
