@@ -74,14 +74,16 @@ class Experts(nn.Module):
         """Sparse dispatch: each expert runs on exactly the tokens routed to it.
         x: (S, H); indices, weights: (S, K) -> (S, H). `self.dispatch` names the
         implementation ("auto": `auto_dispatch`); all give the same result."""
-        name = auto_dispatch(x) if self.dispatch == "auto" else self.dispatch
+        name = auto_dispatch(x, self.gate_weight.dtype) if self.dispatch == "auto" else self.dispatch
         return DISPATCH.get(name, "dispatch")(self, x, indices, weights)
 
 
-def auto_dispatch(x: torch.Tensor) -> str:
+def auto_dispatch(x: torch.Tensor, weight_dtype: torch.dtype) -> str:
     """The fast path for x's device: `grouped` (no host sync) where the device has a
-    grouped GEMM for x's dtype (CUDA, compute capability >= 9.0, bf16), else `sorted`."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0):
+    grouped GEMM for the dtype (CUDA, compute capability >= 9.0, bf16 inputs and
+    weights, which rules out fp32 weights under autocast), else `sorted`."""
+    if (x.is_cuda and x.dtype == weight_dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
         return "grouped"
     return "sorted"
 

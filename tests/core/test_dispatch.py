@@ -83,8 +83,22 @@ def test_grouped_never_reads_device_data_on_the_host():
 
 def test_auto_picks_by_device_and_dtype(monkeypatch):
     from factorllm_core.experts import auto_dispatch
-    assert auto_dispatch(torch.zeros(2, 2)) == "sorted"
-    assert auto_dispatch(torch.zeros(2, 2, dtype=torch.bfloat16)) == "sorted"  # CPU: no fast grouped GEMM
+    assert auto_dispatch(torch.zeros(2, 2), torch.float32) == "sorted"
+    assert auto_dispatch(torch.zeros(2, 2, dtype=torch.bfloat16), torch.bfloat16) == "sorted"  # CPU
+
+    class CudaTensor:  # what auto_dispatch reads of a CUDA tensor
+        is_cuda, device = True, "cuda:0"
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability["value"])
+    assert auto_dispatch(CudaTensor(torch.bfloat16), torch.bfloat16) == "grouped"
+    assert auto_dispatch(CudaTensor(torch.bfloat16), torch.float32) == "sorted"  # autocast, fp32 weights
+    assert auto_dispatch(CudaTensor(torch.float16), torch.float16) == "sorted"
+    capability["value"] = (8, 0)  # A100: no grouped GEMM in torch for it
+    assert auto_dispatch(CudaTensor(torch.bfloat16), torch.bfloat16) == "sorted"
 
 
 def test_auto_uses_the_fast_path_and_reference_stays_selectable(monkeypatch):
