@@ -24,10 +24,12 @@ INTERPRETED_CHECK = textwrap.dedent("""
     from factorllm_core import DISPATCH
     from dispatch_cases import make_experts, routing
     results = []
-    for top_k, n_tokens, skip in [(1, 150, 1), (2, 150, None), (3, 70, 0), (2, 1, None)]:
-        experts = make_experts(top_k=top_k, hidden=80, width=160)  # widths not multiples of the tiles
+    # (experts, K, tokens, an expert given no token): partial tiles, empty experts, one token
+    for n_experts, top_k, n_tokens, skip in [(4, 1, 150, 1), (4, 2, 150, None), (4, 3, 70, 0), (4, 2, 1, None),
+                                             (8, 2, 130, 5)]:
+        experts = make_experts(top_k=top_k, hidden=80, width=160, n_experts=n_experts)  # not tile multiples
         x = torch.randn(n_tokens, 80, generator=torch.Generator().manual_seed(top_k))
-        indices, weights = routing(n_tokens, 4, top_k, skip_expert=skip)
+        indices, weights = routing(n_tokens, n_experts, top_k, skip_expert=skip)
         with torch.no_grad():
             expected = DISPATCH.get("reference")(experts, x, indices, weights)
             got = DISPATCH.get("fused")(experts, x, indices, weights)
@@ -43,7 +45,7 @@ def test_fused_kernels_equal_reference_in_the_interpreter():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = eval(done.stdout.strip().splitlines()[-1], {})  # a list of floats printed above
-    assert len(errors) == 4 and all(e < 1e-5 for e in errors), errors
+    assert len(errors) == 5 and all(e < 1e-5 for e in errors), errors
 
 
 def test_fused_refuses_what_it_does_not_support():
