@@ -16,6 +16,8 @@ import torch
 from factorllm_core import DISPATCH, FactorConfig, build_factorized_ffn
 from factorllm_core.factorize import GatedFFNWeights
 
+from bench_checks import relative_error, tolerance  # beside this script
+
 SIZES = {"cuda": dict(hidden=2048, ffn=5632, tokens=4096, dtype=torch.bfloat16),
          "cpu": dict(hidden=576, ffn=1536, tokens=1024, dtype=torch.float32)}
 
@@ -44,7 +46,7 @@ def main(argv=None):
                               (torch.randn(h, f, device=dev) / f**0.5).to(dtype), torch.nn.SiLU())
     x = torch.randn(s, h, device=dev, dtype=dtype)
     probe = torch.randn(s, h, device=dev)
-    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    limit = tolerance(dtype)
     failures = 0
     print(f"device {dev}, {dtype}, {s} tokens, hidden {h}, FFN {f}, limit {limit:.0e}")
     for top_k in (1, 2, 3):
@@ -54,7 +56,7 @@ def main(argv=None):
         expected = grads("reference", weights, config, x, indices, combine, probe)
         for path in args.paths.split(","):
             got = grads(path, weights, config, x, indices, combine, probe)
-            worst = max(((e.float() - g.float()).norm() / e.float().norm()).item() for (_, e), (_, g) in zip(expected, got))
+            worst = max(relative_error(e, g) for (_, e), (_, g) in zip(expected, got))
             ok = worst <= limit
             failures += not ok
             print(f"K={top_k} {path}: worst relative error {worst:.1e} over {len(got)} tensors {'ok' if ok else 'FAIL'}")

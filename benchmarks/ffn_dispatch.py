@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+import bench_checks  # beside this script
+
 from factorllm_core import FactorConfig, build_factorized_ffn
 from factorllm_core.factorize import GatedFFNWeights
 
@@ -127,14 +129,9 @@ def with_dispatch(module, name):
 
 
 def check_close(what: str, expected_fn, got_fn, x) -> None:
-    """Refuse to time anything whose output is wrong (rel. error 1e-5 fp32, 1e-2 bf16)."""
+    """Refuse to time anything whose output on x is wrong."""
     with torch.no_grad():
-        expected, got = expected_fn(x).float(), got_fn(x).float()
-    rel = ((expected - got).norm() / expected.norm()).item()
-    limit = 1e-5 if x.dtype == torch.float32 else 1e-2
-    if not rel <= limit:  # also catches NaN
-        raise SystemExit(f"correctness check failed: {what} relative error {rel:.2e} > {limit}")
-    print(f"correctness: {what} relative error {rel:.1e} (limit {limit:.0e})")
+        bench_checks.check_close(what, expected_fn(x), got_fn(x), x.dtype)
 
 
 def check_no_host_sync(what: str, module, x) -> None:

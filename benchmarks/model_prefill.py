@@ -26,6 +26,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from factorllm_core import FactorConfig, factorize, factorized_layers
 
+from bench_checks import check_close  # beside this script
+
 PRESETS = {
     # TinyLlama-1.1B's architecture
     "tinyllama-gpu": dict(config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -72,14 +74,6 @@ def set_dispatch(model, name: str) -> None:
 @torch.no_grad()
 def last_logits(model, ids):
     return model(ids, use_cache=False, logits_to_keep=1).logits.float()
-
-
-def check_close(what, expected, got, dtype) -> None:
-    rel = ((expected - got).norm() / expected.norm()).item()
-    limit = 1e-5 if dtype == torch.float32 else 1e-2
-    if not rel <= limit:  # also catches NaN
-        raise SystemExit(f"correctness check failed: {what} relative error {rel:.2e} > {limit}")
-    print(f"correctness: {what} relative error {rel:.1e} (limit {limit:.0e})")
 
 
 def check(models, ids, dispatches):

@@ -106,16 +106,21 @@ def reference(experts: Experts, x, indices, weights):
 class SortedSlots:
     """The S*K (token, slot) pairs grouped by expert: slot j of the sorted order is
     token `token_of[j]`, with combine weight `scales[j]`; `order` maps sorted
-    positions back to flat (token, slot) positions."""
+    positions back to flat (token, slot) positions; expert e owns `counts[e]`
+    consecutive slots. Everything stays on the device (no host sync)."""
 
     order: torch.Tensor  # (S*K,)
     token_of: torch.Tensor  # (S*K,)
     scales: torch.Tensor  # (S*K, 1)
+    counts: torch.Tensor  # (N,) int64
 
     @classmethod
-    def of(cls, indices: torch.Tensor, weights: torch.Tensor) -> "SortedSlots":
-        order = torch.argsort(indices.reshape(-1), stable=True)
-        return cls(order, order // indices.shape[1], weights.reshape(-1)[order].unsqueeze(1))
+    def of(cls, indices: torch.Tensor, weights: torch.Tensor, n_experts: int) -> "SortedSlots":
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # bincount would sync on CUDA (it reads the max)
+        return cls(order, order // indices.shape[1], weights.reshape(-1)[order].unsqueeze(1), counts)
 
 
 # CPU inference works through the tokens in blocks whose gathered copy (S_block * K
@@ -149,8 +154,8 @@ def sorted_segments(experts: Experts, x, indices, weights):
 
 def _sorted_block(experts: Experts, x, indices, weights, out):
     """`sorted` on one block of tokens, written into `out` (same shape as x)."""
-    slots = SortedSlots.of(indices, weights)
-    counts = torch.bincount(indices.reshape(-1), minlength=experts.n_experts).tolist()
+    slots = SortedSlots.of(indices, weights, experts.n_experts)
+    counts = slots.counts.tolist()  # the host sync
     inputs = x.index_select(0, slots.token_of)  # (S*K, H), grouped by expert
     parts = zip(range(experts.n_experts), inputs.split(counts), slots.scales.split(counts))
     if torch.is_grad_enabled():
@@ -174,11 +179,9 @@ def grouped(experts: Experts, x, indices, weights):
     """No host synchronisation: the per-expert offsets stay on the device and one
     grouped GEMM per projection (`torch._grouped_mm`) runs all experts, so shapes
     depend only on S and K (CUDA-graph and torch.compile friendly). The GPU path."""
-    n_experts = experts.n_experts
-    slots = SortedSlots.of(indices, weights)
+    slots = SortedSlots.of(indices, weights, experts.n_experts)
     flat = indices.reshape(-1)
-    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = counts.cumsum(0).to(torch.int32)  # end of each expert's rows
+    offsets = slots.counts.cumsum(0).to(torch.int32)  # end of each expert's rows
     inputs = x.index_select(0, slots.token_of)
     gate = torch._grouped_mm(inputs, experts.gate_weight.transpose(1, 2), offs=offsets)  # (S*K, I/N)
     up = torch._grouped_mm(inputs, experts.up_weight.transpose(1, 2), offs=offsets)

@@ -34,19 +34,17 @@ def fused(experts: Experts, x, indices, weights):
     _check_supported(experts, x, weights)
     kernels = _kernels()
     n_tokens, top_k = indices.shape
-    n_experts, width, hidden_size = experts.n_experts, experts.expert_width, x.shape[1]
-    flat = indices.reshape(-1)
-    slots = SortedSlots.of(indices, weights)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    width, hidden_size, rows = experts.expert_width, x.shape[1], indices.numel()
+    slots = SortedSlots.of(indices, weights, experts.n_experts)
+    counts = slots.counts.to(torch.int32)
     starts = counts.cumsum(0, dtype=torch.int32) - counts
     token_of = slots.token_of.to(torch.int32)
     order = slots.order.to(torch.int32)
     scales = slots.scales.reshape(-1).float()
     x = x.contiguous()
-    hidden = torch.empty(flat.numel(), width, device=x.device, dtype=x.dtype)
+    hidden = torch.empty(rows, width, device=x.device, dtype=x.dtype)
     kernels.launch_gate_up(x, experts.gate_weight, experts.up_weight, token_of, scales, counts, starts, hidden)
-    out = torch.empty(flat.numel(), hidden_size, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows, hidden_size, device=x.device, dtype=x.dtype)
     kernels.launch_down(hidden, experts.down_weight, order, counts, starts, out)
     return out if top_k == 1 else out.view(n_tokens, top_k, hidden_size).sum(dim=1)
 

@@ -49,7 +49,8 @@ def _bucket(rows: int) -> int:
 
 @triton.jit
 def _tile(pid_m, counts_ptr, starts_ptr, N_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program pid_m -> (expert, first row, rows in tile); expert -1 when idle."""
+    """Program pid_m -> (expert, its BLOCK_M sorted rows (int64), which of them exist);
+    expert -1 when the program has no tile."""
     expert, first, n_rows = -1, 0, 0
     tiles_before = 0
     for e in tl.static_range(N_EXPERTS):
@@ -61,19 +62,17 @@ def _tile(pid_m, counts_ptr, starts_ptr, N_EXPERTS: tl.constexpr, BLOCK_M: tl.co
         first = tl.where(mine, tl.load(starts_ptr + e) + local, first)
         n_rows = tl.where(mine, count - local, n_rows)
         tiles_before += tiles
-    return expert, first, n_rows
+    offs_m = tl.arange(0, BLOCK_M)
+    return expert, (first + offs_m).to(tl.int64), offs_m < n_rows
 
 
 @triton.jit
 def _gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr, hidden_ptr,
              H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, first, n_rows = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
+    expert, rows, row_ok = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_rows
-    rows = first + offs_m
     tokens = tl.load(token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < W
@@ -91,7 +90,7 @@ def _gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr
         acc_u = tl.dot(a, tl.load(wu_ptr + w_off, mask=w_ok, other=0.0), acc_u)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u * scale[:, None]
-    tl.store(hidden_ptr + rows.to(tl.int64)[:, None] * W + offs_n[None, :],
+    tl.store(hidden_ptr + rows[:, None] * W + offs_n[None, :],
              h.to(hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -99,12 +98,9 @@ def _gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr
 def _down(hidden_ptr, wd_ptr, order_ptr, counts_ptr, starts_ptr, out_ptr,
           H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, first, n_rows = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
+    expert, rows, row_ok = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_rows
-    rows = (first + offs_m).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
