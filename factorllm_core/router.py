@@ -96,7 +96,10 @@ class Router(nn.Module):
             probs_for_weights = torch.full_like(probs, 1.0 / self.n_experts)
         else:
             scores, probs_for_weights = probs, probs
-        indices = scores.topk(self.top_k, dim=-1).indices  # (S, K)
+        if self.top_k == 1:  # the same choice; argmax is ~2x faster than topk on CPU
+            indices = scores.argmax(dim=-1, keepdim=True)  # (S, 1)
+        else:
+            indices = scores.topk(self.top_k, dim=-1).indices  # (S, K)
         weights = self.combine(probs_for_weights, indices, self.n_experts)
         return Routing(router_probs, probs, indices, weights)
 
