@@ -37,25 +37,27 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
 
-    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | None = None,
+    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | float | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Run one expert on its tokens. x: (M, H) -> (M, H); `scale` (M, 1) multiplies
         each token's output, applied before the down projection (linear, and narrower).
-        `out` (inference only): write the result there, with the activation and scaling
-        done in place: two fresh buffers fewer per expert."""
+        `out` (inference only): write the result there, with the activation done in
+        place (SiLU) and a float `scale` folded into the down GEMM: no fresh buffer
+        and no pass over the hidden states beyond the GEMMs' own."""
         gate = _project(x, self.gate_weight[expert], _row(self.gate_bias, expert))
         up = _project(x, self.up_weight[expert], _row(self.up_bias, expert))
         if out is None:
             hidden = self.act_fn(gate) * up
             if scale is not None:
-                hidden = hidden * scale.to(hidden.dtype)
+                hidden = hidden * (scale.to(hidden.dtype) if torch.is_tensor(scale) else scale)
             return F.linear(hidden, self.down_weight[expert])
         if torch.is_grad_enabled():
             raise RuntimeError("expert_forward(out=...) works in place: inference only (torch.no_grad())")
-        hidden = self.act_fn(gate).mul_(up)
-        if scale is not None:
+        hidden = (F.silu(gate, inplace=True) if _is_silu(self.act_fn) else self.act_fn(gate)).mul_(up)
+        if torch.is_tensor(scale):
             hidden.mul_(scale.to(hidden.dtype))
-        return torch.mm(hidden, self.down_weight[expert].t(), out=out)
+        alpha = 1.0 if scale is None or torch.is_tensor(scale) else scale
+        return out.addmm_(hidden, self.down_weight[expert].t(), beta=0, alpha=alpha)  # beta=0: out's old values ignored
 
     def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, batched. x: (S, H) -> (S, N, H).
@@ -161,9 +163,10 @@ def _sorted_block(experts: Experts, x, indices, weights, out):
     if torch.is_grad_enabled():
         outputs = torch.cat([experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)])
     else:  # each expert's output overwrites its own inputs: no fresh buffers
+        uniform = _uniform(weights)  # a float folds into the down GEMM (alpha)
         for e, part, scale in parts:
             if len(part):
-                experts.expert_forward(e, part, scale, out=part)
+                experts.expert_forward(e, part, scale if uniform is None else uniform, out=part)
         outputs = inputs
     if indices.shape[1] == 1:  # a permutation: gather each token's row back
         # (a gather: 2.6x faster than index_copy_'s scatter at 4,096 x 576 fp32 on CPU)
@@ -208,6 +211,18 @@ def _unpermute(outputs, slots: SortedSlots, n_tokens: int, top_k: int):
 def _inverse(order: torch.Tensor) -> torch.Tensor:
     """The inverse permutation: inverse[order[j]] = j (on the device, no sync)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+
+
+def _is_silu(act_fn) -> bool:
+    """nn.SiLU, or transformers' SiLUActivation (what ACT2FN["silu"] gives)."""
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
+def _uniform(weights: torch.Tensor) -> float | None:
+    """The value every combine weight has, if they are all equal (the `scaled` combine:
+    N/K for every slot), else None. Reads the weights on the host."""
+    flat = weights.reshape(-1)
+    return flat[0].item() if len(flat) and bool((flat == flat[0]).all()) else None
 
 
 def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from .experts import DISPATCH, Experts, SortedSlots
+from .experts import DISPATCH, Experts, SortedSlots, _is_silu
 
 
 @DISPATCH.register("fused")
@@ -56,7 +56,7 @@ def _check_supported(experts: Experts, x, weights) -> None:
         problems.append("it is inference only: run under torch.no_grad() or use dispatch 'grouped' for training")
     if experts.gate_bias is not None or experts.up_bias is not None:
         problems.append("the experts have gate/up biases, which it does not add")
-    if not isinstance(experts.act_fn, torch.nn.SiLU) and type(experts.act_fn).__name__ != "SiLUActivation":
+    if not _is_silu(experts.act_fn):
         problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
     if x.is_cuda and x.dtype == torch.float32:
         problems.append("in fp32 on a GPU its dots would run in TF32: use bf16/fp16, or dispatch 'grouped'")

@@ -128,3 +128,34 @@ def test_sorted_inference_in_cache_blocks_equals_reference(top_k, monkeypatch):
         got = DISPATCH.get("sorted")(experts, x, indices, weights)
     assert calls == [11, 11, 11, 11, 9]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sorted_inference_folds_a_uniform_combine_weight_into_the_down_gemm(top_k, monkeypatch):
+    """The `scaled` combine gives every slot N/K: passed as a float (alpha of the down
+    GEMM), not multiplied into the hidden states; random weights stay per-row tensors."""
+    experts = make_experts(top_k=top_k)
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
+    indices, random_weights = routing(40, 4, top_k)
+    scales = []
+    original = experts.expert_forward
+    monkeypatch.setattr(experts, "expert_forward", lambda e, part, scale=None, out=None:
+                        scales.append(scale) or original(e, part, scale, out=out))
+    for weights, scale_type in ((torch.full((40, top_k), 4 / top_k), float), (random_weights, torch.Tensor)):
+        with torch.no_grad():
+            expected = DISPATCH.get("reference")(experts, x, indices, weights)
+            scales.clear()
+            got = DISPATCH.get("sorted")(experts, x, indices, weights)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert len(scales) == 4 and all(isinstance(s, scale_type) for s in scales)
+
+
+def test_sorted_inference_with_an_activation_it_cannot_apply_in_place():
+    experts = make_experts(top_k=2)
+    experts.act_fn = torch.nn.GELU()
+    x = torch.randn(30, 48, generator=torch.Generator().manual_seed(5))
+    indices, weights = routing(30, 4, 2)
+    with torch.no_grad():
+        expected = DISPATCH.get("reference")(experts, x, indices, weights)
+        got = DISPATCH.get("sorted")(experts, x, indices, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
