@@ -47,6 +47,22 @@ def _mm_macs(inputs, outputs) -> int:
     return m * k * n
 
 
+def _addmm_macs(inputs, outputs) -> int:
+    """aten::addmm_ (in place: self += mat1 @ mat2), which fvcore has no handle for; the
+    `sorted` dispatch's in-place path runs the down projection that way."""
+    from fvcore.nn.jit_handles import get_shape
+
+    (m, k), (_, n) = get_shape(inputs[1]), get_shape(inputs[2])
+    return m * k * n
+
+
+EXTRA_HANDLES = {"aten::mm": _mm_macs, "aten::addmm_": _addmm_macs}
+
+# An uncounted product would silently shrink the FLOPs: any op whose name has one of
+# these in it must have a handle, or counting fails.
+MATMUL_OP_MARKERS = ("mm", "matmul", "linear", "einsum", "dot", "mv", "_grouped")
+
+
 def count_flops(model, input_ids: torch.Tensor) -> dict:
     """input_ids: (1, T) real text. Returns GFLOPs per token by category, and the raw totals."""
     from fvcore.nn import FlopCountAnalysis
@@ -57,12 +73,18 @@ def count_flops(model, input_ids: torch.Tensor) -> dict:
     try:
         with torch.no_grad():
             analysis = FlopCountAnalysis(_LogitsOnly(model).eval(), (input_ids,))
-            analysis.set_op_handle("aten::mm", _mm_macs)
+            for op, handle in EXTRA_HANDLES.items():
+                analysis.set_op_handle(op, handle)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             by_module = analysis.by_module()
             total = analysis.total()
+            uncounted = sorted(op for op in analysis.unsupported_ops()
+                               if any(marker in op.split("::")[-1] for marker in MATMUL_OP_MARKERS))
     finally:
         model.set_attn_implementation(previous)
+    if uncounted:
+        raise RuntimeError(f"fvcore has no FLOP handle for {uncounted}: the count would leave these products "
+                           "out; add a handle in harness/flops.py")
     sums = {"attention": 0, "ffn": 0, "lm_head": 0}
     for name, flops in by_module.items():
         category = _category(name) if name else None

@@ -33,3 +33,15 @@ def test_ffn_share_is_k_over_n_of_dense_plus_router(tiny_model_factory, ids, top
     router = LAYERS * H * 4 * n_routers / 1e9
     assert flops["ffn_gflops_per_token"] == pytest.approx(top_k / 4 * dense + router, rel=0.01)
     assert flops["attention_gflops_per_token"] == pytest.approx(count_flops(model, ids)["attention_gflops_per_token"])
+
+
+def test_a_product_fvcore_cannot_count_stops_the_count(tiny_model_factory, ids, monkeypatch):
+    """Without the addmm_ handle the in-place down projections would silently drop out
+    of the FFN FLOPs; the count must fail instead, naming the op."""
+    import harness.flops as flops_module
+
+    model = tiny_model_factory("qwen2")
+    factorize(model, FactorConfig(n_experts=4, top_k=2))
+    monkeypatch.setattr(flops_module, "EXTRA_HANDLES", {"aten::mm": flops_module._mm_macs})
+    with pytest.raises(RuntimeError, match=r"no FLOP handle for \['aten::addmm_'\]"):
+        count_flops(model, ids)
