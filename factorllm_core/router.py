@@ -88,7 +88,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (S, hidden) -> Routing over S tokens."""
-        logits = self.gate(x).float().view(-1, self.n_routers, self.n_experts)
+        # x @ W.T with W.T made contiguous first (a 9 KB copy at SmolLM2 sizes): with so few
+        # output columns MKL's NN product is ~30% faster than the NT one nn.Linear uses
+        logits = torch.addmm(self.gate.bias, x, self.gate.weight.t().contiguous())
+        logits = logits.float().view(-1, self.n_routers, self.n_experts)
         router_probs = logits.softmax(dim=-1)  # (S, R, N)
         probs = router_probs[:, 0] if self.n_routers == 1 else router_probs.mean(dim=1)  # (S, N)
         if self.mode.random_choice:
