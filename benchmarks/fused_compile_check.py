@@ -28,6 +28,8 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 POINTER_TYPES = {"token_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32",
                  "scale_ptr": "*fp32"}
 INT_ARGS = ("H", "W", "M_BUCKET")
+# Checked: 3.4, 3.6 (the H200 image's) and 3.9 compile without a driver; 3.2 and 3.3 do not.
+MIN_TRITON = (3, 4)
 
 
 @dataclass
@@ -98,6 +100,11 @@ def check(arch: int = 90, hidden: int = 2048, ffn: int = 5632, n_experts: int = 
     """Compile both kernels for every config (default: the autotune list)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("fused_compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        raise SystemExit(f"fused_compile_check: needs Triton >= {'.'.join(map(str, MIN_TRITON))} "
+                         f"(found {triton.__version__}); older ones want a GPU driver to compile")
     from factorllm_core import fused_kernels
 
     configs = fused_kernels.CONFIGS if configs is None else configs
