@@ -88,21 +88,23 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (S, hidden) -> Routing over S tokens."""
-        # x @ W.T with W.T made contiguous first (a 9 KB copy at SmolLM2 sizes): with so few
-        # output columns MKL's NN product is ~30% faster than the NT one nn.Linear uses
-        logits = torch.addmm(self.gate.bias, x, self.gate.weight.t().contiguous())
-        logits = logits.float().view(-1, self.n_routers, self.n_experts)
-        router_probs = logits.softmax(dim=-1)  # (S, R, N)
-        probs = router_probs[:, 0] if self.n_routers == 1 else router_probs.mean(dim=1)  # (S, N)
+        # The logits are computed transposed, (R, N, S): with only R*N rows, the softmax
+        # and the top-K then run along contiguous memory (on CPU at 4,096 x 576 the whole
+        # router takes ~0.6 ms instead of ~1.1). Routing gets (S, ...) views of them.
+        logits = torch.addmm(self.gate.bias.unsqueeze(1), self.gate.weight, x.t())
+        probs_t = logits.float().view(self.n_routers, self.n_experts, -1).softmax(dim=1)  # (R, N, S)
+        mean_t = probs_t[0] if self.n_routers == 1 else probs_t.mean(dim=0)  # (N, S)
+        router_probs, probs = probs_t.permute(2, 0, 1), mean_t.t()  # (S, R, N), (S, N)
         if self.mode.random_choice:
             scores = torch.rand(probs.shape, generator=self._generator(x.device), device=x.device)
             probs_for_weights = torch.full_like(probs, 1.0 / self.n_experts)
-        else:
-            scores, probs_for_weights = probs, probs
-        if self.top_k == 1:  # the same choice; argmax is ~2x faster than topk on CPU
-            indices = scores.argmax(dim=-1, keepdim=True)  # (S, 1)
-        else:
             indices = scores.topk(self.top_k, dim=-1).indices  # (S, K)
+        elif self.top_k == 1:  # max (first of equal maxima) along dim 0 is ~2x faster than argmax there
+            probs_for_weights = probs
+            indices = mean_t.max(dim=0).indices.unsqueeze(1)  # (S, 1)
+        else:
+            probs_for_weights = probs
+            indices = mean_t.topk(self.top_k, dim=0).indices.t()  # (S, K)
         weights = self.combine(probs_for_weights, indices, self.n_experts)
         return Routing(router_probs, probs, indices, weights)
 

@@ -83,3 +83,25 @@ def test_routing_stats_load_entropy_and_agreement():
     assert summary["router_agreement"] == pytest.approx(0.5)
     h = -(probs * probs.log()).sum(-1).mean().item()
     assert summary["routing_entropy"] == pytest.approx(h)
+
+
+@pytest.mark.parametrize("n_routers,top_k", [(1, 1), (1, 2), (2, 1), (3, 3)])
+def test_router_equals_the_plain_formula(n_routers, top_k):
+    """The router computes its logits transposed (R, N, S) for speed; what it returns must
+    be what the row-major formula gives: per-router softmax of x W^T + b, their mean,
+    and the top-K of the mean, with gradients reaching the gate."""
+    from factorllm_core.router import Router
+
+    router = Router(hidden_size=24, n_experts=4, n_routers=n_routers, top_k=top_k,
+                    mode="par", combine="weighted", seed=0)
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(2))
+    routing = router(x)
+    expected_router = torch.nn.functional.linear(x, router.gate.weight, router.gate.bias).view(37, n_routers, 4).softmax(-1)
+    expected = expected_router.mean(dim=1)
+    torch.testing.assert_close(routing.router_probs, expected_router)
+    torch.testing.assert_close(routing.probs, expected)
+    assert torch.equal(routing.indices.sort(dim=1).values, expected.topk(top_k, dim=1).indices.sort(dim=1).values)
+    assert routing.indices.shape == (37, top_k) and routing.weights.shape == (37, top_k)
+    (routing.router_probs * torch.arange(4.0)).sum().backward()  # (the weights are constant at K = 1)
+    assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0
