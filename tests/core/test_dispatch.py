@@ -159,3 +159,30 @@ def test_sorted_inference_with_an_activation_it_cannot_apply_in_place():
         expected = DISPATCH.get("reference")(experts, x, indices, weights)
         got = DISPATCH.get("sorted")(experts, x, indices, weights)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens,top_k", [(1, 1), (1, 2), (3, 3), (5, 2), (16, 1)])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_sorted_decode_sized_inference_skips_the_sort_and_equals_reference(n_tokens, top_k, uniform, monkeypatch):
+    """At <= DECODE_SLOTS (token, slot) pairs inference runs each chosen expert directly;
+    one pair more goes back to the sorted blocks."""
+    import factorllm_core.experts as experts_module
+    experts = make_experts(top_k=top_k)
+    x = torch.randn(n_tokens, 48, generator=torch.Generator().manual_seed(n_tokens))
+    indices, weights = routing(n_tokens, 4, top_k)
+    if uniform:
+        weights = torch.full_like(weights, 4 / top_k)
+    blocks = []
+    original = experts_module._sorted_block
+    monkeypatch.setattr(experts_module, "_sorted_block", lambda *a: blocks.append(1) or original(*a))
+    with torch.no_grad():
+        expected = DISPATCH.get("reference")(experts, x, indices, weights)
+        got = DISPATCH.get("sorted")(experts, x, indices, weights)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert blocks == []
+        x_more = torch.randn(17, 48)
+        indices_more, weights_more = routing(17, 4, 1)
+        torch.testing.assert_close(DISPATCH.get("sorted")(experts, x_more, indices_more, weights_more),
+                                   DISPATCH.get("reference")(experts, x_more, indices_more, weights_more),
+                                   rtol=1e-5, atol=1e-6)
+        assert blocks == [1]
