@@ -137,11 +137,13 @@ def sorted_segments(experts: Experts, x, indices, weights):
     """Sort the S*K (token, slot) pairs by expert once (no per-expert scan of all
     slots); every expert runs on one contiguous slice of a single gathered copy of the
     inputs, scales at the intermediate width, and its outputs are added back in one
-    pass. One host sync (the per-expert counts) per call: the CPU path.
+    pass. It reads the per-expert counts on the host (at inference also whether the
+    combine weights are all equal): the CPU path.
 
     Inference on CPU goes through the tokens in blocks (see CPU_BLOCK_BYTES):
     measured ~10% faster at K = 2, 3 with SmolLM2 sizes, and slower at K = 1 when
-    the blocks make each expert's GEMM smaller, hence the limit on gathered bytes."""
+    the blocks make each expert's GEMM smaller, hence the limit on gathered bytes.
+    Decode-sized inference (see DECODE_SLOTS) skips the sort altogether."""
     if torch.is_grad_enabled():
         return _sorted_block(experts, x, indices, weights, torch.empty_like(x))
     if indices.numel() <= DECODE_SLOTS:
