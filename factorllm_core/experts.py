@@ -152,9 +152,10 @@ def sorted_segments(experts: Experts, x, indices, weights):
     gathered_bytes = x.numel() * indices.shape[1] * x.element_size()
     n_blocks = max(1, -(-gathered_bytes // CPU_BLOCK_BYTES)) if x.device.type == "cpu" else 1
     step = max(1, -(-x.shape[0] // n_blocks))  # equal blocks
+    uniform = _uniform(weights)  # read once per call, not per block
     for start in range(0, x.shape[0], step):
         rows = slice(start, start + step)
-        _sorted_block(experts, x[rows], indices[rows], weights[rows], out[rows])
+        _sorted_block(experts, x[rows], indices[rows], weights[rows], out[rows], uniform)
     return out
 
 
@@ -184,8 +185,10 @@ def _decode_sized(experts: Experts, x, indices, weights):
     return out
 
 
-def _sorted_block(experts: Experts, x, indices, weights, out):
-    """`sorted` on one block of tokens, written into `out` (same shape as x)."""
+def _sorted_block(experts: Experts, x, indices, weights, out, uniform: float | None = None):
+    """`sorted` on one block of tokens, written into `out` (same shape as x).
+    `uniform` (inference): the value all combine weights share, folded into the down
+    GEMM (alpha) instead of a per-row scale."""
     slots = SortedSlots.of(indices, weights, experts.n_experts)
     counts = slots.counts.tolist()  # the host sync
     inputs = x.index_select(0, slots.token_of)  # (S*K, H), grouped by expert
@@ -193,7 +196,6 @@ def _sorted_block(experts: Experts, x, indices, weights, out):
     if torch.is_grad_enabled():
         outputs = torch.cat([experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)])
     else:  # each expert's output overwrites its own inputs: no fresh buffers
-        uniform = _uniform(weights)  # a float folds into the down GEMM (alpha)
         for e, part, scale in parts:
             if len(part):
                 experts.expert_forward(e, part, scale if uniform is None else uniform, out=part)

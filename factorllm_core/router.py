@@ -99,12 +99,11 @@ class Router(nn.Module):
             scores = torch.rand(probs.shape, generator=self._generator(x.device), device=x.device)
             probs_for_weights = torch.full_like(probs, 1.0 / self.n_experts)
             indices = scores.topk(self.top_k, dim=-1).indices  # (S, K)
-        elif self.top_k == 1:  # max (first of equal maxima) along dim 0 is ~2x faster than argmax there
-            probs_for_weights = probs
-            indices = mean_t.max(dim=0).indices.unsqueeze(1)  # (S, 1)
         else:
             probs_for_weights = probs
-            indices = mean_t.topk(self.top_k, dim=0).indices.t()  # (S, K)
+            # max (first of equal maxima) along dim 0 is ~2x faster than argmax there
+            indices = (mean_t.max(dim=0).indices.unsqueeze(1) if self.top_k == 1
+                       else mean_t.topk(self.top_k, dim=0).indices.t())  # (S, K)
         weights = self.combine(probs_for_weights, indices, self.n_experts)
         return Routing(router_probs, probs, indices, weights)
 

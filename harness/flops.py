@@ -38,25 +38,20 @@ def _category(module_name: str) -> str | None:
     return None
 
 
-def _mm_macs(inputs, outputs) -> int:
-    """aten::mm, also its `out=` form (a third input) that fvcore's own handle rejects;
-    the in-place inference path of the `sorted` dispatch writes expert outputs that way."""
-    from fvcore.nn.jit_handles import get_shape
+def _product_macs(first: int):
+    """A handle counting m*k*n for the (m, k) @ (k, n) product at inputs[first],
+    inputs[first + 1], for the forms fvcore's own handles reject or lack:
+    aten::mm with `out=` (a third input) and aten::addmm_ (in place, operands after
+    self). The `sorted` dispatch's in-place inference path runs its GEMMs that way."""
+    def macs(inputs, outputs) -> int:
+        from fvcore.nn.jit_handles import get_shape
 
-    (m, k), (_, n) = get_shape(inputs[0]), get_shape(inputs[1])
-    return m * k * n
-
-
-def _addmm_macs(inputs, outputs) -> int:
-    """aten::addmm_ (in place: self += mat1 @ mat2), which fvcore has no handle for; the
-    `sorted` dispatch's in-place path runs the down projection that way."""
-    from fvcore.nn.jit_handles import get_shape
-
-    (m, k), (_, n) = get_shape(inputs[1]), get_shape(inputs[2])
-    return m * k * n
+        (m, k), (_, n) = get_shape(inputs[first]), get_shape(inputs[first + 1])
+        return m * k * n
+    return macs
 
 
-EXTRA_HANDLES = {"aten::mm": _mm_macs, "aten::addmm_": _addmm_macs}
+EXTRA_HANDLES = {"aten::mm": _product_macs(0), "aten::addmm_": _product_macs(1)}
 
 # An uncounted product would silently shrink the FLOPs: any op whose name has one of
 # these in it must have a handle, or counting fails.
