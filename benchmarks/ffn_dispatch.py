@@ -13,9 +13,11 @@ row per dispatch path of the FactorizedFFN, router included: `reference`
 back, so noise on a shared machine hits them alike; each ratio is the median
 over rounds of that round's ratio. Each timed call follows an untimed call of
 the same candidate: on CPU, what the previous candidate left in the caches and
-in the allocator otherwise moved a candidate's time by up to 10%. Correctness is checked before anything is
-timed, and on CUDA `grouped` and `fused` run once under
-`torch.cuda.set_sync_debug_mode("error")`, which fails on any host sync.
+in the allocator otherwise moved a candidate's time by up to 10%. The last
+column shows the middle half (quartiles) of the per-round ratios to the ideal.
+Correctness is checked before anything is timed, and on CUDA `grouped` and
+`fused` run once under `torch.cuda.set_sync_debug_mode("error")`, which fails on
+any host sync.
 `--graphs` (CUDA) captures every candidate in a CUDA graph and times replays;
 paths that sync with the host cannot be captured and are left out.
 """
@@ -175,18 +177,29 @@ def ratio(times: dict, name: str, base: str) -> float:
     return statistics.median(t / b for t, b in zip(times[name], times[base]))
 
 
+def spread(times: dict, name: str, base: str) -> str:
+    """The middle half of the per-round ratios (first to third quartile), to show how
+    far one run's median can be trusted; empty with fewer than 4 rounds."""
+    ratios = [t / b for t, b in zip(times[name], times[base])]
+    if len(ratios) < 4:
+        return ""
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{low:.2f}-{high:.2f}"
+
+
 def table(times: dict, n_experts: int = 4) -> str:
     """times: seconds per round for each candidate (rounds aligned)."""
     ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    lines = ["| variant | ms (median) | x dense | x ideal |", "|---|---:|---:|---:|",
-             f"| dense | {ms['dense']:.3f} | 1.00 | |"]
+    lines = ["| variant | ms (median) | x dense | x ideal | x ideal, middle half of rounds |",
+             "|---|---:|---:|---:|---:|",
+             f"| dense | {ms['dense']:.3f} | 1.00 | | |"]
     for top_k in range(1, n_experts):
         ideal = f"ideal K={top_k}"
-        lines.append(f"| {ideal} | {ms[ideal]:.3f} | {ratio(times, ideal, 'dense'):.2f} | 1.00 |")
+        lines.append(f"| {ideal} | {ms[ideal]:.3f} | {ratio(times, ideal, 'dense'):.2f} | 1.00 | |")
         for name in times:
             if name.endswith(f"E{top_k}K"):  # one row per dispatch path
                 lines.append(f"| {name} | {ms[name]:.3f} | {ratio(times, name, 'dense'):.2f} | "
-                             f"{ratio(times, name, ideal):.2f} |")
+                             f"{ratio(times, name, ideal):.2f} | {spread(times, name, ideal)} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,14 @@ def test_ffn_dispatch_prints_a_row_per_path_after_the_checks(capsys):
     assert "fused" not in out  # CUDA only
 
 
+def test_ffn_dispatch_spread_is_the_middle_half_of_the_round_ratios():
+    bench = load("ffn_dispatch")
+    rounds = {"fast": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0], "ideal": [2.0] * 8}  # ratios 1..8
+    assert bench.ratio(rounds, "fast", "ideal") == 4.5
+    assert bench.spread(rounds, "fast", "ideal") == "2.25-6.75"  # quartiles of 1..8
+    assert bench.spread({"fast": [2.0, 4.0], "ideal": [2.0, 2.0]}, "fast", "ideal") == ""  # too few rounds
+
+
 def test_ffn_dispatch_refuses_a_wrong_fast_path():
     bench = load("ffn_dispatch")
     x = torch.randn(8, 4)
