@@ -194,7 +194,8 @@ def _sorted_block(experts: Experts, x, indices, weights, out, uniform: float | N
     inputs = x.index_select(0, slots.token_of)  # (S*K, H), grouped by expert
     parts = zip(range(experts.n_experts), inputs.split(counts), slots.scales.split(counts))
     if torch.is_grad_enabled():
-        outputs = torch.cat([experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)])
+        pieces = [experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)]
+        outputs = torch.cat(pieces) if pieces else inputs  # no tokens: nothing ran
     else:  # each expert's output overwrites its own inputs: no fresh buffers
         for e, part, scale in parts:
             if len(part):
@@ -237,7 +238,7 @@ def _unpermute(outputs, slots: SortedSlots, n_tokens: int, top_k: int):
     """Expert outputs in sorted order -> (S, H): one gather back to (token, slot)
     order and a sum over the K slots (no atomic adds)."""
     back = outputs.index_select(0, _inverse(slots.order))
-    return back if top_k == 1 else back.view(n_tokens, top_k, -1).sum(dim=1)
+    return back if top_k == 1 else back.view(n_tokens, top_k, outputs.shape[1]).sum(dim=1)
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:

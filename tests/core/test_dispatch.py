@@ -30,6 +30,18 @@ def test_fast_paths_equal_reference_forward_and_backward(fast, top_k, skip_exper
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ("reference",) + FAST_PATHS)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("grad", [True, False])
+def test_every_path_takes_zero_tokens(path, top_k, grad):
+    experts = make_experts(top_k=top_k)
+    x = torch.randn(0, 48, requires_grad=grad)
+    indices, weights = routing(0, 4, top_k)
+    with torch.set_grad_enabled(grad):
+        out = DISPATCH.get(path)(experts, x, indices, weights)
+    assert out.shape == (0, 48)
+
+
 @pytest.mark.parametrize("fast", FAST_PATHS)
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_fast_paths_equal_reference_in_inference(fast, top_k):
