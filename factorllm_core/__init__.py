@@ -9,7 +9,7 @@ from .experts import DISPATCH, Experts
 from . import fused  # noqa: F401  registers the opt-in `fused` (Triton) dispatch
 from .factorize import (FFN_ADAPTERS, FactorReport, build_factorized_ffn, defactorize, factor_config_of,
                         factorize, load_factorized, match_ffn, save_factorized)
-from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers
+from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers, use_dispatch
 from .par import PSEUDO_LABELS, balance_loss, pa_loss
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_MODES, Router, RouterMode, Routing
@@ -20,5 +20,5 @@ __all__ = [
     "FactorReport", "FactorizedFFN", "PARTITIONS", "PSEUDO_LABELS", "ROUTER_MODES", "Router",
     "RouterMode", "Routing", "RoutingStats", "balance_loss", "build_factorized_ffn",
     "collect_aux", "defactorize", "expert_similarity", "factor_config_of", "factorize", "factorized_layers", "load_factorized",
-    "match_ffn", "pa_loss", "router_agreement", "save_factorized",
+    "match_ffn", "pa_loss", "router_agreement", "save_factorized", "use_dispatch",
 ]

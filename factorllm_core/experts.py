@@ -36,6 +36,7 @@ class Experts(nn.Module):
         self.up_bias = None if up_bias is None else nn.Parameter(up_bias[neuron_index].clone())
         self.act_fn = act_fn
         self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
+        self.last_dispatch: str | None = None  # the path the latest call ran (`auto` resolved)
 
     def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | float | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +78,7 @@ class Experts(nn.Module):
         x: (S, H); indices, weights: (S, K) -> (S, H). `self.dispatch` names the
         implementation ("auto": `auto_dispatch`); all give the same result."""
         name = auto_dispatch(x, self.gate_weight.dtype) if self.dispatch == "auto" else self.dispatch
+        self.last_dispatch = name
         return DISPATCH.get(name, "dispatch")(self, x, indices, weights)
 
 

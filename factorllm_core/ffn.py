@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import FactorConfig
-from .experts import Experts
+from .experts import DISPATCH, Experts
 from .par import PSEUDO_LABELS, balance_loss, pa_loss
 from .router import Router, Routing
 
@@ -116,3 +116,20 @@ def collect_aux(model: nn.Module) -> Iterator[AuxCollector]:
     finally:
         for _, layer in layers:
             layer._collector = None
+
+
+@contextmanager
+def use_dispatch(model: nn.Module, name: str) -> Iterator[None]:
+    """Every FactorizedFFN in `model` dispatches with `name` (a DISPATCH path or
+    "auto") for the duration; their previous choice is restored after."""
+    if name != "auto":
+        DISPATCH.get(name, "dispatch")  # unknown name: the registry's error, before anything changes
+    layers = [layer for _, layer in factorized_layers(model)]
+    saved = [layer.experts.dispatch for layer in layers]
+    for layer in layers:
+        layer.experts.dispatch = name
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, saved):
+            layer.experts.dispatch = previous

@@ -23,6 +23,7 @@ with `experts.dispatch = "fused"` (see benchmarks/gpu_check.sh).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -58,6 +59,8 @@ def _check_supported(experts: Experts, x, weights) -> None:
         problems.append("the experts have gate/up biases, which it does not add")
     if not _is_silu(experts.act_fn):
         problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        problems.append(f"it needs a CUDA device, and x is on {x.device} (TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)")
     if x.is_cuda and x.dtype == torch.float32:
         problems.append("in fp32 on a GPU its dots would run in TF32: use bf16/fp16, or dispatch 'grouped'")
     if not all(w.is_contiguous() for w in (experts.gate_weight, experts.up_weight, experts.down_weight)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from factorllm_core import FactorConfig
+from factorllm_core import DISPATCH, FactorConfig
 
 from .benchmarks import resolve_task_names
 
@@ -126,7 +126,12 @@ class FlopsConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """Prefill tokens/s and decode ms/token, median of `repeats` after `warmup` runs."""
+    """Prefill tokens/s and decode ms/token, median of `repeats` after `warmup` runs.
+
+    dispatch: the factorized model's expert dispatch while it is timed: auto (the
+        fast path for the device) or a path by name (reference, sorted, grouped,
+        fused). Training, evaluation and FLOP counting always use auto.
+    """
 
     enabled: bool = True
     batch_size: int = 1
@@ -134,10 +139,15 @@ class LatencyConfig:
     decode_tokens: int = 16
     repeats: int = 5
     warmup: int = 2
+    dispatch: str = "auto"
 
     def problems(self) -> list[str]:
         bad = [n for n in ("batch_size", "prefill_len", "decode_tokens", "repeats") if getattr(self, n) < 1]
-        return [f"latency.{n}: {getattr(self, n)} must be >= 1" for n in bad]
+        out = [f"latency.{n}: {getattr(self, n)} must be >= 1" for n in bad]
+        allowed = ["auto", *DISPATCH.names()]
+        if self.dispatch not in allowed:
+            out.append(f"latency.dispatch: {self.dispatch!r} is not a dispatch path; allowed: {', '.join(allowed)}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,8 @@ class TrialConfig:
         """Stable id from content: same config -> same id. Device is where, not what: excluded."""
         data = self.to_dict()
         data.pop("device")
+        if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
+            data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
         kind = "dense" if self.factor is None else self.factor.name
         return f"{kind}-{digest}"

@@ -10,8 +10,11 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from contextlib import ExitStack
 
 import torch
+
+from factorllm_core import factorized_layers, use_dispatch
 
 from .config import LatencyConfig
 
@@ -54,27 +57,40 @@ class _Runner:
 
 @torch.no_grad()
 def measure_latency(models: dict, input_ids: torch.Tensor, config: LatencyConfig, device: str) -> dict:
-    """models: {name: model}; input_ids: (1, >= prefill_len) real text -> {name: result}."""
+    """models: {name: model}; input_ids: (1, >= prefill_len) real text -> {name: result}.
+    Factorized models dispatch with `config.dispatch` while timed."""
     prompt = input_ids[:, :config.prefill_len].repeat(config.batch_size, 1).to(device)
     runners = {name: _Runner(model, prompt, config, device) for name, model in models.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") \
         else torch.autocast("cpu", enabled=False)
     prefill = {name: [] for name in runners}
     decode = {name: [] for name in runners}
-    with autocast:
+    with ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(use_dispatch(model, config.dispatch))
+        stack.enter_context(autocast)
         for repeat in range(config.warmup + config.repeats):
             for name, runner in runners.items():
                 p, d = runner.prefill(), runner.decode()
                 if repeat >= config.warmup:
                     prefill[name].append(p)
                     decode[name].append(d)
-    return {name: _result(statistics.median(prefill[name]), statistics.median(decode[name]), prompt, config, device)
+    return {name: _result(statistics.median(prefill[name]), statistics.median(decode[name]), prompt, config,
+                          device, _dispatch_used(models[name]))
             for name in runners}
 
 
-def _result(prefill_s: float, decode_s: float, prompt: torch.Tensor, config: LatencyConfig, device: str) -> dict:
+def _dispatch_used(model) -> list[str] | None:
+    """The paths the factorized layers' experts ran in the last timed call (`auto`
+    resolved); None for a model without factorized layers."""
+    layers = factorized_layers(model)
+    return sorted({layer.experts.last_dispatch for _, layer in layers}) if layers else None
+
+
+def _result(prefill_s: float, decode_s: float, prompt: torch.Tensor, config: LatencyConfig, device: str,
+            dispatch: list[str] | None) -> dict:
     return {"prefill_tokens_per_s": prompt.numel() / prefill_s, "prefill_ms": prefill_s * 1e3,
             "decode_ms_per_token": decode_s / config.decode_tokens * 1e3,
             "batch_size": config.batch_size, "prefill_len": int(prompt.shape[1]),
             "decode_tokens": config.decode_tokens, "repeats": config.repeats, "device": device,
-            "interleaved": True}
+            "interleaved": True, "dispatch": dispatch}

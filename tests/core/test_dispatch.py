@@ -198,3 +198,19 @@ def test_sorted_decode_sized_inference_skips_the_sort_and_equals_reference(n_tok
                                    DISPATCH.get("reference")(experts, x_more, indices_more, weights_more),
                                    rtol=1e-5, atol=1e-6)
         assert blocks == [1]
+
+
+def test_use_dispatch_sets_every_layer_and_restores_them(tiny_model_factory):
+    from factorllm_core import FactorConfig, factorize, factorized_layers, use_dispatch
+
+    model = tiny_model_factory("llama")
+    factorize(model, FactorConfig(n_experts=4, top_k=2))
+    layers = [layer for _, layer in factorized_layers(model)]
+    layers[0].experts.dispatch = "reference"
+    with use_dispatch(model, "grouped"):
+        assert [layer.experts.dispatch for layer in layers] == ["grouped"] * len(layers)
+    assert [layer.experts.dispatch for layer in layers] == ["reference"] + ["auto"] * (len(layers) - 1)
+    with pytest.raises(ValueError, match="fast"):
+        with use_dispatch(model, "fast"):
+            pass
+    assert layers[1].experts.dispatch == "auto"

@@ -34,6 +34,23 @@ def test_trial_id_is_stable_and_content_derived():
     assert a.trial_id.startswith("1R4E2K-") and TrialConfig().trial_id.startswith("dense-")
 
 
+def test_ids_from_before_latency_dispatch_existed_still_hold():
+    """Completed records and shared dense baselines are found by id: the default
+    dispatch, and any dispatch on a dense trial, must leave the id as it was."""
+    factored = {"factor": {"n_experts": 4, "top_k": 2}}
+    assert TrialConfig().trial_id == "dense-481a3a3ae7"
+    assert TrialConfig.from_dict({"latency": {"dispatch": "reference"}}).trial_id == "dense-481a3a3ae7"
+    assert TrialConfig.from_dict(factored).trial_id == "1R4E2K-a070f4b3c4"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "auto"}}).trial_id == "1R4E2K-a070f4b3c4"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "reference"}}).trial_id != "1R4E2K-a070f4b3c4"
+
+
+def test_latency_dispatch_must_name_a_path():
+    with pytest.raises(ConfigError, match="latency.dispatch: 'fast' is not a dispatch path; "
+                                          "allowed: auto, fused, grouped, reference, sorted"):
+        TrialConfig.from_dict({"latency": {"dispatch": "fast"}})
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
