@@ -173,7 +173,7 @@ def test_sorted_inference_with_an_activation_it_cannot_apply_in_place():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n_tokens,top_k", [(1, 1), (1, 2), (3, 3), (5, 2), (16, 1)])
+@pytest.mark.parametrize("n_tokens,top_k", [(1, 1), (1, 2), (1, 3), (3, 3), (5, 2), (16, 1)])
 @pytest.mark.parametrize("uniform", [True, False])
 def test_sorted_decode_sized_inference_skips_the_sort_and_equals_reference(n_tokens, top_k, uniform, monkeypatch):
     """At <= DECODE_SLOTS (token, slot) pairs inference runs each chosen expert directly;
