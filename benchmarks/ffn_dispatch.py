@@ -171,16 +171,21 @@ def run(candidates, x, repeats=15, warmup=3, inner=1, graphs=False):
     return times
 
 
+def round_ratios(times: dict, name: str, base: str) -> list[float]:
+    """name's time over base's, per round: each pair was timed back to back, so slow
+    stretches of a shared machine cancel."""
+    return [t / b for t, b in zip(times[name], times[base])]
+
+
 def ratio(times: dict, name: str, base: str) -> float:
-    """Median over rounds of the per-round ratio: each pair was timed back to back,
-    so slow stretches of a shared machine cancel."""
-    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+    """Median over rounds of the per-round ratio."""
+    return statistics.median(round_ratios(times, name, base))
 
 
 def spread(times: dict, name: str, base: str) -> str:
     """The middle half of the per-round ratios (first to third quartile), to show how
     far one run's median can be trusted; empty with fewer than 4 rounds."""
-    ratios = [t / b for t, b in zip(times[name], times[base])]
+    ratios = round_ratios(times, name, base)
     if len(ratios) < 4:
         return ""
     low, _, high = statistics.quantiles(ratios, n=4)

@@ -17,7 +17,8 @@ Limits, checked with a clear error: inference only (no autograd), SiLU-gated
 FFNs without gate/up biases, bf16/fp16 on CUDA (or CPU tensors under
 TRITON_INTERPRET=1, which the tests use). Triton is imported only when this
 path runs. Not measured on a GPU yet, so `auto` does not pick it: select it
-with `experts.dispatch = "fused"` (see benchmarks/gpu_check.sh).
+with `experts.dispatch = "fused"`, or `latency.dispatch: fused` in a trial or
+grid to time it there (see benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _check_supported(experts: Experts, x, weights) -> None:
     if not _is_silu(experts.act_fn):
         problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        problems.append(f"it needs a CUDA device, and x is on {x.device} (TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)")
+        problems.append(f"it needs a CUDA device, and x is on {x.device} "
+                        "(TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)")
     if x.is_cuda and x.dtype == torch.float32:
         problems.append("in fp32 on a GPU its dots would run in TF32: use bf16/fp16, or dispatch 'grouped'")
     if not all(w.is_contiguous() for w in (experts.gate_weight, experts.up_weight, experts.down_weight)):
