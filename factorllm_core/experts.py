@@ -115,16 +115,23 @@ class SortedSlots:
 
     order: torch.Tensor  # (S*K,)
     token_of: torch.Tensor  # (S*K,)
-    scales: torch.Tensor  # (S*K, 1)
+    scales: torch.Tensor | None  # (S*K, 1); None when made without weights
     counts: torch.Tensor  # (N,) int64
 
     @classmethod
-    def of(cls, indices: torch.Tensor, weights: torch.Tensor, n_experts: int) -> "SortedSlots":
+    def of(cls, indices: torch.Tensor, weights: torch.Tensor | None, n_experts: int) -> "SortedSlots":
+        """`weights` None: no `scales` (the caller folds one uniform weight in itself)."""
         flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        # The order within an expert's slots does not change any result. On CPU the
+        # unstable sort takes half the time (~75 us instead of ~150 at 4,096 slots);
+        # on CUDA the stable one keeps each expert's rows in token order.
+        order = torch.argsort(flat, stable=flat.is_cuda)
         counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # bincount would sync on CUDA (it reads the max)
-        return cls(order, order // indices.shape[1], weights.reshape(-1)[order].unsqueeze(1), counts)
+        top_k = indices.shape[1]
+        token_of = order if top_k == 1 else order // top_k
+        scales = None if weights is None else weights.reshape(-1)[order].unsqueeze(1)
+        return cls(order, token_of, scales, counts)
 
 
 # CPU inference works through the tokens in blocks whose gathered copy (S_block * K
@@ -197,17 +204,18 @@ def _sorted_block(experts: Experts, x, indices, weights, out, uniform: float | N
     """`sorted` on one block of tokens, written into `out` (same shape as x).
     `uniform` (inference): the value all combine weights share, folded into the down
     GEMM (alpha) instead of a per-row scale."""
-    slots = SortedSlots.of(indices, weights, experts.n_experts)
+    slots = SortedSlots.of(indices, weights if uniform is None else None, experts.n_experts)
     counts = slots.counts.tolist()  # the host sync
     inputs = x.index_select(0, slots.token_of)  # (S*K, H), grouped by expert
-    parts = zip(range(experts.n_experts), inputs.split(counts), slots.scales.split(counts))
+    scales = [uniform] * len(counts) if slots.scales is None else slots.scales.split(counts)
+    parts = zip(range(experts.n_experts), inputs.split(counts), scales)
     if torch.is_grad_enabled():
         pieces = [experts.expert_forward(e, part, scale) for e, part, scale in parts if len(part)]
         outputs = torch.cat(pieces) if pieces else inputs  # no tokens: nothing ran
     else:  # each expert's output overwrites its own inputs: no fresh buffers
         for e, part, scale in parts:
             if len(part):
-                experts.expert_forward(e, part, scale if uniform is None else uniform, out=part)
+                experts.expert_forward(e, part, scale, out=part)
         outputs = inputs
     if indices.shape[1] == 1:  # a permutation: gather each token's row back
         # (a gather: 2.6x faster than index_copy_'s scatter at 4,096 x 576 fp32 on CPU)
@@ -262,8 +270,10 @@ def _is_silu(act_fn) -> bool:
 def _uniform(weights: torch.Tensor) -> float | None:
     """The value every combine weight has, if they are all equal (the `scaled` combine:
     N/K for every slot), else None. Reads the weights on the host."""
-    flat = weights.reshape(-1)
-    return flat[0].item() if len(flat) and bool((flat == flat[0]).all()) else None
+    if weights.numel() == 0:
+        return None
+    low, high = torch.stack(torch.aminmax(weights)).tolist()  # one host read
+    return low if low == high else None
 
 
 def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
