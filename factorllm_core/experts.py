@@ -122,10 +122,13 @@ class SortedSlots:
     def of(cls, indices: torch.Tensor, weights: torch.Tensor | None, n_experts: int) -> "SortedSlots":
         """`weights` None: no `scales` (the caller folds one uniform weight in itself)."""
         flat = indices.reshape(-1)
-        # The order within an expert's slots does not change any result. On CPU the
-        # unstable sort takes half the time (~75 us instead of ~150 at 4,096 slots);
-        # on CUDA the stable one keeps each expert's rows in token order.
-        order = torch.argsort(flat, stable=flat.is_cuda)
+        # At inference each row is computed on its own (the order within an expert's
+        # slots changed no output bit in our checks), and on CPU the unstable sort
+        # takes half the time (~75 us instead of ~150 at 4,096 slots). Training keeps
+        # token order: the weight gradients sum over the rows, so their rounding (and
+        # a trained result) would depend on the sort. On CUDA the stable sort keeps
+        # each expert's rows in token order.
+        order = torch.argsort(flat, stable=flat.is_cuda or torch.is_grad_enabled())
         counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # bincount would sync on CUDA (it reads the max)
         top_k = indices.shape[1]

@@ -57,6 +57,22 @@ def test_fast_paths_equal_reference_in_inference(fast, top_k):
     assert torch.equal(x, x_before)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_training_keeps_each_experts_slots_in_token_order(top_k):
+    """Weight gradients sum over an expert's rows, so their rounding follows the row
+    order: training sorts stably, so a trained result does not depend on the sort
+    (at 4,096 slots the unstable CPU sort, used at inference, reorders them)."""
+    from factorllm_core.experts import SortedSlots
+    indices = torch.randint(0, 4, (4096, top_k), generator=torch.Generator().manual_seed(0))
+
+    def in_token_order(slots):
+        expert_of = indices.reshape(-1)[slots.order]
+        return all(bool((slots.token_of[expert_of == e].diff() >= 0).all()) for e in range(4))
+
+    with torch.enable_grad():
+        assert in_token_order(SortedSlots.of(indices, None, 4))
+
+
 def test_in_place_expert_forward_refuses_autograd():
     experts = make_experts()
     x = torch.randn(4, 48)
