@@ -87,14 +87,18 @@ class AuxCollector:
     def add(self, name: str, aux: FFNAux) -> None:
         self.records.append((name, aux))
 
+    # Both losses are summed over layers, as in the released code: its lambda_pa = 0.05
+    # and lambda_balance = 0.01 weigh each layer's term, so a deeper model's router
+    # losses weigh more against the one LM loss.
     def pa_loss(self) -> torch.Tensor | None:
-        """Mean PA loss over layers, or None when no layer computed one."""
+        """PA loss summed over layers, or None when no layer computed one."""
         losses = [aux.pa_loss for _, aux in self.records if aux.pa_loss is not None]
-        return torch.stack(losses).mean() if losses else None
+        return torch.stack(losses).sum() if losses else None
 
     def balance_loss(self) -> torch.Tensor | None:
+        """Balance loss summed over layers (training only), or None."""
         losses = [aux.balance_loss for _, aux in self.records if aux.balance_loss is not None]
-        return torch.stack(losses).mean() if losses else None
+        return torch.stack(losses).sum() if losses else None
 
     def clear(self) -> None:
         self.records.clear()

@@ -24,16 +24,24 @@ class RouterMode:
     random_choice: experts are picked uniformly at random per token (seeded),
         ignoring the router's scores.
     uses_pa_loss: the PAR teacher-student loss is computed and applied.
+    straight_through: in training, a combine rule whose weights carry no gradient
+        (`scaled`: a constant N/K) is given one: the weights keep their value and
+        take the gradient of the chosen experts' router probabilities
+        (w * (1 + p - stop_grad(p))), so the LM loss reaches the router.
     """
 
     trainable: bool
     random_choice: bool
     uses_pa_loss: bool
+    straight_through: bool = False
 
 
 ROUTER_MODES: Registry[RouterMode] = Registry("router mode")
 ROUTER_MODES.register("par")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=True))
-ROUTER_MODES.register("lm_only")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=False))
+# lm_only: the router learns from the LM loss alone, so it needs the straight-through
+# weights under `scaled` (otherwise only the small balance term would move it).
+ROUTER_MODES.register("lm_only")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=False,
+                                            straight_through=True))
 ROUTER_MODES.register("random")(RouterMode(trainable=False, random_choice=True, uses_pa_loss=False))
 ROUTER_MODES.register("frozen")(RouterMode(trainable=False, random_choice=False, uses_pa_loss=False))
 
@@ -105,6 +113,9 @@ class Router(nn.Module):
             indices = (mean_t.max(dim=0).indices.unsqueeze(1) if self.top_k == 1
                        else mean_t.topk(self.top_k, dim=0).indices.t())  # (S, K)
         weights = self.combine(probs_for_weights, indices, self.n_experts)
+        if self.mode.straight_through and self.training and torch.is_grad_enabled() and not weights.requires_grad:
+            chosen = probs.gather(1, indices)  # (S, K), differentiable
+            weights = weights * (1 + chosen - chosen.detach()).to(weights.dtype)  # same value, p's gradient
         return Routing(router_probs, probs, indices, weights)
 
     def rng_state(self) -> dict[str, torch.Tensor]:

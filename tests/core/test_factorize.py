@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from factorllm_core import (FactorConfig, collect_aux, factorize, factorized_layers,
+from factorllm_core import (FactorConfig, collect_aux, factorize, factorized_layers, use_dispatch,
                             load_factorized, save_factorized)
 
 
@@ -187,3 +187,47 @@ def test_defactorize_merges_experts_back_into_the_dense_model(family, tiny_model
     original = factorized_layers(model)[0][1].experts
     order = original.neuron_index.flatten().argsort()
     torch.testing.assert_close(first.up_proj.weight, original.up_weight.reshape(-1, 64)[order])
+
+
+@pytest.mark.parametrize("combine", ["scaled", "weighted"])
+@pytest.mark.parametrize("dispatch", ["reference", "sorted", "grouped"])
+def test_lm_only_router_gets_the_lm_gradient_under_every_combine(tiny_model_factory, token_ids, combine, dispatch):
+    """lm_only has no PA term: the LM loss alone must reach the router (straight-through
+    weights under `scaled`), on every dispatch path, and the output is unchanged."""
+    model = tiny_model_factory("llama")
+    factorize(model, FactorConfig(n_experts=4, top_k=2, router_mode="lm_only", combine=combine))
+    with torch.no_grad():
+        inference = model(token_ids).logits
+    model.train()
+    with use_dispatch(model, dispatch):
+        out = model(token_ids, labels=token_ids)
+    torch.testing.assert_close(out.logits, inference, rtol=1e-5, atol=1e-5)  # same forward value
+    out.loss.backward()  # the LM loss only: no balance or PA term
+    for _, layer in factorized_layers(model):
+        assert layer.router.gate.weight.grad is not None
+        assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_scaled_combine_gives_par_routers_no_lm_gradient(tiny_model_factory, token_ids):
+    """Without straight-through (par), the hard N/K mask carries no LM gradient: the PA
+    loss is what trains a par router (the released code's design)."""
+    model = tiny_model_factory("llama")
+    factorize(model, FactorConfig(n_experts=4, top_k=2, router_mode="par", combine="scaled"))
+    model.train()
+    out = model(token_ids, labels=token_ids)
+    out.loss.backward()
+    grads = [layer.router.gate.weight.grad for _, layer in factorized_layers(model)]
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+
+
+def test_router_losses_are_summed_over_layers(tiny_model_factory, token_ids):
+    model = tiny_model_factory("llama")
+    factorize(model, FactorConfig(n_experts=4, top_k=2))
+    model.train()
+    with collect_aux(model) as collector:
+        model(token_ids, labels=token_ids)
+    per_layer = [aux.pa_loss for _, aux in collector.records]
+    assert len(per_layer) == 2
+    torch.testing.assert_close(collector.pa_loss(), per_layer[0] + per_layer[1])
+    torch.testing.assert_close(collector.balance_loss(),
+                               sum(aux.balance_loss for _, aux in collector.records))
