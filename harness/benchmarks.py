@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -23,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from factorllm_core.registry import Registry
 
@@ -39,6 +42,7 @@ class Benchmark:
     eval_split: str  # the split lm-eval evaluates for this task
     local_splits: Callable[[], dict]  # split name -> datasets.Dataset, from local copies
     fewshot_split: str | None  # a split other than eval_split for few-shot examples, if shipped
+    chance_rule: str = "uniform"  # see CHANCE_RULES: what a model that knows nothing scores
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -112,8 +116,8 @@ def _mmlu_splits(subject: str) -> dict:
     return {split: local_split(f"{MMLU_ROOT}/{subject}/{split}") for split in ("test", "dev", "validation")}
 
 
-def _register(name, task, metric, split, splits, fewshot):
-    BENCHMARKS.register(name)(Benchmark(task, metric, split, splits, fewshot))
+def _register(name, task, metric, split, splits, fewshot, chance_rule="uniform"):
+    BENCHMARKS.register(name)(Benchmark(task, metric, split, splits, fewshot, chance_rule))
 
 
 _register("hellaswag", "hellaswag", "acc_norm", "validation", lambda: {"validation": local_split("hellaswag/none/validation")}, None)
@@ -121,7 +125,7 @@ _register("openbookqa", "openbookqa", "acc_norm", "test", _openbookqa_splits, "v
 _register("winogrande", "winogrande", "acc", "validation", lambda: {"validation": local_split("winogrande/winogrande_xl/validation")}, None)
 _register("arc_easy", "arc_easy", "acc_norm", "test", lambda: _arc_splits("ARC-Easy", "arc_easy"), "validation")
 _register("arc_challenge", "arc_challenge", "acc_norm", "test", lambda: _arc_splits("ARC-Challenge", "arc_challenge"), "validation")
-_register("boolq", "boolq", "acc", "validation", _boolq_splits, None)
+_register("boolq", "boolq", "acc", "validation", _boolq_splits, None, "majority")  # yes/no: "always yes" is a real baseline
 _register("piqa", "piqa", "acc_norm", "validation", lambda: {"validation": local_split("piqa/plain_text/validation")}, None)
 _register("mmlu", "mmlu", "acc", "test", None, "dev")  # per-subject loading below
 
@@ -149,33 +153,45 @@ def _lm_eval_config(task: str) -> dict:
     return load_yaml(entry.yaml_path, resolve_func=True)  # includes resolved, lm-eval's own file
 
 
-def _limited(dataset, n: int | None):
-    return dataset if n is None else dataset.select(range(min(n, len(dataset))))
-
-
-def _local_dataset(splits: Callable[[], dict], eval_split: str, limit: int | None, **_lm_eval_metadata):
-    """lm-eval's custom_dataset hook: the local splits, eval split cut to `limit` rows."""
+def _local_dataset(splits: Callable[[], dict], eval_split: str, rows: list[int] | None, **_lm_eval_metadata):
+    """lm-eval's custom_dataset hook: the local splits, the evaluated one cut to `rows`."""
     import datasets
 
     data = splits()
-    data[eval_split] = _limited(data[eval_split], limit)
+    if rows is not None:
+        data[eval_split] = data[eval_split].select(rows)
     return datasets.DatasetDict(data)
 
 
-def task_specs(name: str, limit: int | None = None, source: str = "local",
-               num_fewshot: int = 0) -> list:
+def task_specs(name: str, source: str = "local", num_fewshot: int = 0,
+               rows: dict[str, list[int]] | None = None) -> list:
     """lm-eval task specs (config dicts for local data, names for hub data) for one
-    benchmark: one spec, or MMLU's 57 subject tasks."""
+    benchmark: one spec, or MMLU's subject tasks. `rows` (local data): lm-eval task
+    name -> the row indices of its evaluated split to keep (a task absent from it is
+    left out); None keeps every row of every task."""
     bench = BENCHMARKS.get(name, "tasks")
     if num_fewshot and bench.fewshot_split is None and source == "local":
         raise ValueError(f"num_fewshot={num_fewshot}: the local copy of {name} ships no split besides "
                          f"the evaluated one to draw few-shot examples from; use num_fewshot=0 or source=hub")
-    if name == "mmlu":
-        return _mmlu_specs(limit, source)
     if source == "hub":
-        return [bench.lm_eval_task]
-    splits = functools.partial(_local_dataset, bench.local_splits, bench.eval_split, limit)
-    return [_local_config(bench.lm_eval_task, splits, bench.fewshot_split)]
+        return [f"mmlu_{s}" for s in mmlu_subjects()] if name == "mmlu" else [bench.lm_eval_task]
+    specs = []
+    for task, splits in _local_split_makers(name).items():
+        if rows is None or task in rows:
+            hook = functools.partial(_local_dataset, splits, bench.eval_split, None if rows is None else rows[task])
+            specs.append(_local_config(task, hook, bench.fewshot_split))
+    return specs
+
+
+def _local_split_makers(name: str) -> dict[str, Callable[[], dict]]:
+    """lm-eval task name -> a function loading its local splits. MMLU is its 57 subject
+    tasks; lm-eval's `mmlu` group aggregate is recomputed in `_parse` (lm-eval 0.4.13
+    leaks an inline group's keys into its member tasks, so the group itself cannot
+    carry our data source)."""
+    if name == "mmlu":
+        return {f"mmlu_{s}": functools.partial(_mmlu_splits, s) for s in mmlu_subjects()}
+    bench = BENCHMARKS.get(name, "tasks")
+    return {bench.lm_eval_task: bench.local_splits}
 
 
 def _local_config(task: str, splits: Callable, fewshot_split: str | None) -> dict:
@@ -188,32 +204,82 @@ def _local_config(task: str, splits: Callable, fewshot_split: str | None) -> dic
     return config
 
 
-def mmlu_limits(total: int | None, sizes: dict[str, int]) -> dict[str, int]:
-    """Spread a total limit evenly over subjects (remainder to the first, alphabetically),
-    capped at each subject's size; None = every row."""
+def local_sizes(name: str) -> dict[str, int]:
+    """Rows of the evaluated split per lm-eval task, from the local copies."""
+    if name == "mmlu":
+        return {f"mmlu_{s}": local_split(f"{MMLU_ROOT}/{s}/test").num_rows for s in mmlu_subjects()}
+    bench = BENCHMARKS.get(name, "tasks")
+    return {bench.lm_eval_task: bench.local_splits()[bench.eval_split].num_rows}
+
+
+def _rng(seed: int, key: str) -> np.random.Generator:
+    """A generator for one (seed, split) pair, the same on every machine and Python."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def sample_rows(n_rows: int, limit: int | None, seed: int, key: str) -> list[int]:
+    """`limit` row indices of a split of `n_rows`, drawn at random without replacement
+    with (seed, key), sorted; every row when limit is None or >= n_rows. The same
+    evaluation settings give every trial the same items (paired comparisons)."""
+    if limit is None or limit >= n_rows:
+        return list(range(n_rows))
+    return sorted(_rng(seed, key).choice(n_rows, size=limit, replace=False).tolist())
+
+
+def stratified_limits(total: int | None, sizes: dict[str, int], seed: int) -> dict[str, int]:
+    """Spread a total over strata (MMLU's subjects) as evenly as their sizes allow:
+    each gets total // strata; the remainder, and whatever a small stratum cannot
+    take, goes one row at a time to strata picked at random with `seed` (not the
+    alphabetically first). None = every row. Below one row per stratum, the strata
+    that get a row are a seeded random choice."""
     if total is None:
         return dict(sizes)
-    subjects = sorted(sizes)
-    share, extra = divmod(total, len(subjects))
-    return {s: min(sizes[s], share + (1 if i < extra else 0)) for i, s in enumerate(subjects)}
+    names = sorted(sizes)
+    limits = {s: min(sizes[s], total // len(names)) for s in names}
+    left = min(total, sum(sizes.values())) - sum(limits.values())
+    order = [names[i] for i in _rng(seed, "strata").permutation(len(names))]
+    while left > 0:
+        for s in order:
+            if left and limits[s] < sizes[s]:
+                limits[s] += 1
+                left -= 1
+    return limits
 
 
-def _mmlu_specs(limit: int | None, source: str) -> list:
-    """MMLU's subject tasks; lm-eval's `mmlu` group aggregate is recomputed in `_parse`.
-    (lm-eval 0.4.13 leaks an inline group's keys into its member tasks, so the group
-    itself cannot carry our data source.)"""
-    subjects = mmlu_subjects()
-    sizes = {s: local_split(f"{MMLU_ROOT}/{s}/test").num_rows for s in subjects}
-    specs = []
-    for subject, n in mmlu_limits(limit, sizes).items():
-        if n == 0:
-            continue  # a total limit below 57 leaves some subjects without rows
-        if source == "hub":
-            specs.append(f"mmlu_{subject}")
-            continue
-        splits = functools.partial(_local_dataset, functools.partial(_mmlu_splits, subject), "test", n)
-        specs.append(_local_config(f"mmlu_{subject}", splits, "dev"))
-    return specs
+def sample_plan(sizes: dict[str, int], limit: int | None, seed: int) -> dict[str, list[int]]:
+    """Per lm-eval task, the sampled row indices (tasks that get no row are left out)."""
+    limits = stratified_limits(limit, sizes, seed) if len(sizes) > 1 else {t: limit for t in sizes}
+    return {t: sample_rows(sizes[t], limits[t], seed, t) for t in sizes if limits[t] != 0}
+
+
+def _run_lm_eval(lm, name: str, limit: int | None, seed: int, source: str, num_fewshot: int):
+    """One benchmark through simple_evaluate on its sampled rows. Returns lm-eval's
+    output and, per task, the map from lm-eval's doc_id to the split's row index.
+    Local data is cut to the sampled rows before lm-eval sees it (preprocessing only
+    those); hub data is loaded whole and sampled with lm-eval's own `samples`."""
+    from lm_eval import simple_evaluate
+
+    common = dict(model=lm, task_manager=task_manager(), num_fewshot=num_fewshot, bootstrap_iters=1000,
+                  log_samples=True)
+    if source == "local":
+        rows = sample_plan(local_sizes(name), limit, seed)
+        return simple_evaluate(tasks=task_specs(name, source, num_fewshot, rows), **common), rows
+    tasks = task_manager().load(task_specs(name, source, num_fewshot))["tasks"]
+    rows = sample_plan({t: len(task.eval_docs) for t, task in tasks.items()}, limit, seed)
+    out = simple_evaluate(tasks=[tasks[t] for t in rows], samples=rows, **common)
+    return out, {t: None for t in rows}  # lm-eval logs the split's row ids itself here
+
+
+# What a model that knows nothing scores on an item set, per rule. `uniform`: picking
+# an answer at random (mean of 1/choices). `majority`: the better of that and always
+# answering the most common gold label (BoolQ's "yes"): only for labels that mean the
+# same thing on every item; answer positions (A/B/C/D) do not.
+CHANCE_RULES = {
+    "uniform": lambda n_choices, gold: float(np.mean(1.0 / np.asarray(n_choices))),
+    "majority": lambda n_choices, gold: max(CHANCE_RULES["uniform"](n_choices, gold),
+                                            float(np.bincount(np.asarray(gold)).max() / len(gold))),
+}
 
 
 @dataclass(frozen=True)
@@ -225,31 +291,56 @@ class BenchmarkResult:
     n: int
     seconds: float
     metrics: dict  # every metric lm-eval reported, e.g. {"acc": .., "acc_stderr": ..}
+    chance: float | None = None  # see CHANCE_RULES, on the evaluated items
+    chance_rule: str | None = None
+    items: dict | None = None  # per item: id, correct, pred, gold, n_choices (parallel lists)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "local",
-             num_fewshot: int = 0, progress: Callable[[BenchmarkResult], None] | None = None) -> dict:
-    """Evaluate an lm-eval LM (e.g. HFLM) on each benchmark; returns {name: BenchmarkResult}."""
-    from lm_eval import simple_evaluate
-
+             num_fewshot: int = 0, sample_seed: int = 0,
+             progress: Callable[[BenchmarkResult], None] | None = None) -> dict:
+    """Evaluate an lm-eval LM (e.g. HFLM) on each benchmark; returns {name: BenchmarkResult}.
+    `limit` rows per benchmark are a seeded random sample (MMLU: stratified over subjects)."""
     # lm-eval warns once per task that custom datasets may take kwargs: 57 lines for MMLU.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     results = {}
     for name in resolve_task_names(names):
         start = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=task_specs(name, limit, source, num_fewshot),
-                              task_manager=task_manager(), num_fewshot=num_fewshot,
-                              bootstrap_iters=1000, log_samples=False)
-        results[name] = _parse(name, out, time.perf_counter() - start)
+        out, row_of = _run_lm_eval(lm, name, limit, sample_seed, source, num_fewshot)
+        results[name] = _parse(name, out, time.perf_counter() - start, row_of)
         if progress:
             progress(results[name])
     return results
 
 
-def _parse(name: str, out: dict, seconds: float) -> BenchmarkResult:
+def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, list[int] | None]) -> dict:
+    """lm-eval's logged samples -> compact per-item lists, ordered by item id: the
+    split's row index (MMLU: subject/row), whatever subset lm-eval was given.
+    pred is the choice the headline metric took (acc: highest log-likelihood;
+    acc_norm: highest log-likelihood per character of the continuation, as lm-eval)."""
+    metric = BENCHMARKS.get(name).metric
+    rows = []
+    for task, examples in samples.items():
+        for ex in examples:
+            lls = np.array([resp[0] for resp in ex["filtered_resps"]], dtype=float)
+            if metric == "acc_norm":
+                lls = lls / np.array([float(len(args[1])) for args in ex["arguments"]])
+            pred, correct = int(np.argmax(lls)), int(ex[metric])
+            gold = ex["target"] if isinstance(ex["target"], int) else None
+            if gold is None and len(lls) == 2:  # Winogrande's target is the continuation text
+                gold = pred if correct else 1 - pred
+            row = ex["doc_id"] if row_of[task] is None else row_of[task][ex["doc_id"]]
+            rows.append(((task, row), correct, pred, gold, len(lls)))
+    rows.sort()
+    rows = [(f"{task.removeprefix('mmlu_')}/{row}" if name == "mmlu" else str(row), *rest)
+            for (task, row), *rest in rows]
+    return {key: [row[i] for row in rows] for i, key in enumerate(("id", "correct", "pred", "gold", "n_choices"))}
+
+
+def _parse(name: str, out: dict, seconds: float, row_of: dict[str, list[int] | None]) -> BenchmarkResult:
     bench = BENCHMARKS.get(name)
     rows = {task: {k.split(",")[0]: v for k, v in row.items() if "," in k}
             for task, row in out["results"].items()}
@@ -270,7 +361,15 @@ def _parse(name: str, out: dict, seconds: float) -> BenchmarkResult:
             p = metrics[bench.metric]
             metrics[f"{bench.metric}_stderr"] = math.sqrt(p * (1 - p) / (sum(n) - 1))
     stderr = metrics.get(f"{bench.metric}_stderr")
-    return BenchmarkResult(name, bench.metric, float(metrics[bench.metric]),
-                           None if stderr in (None, "N/A") else float(stderr),
+    items = item_outcomes(name, out["samples"], row_of)
+    value = float(metrics[bench.metric])
+    if not math.isclose(value, sum(items["correct"]) / len(items["correct"]), abs_tol=1e-9):
+        raise RuntimeError(f"{name}: per-item outcomes ({sum(items['correct'])}/{len(items['correct'])}) "
+                           f"disagree with lm-eval's {bench.metric} {value}")
+    chance = None
+    if all(g is not None for g in items["gold"]):
+        chance = CHANCE_RULES[bench.chance_rule](items["n_choices"], items["gold"])
+    return BenchmarkResult(name, bench.metric, value, None if stderr in (None, "N/A") else float(stderr),
                            sum(sizes.values()), seconds,
-                           {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                           {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                           chance, bench.chance_rule, items)

