@@ -46,3 +46,53 @@ def _summarize(per_layer: list[dict]) -> dict:
     return {key: _mean([layer[key] for layer in per_layer])
             for key in ("load_max_over_mean", "routing_entropy", "routing_entropy_normalized",
                         "router_agreement", "expert_similarity")}
+
+
+@torch.no_grad()
+def chosen_experts(model, input_ids: torch.Tensor, device: str) -> torch.Tensor:
+    """(layers, tokens, top_k) the experts each factorized layer picks for each probe
+    token, sorted per token (a set), from one eval-mode pass. Does not change the
+    model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with collect_aux(model) as aux:
+            model(input_ids=input_ids.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return torch.stack([record.routing.indices.sort(dim=-1).values.cpu() for _, record in aux.records])
+
+
+def churn(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """Share of (layer, token) pairs whose chosen expert set differs between two
+    `chosen_experts` results."""
+    return float((previous != current).any(dim=-1).float().mean())
+
+
+class ChurnMonitor:
+    """Routing churn during training: at `every` optimizer steps (and the last), the
+    share of probe tokens whose chosen expert set changed since the previous
+    measurement. The series is [[step, churn], ...]; `state` goes into checkpoints
+    so a resumed run continues the same series."""
+
+    def __init__(self, model, probe_ids: torch.Tensor, device: str, every: int):
+        self.model, self.probe_ids, self.device, self.every = model, probe_ids, device, every
+        self.previous: torch.Tensor | None = None
+        self.series: list[list] = []
+
+    def start(self) -> None:
+        if self.previous is None:
+            self.previous = chosen_experts(self.model, self.probe_ids, self.device)
+
+    def after_step(self, step: int, last: bool) -> None:
+        if step % self.every and not last:
+            return
+        current = chosen_experts(self.model, self.probe_ids, self.device)
+        self.series.append([step, churn(self.previous, current)])
+        self.previous = current
+
+    def state(self) -> dict:
+        return {"previous": self.previous, "series": self.series, "every": self.every}
+
+    def load_state(self, state: dict) -> None:
+        self.previous, self.series = state["previous"], [list(p) for p in state["series"]]

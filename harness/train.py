@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from factorllm_core import collect_aux, factorized_layers
 
+from .analysis import ChurnMonitor
 from .config import TrainConfig
 
 
@@ -39,6 +40,7 @@ class TrainSummary:
     history: list = field(default_factory=list)  # [step, lm, pa, balance] per optimizer step
     resumed_from_step: int = 0
     trainable_params: int = 0
+    churn: dict | None = None  # {"every": steps, "series": [[step, churn], ...]} (see ChurnMonitor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,10 +86,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
 
 def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
           on_step: Callable[[int], None] | None = None, show_progress: bool = True,
-          log: Callable[[str], None] | None = None) -> TrainSummary:
+          log: Callable[[str], None] | None = None, churn: ChurnMonitor | None = None) -> TrainSummary:
     """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
     Progress: a tqdm bar, or (show_progress=False, e.g. in Ray workers) a `log` line
-    about every 10% of the budget."""
+    about every 10% of the budget. `churn`, if given, measures routing churn after
+    its steps (its state is checkpointed with the rest)."""
     summary = TrainSummary(trainable_params=mark_trainable(model))
     total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,7 +99,9 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
         optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio))
     state_path = checkpoint_dir / "train_state.pt" if checkpoint_dir else None
     if state_path and state_path.exists():
-        _load_state(model, optimizer, scheduler, summary, state_path)
+        _load_state(model, optimizer, scheduler, summary, state_path, churn)
+    if churn is not None:
+        churn.start()
     model.train()
     budget = sum(b["tokens"] for b in batches)
     bar = tqdm(total=budget, initial=summary.tokens, unit="tok", desc="train", disable=not show_progress,
@@ -118,13 +123,17 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
         if log and not show_progress and _crossed_decile(summary.tokens, micro, budget):
             log(f"train {summary.tokens}/{budget} tokens, step {step + 1}/{total_steps}, lm {terms['lm']:.3f}, "
                 f"pa {_fmt(terms['pa'])}, balance {terms['balance']:.4f}, {rate:.0f} tok/s")
+        if churn is not None:
+            churn.after_step(step + 1, last=step + 1 == total_steps)
         if state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < total_steps:
-            _save_state(model, optimizer, scheduler, summary, state_path)
+            _save_state(model, optimizer, scheduler, summary, state_path, churn)
         if on_step:
             on_step(step + 1)
     bar.close()
     model.eval()
+    if churn is not None:
+        summary.churn = {"every": churn.every, "series": churn.series}
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else None
     return summary
@@ -174,17 +183,20 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path) -> None:
+def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
+                churn: ChurnMonitor | None) -> None:
     state = {"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "summary": summary.to_dict(),
-             "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)}}
+             "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)},
+             "churn": None if churn is None else churn.state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
 
 
-def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path) -> None:
+def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
+                churn: ChurnMonitor | None) -> None:
     state = torch.load(path, weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -198,4 +210,6 @@ def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path) 
     layers = dict(factorized_layers(model))
     for name, rng in state["router_rng"].items():
         layers[name].router.set_rng_state(rng)
+    if churn is not None and state.get("churn") is not None:
+        churn.load_state(state["churn"])
     print(f"[train] resumed from step {summary.steps} ({summary.tokens} tokens) at {path}", flush=True)

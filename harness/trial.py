@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 import traceback
@@ -27,19 +28,22 @@ import torch
 
 from factorllm_core import defactorize, factorize
 
-from .analysis import analyze_routing
+from .analysis import ChurnMonitor, analyze_routing
 from .benchmarks import evaluate
 from .cache import write_json_atomic
 from .config import ConfigError, TrialConfig
 from .corpora import pack, resolve_corpus, token_budget
 from .flops import count_flops
+from .heldout import heldout_measures, heldout_sequences, next_token_logprobs
 from .latency import measure_latency
-from .models import load_model, resolve_device, use_offline_mode_if_hub_unreachable
+from .models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
 from .probe import probe_tokens
 from .record import RECORD_FILE, environment, non_finite_paths
 from .train import make_batches, train
 
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
+CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training
+RECORD_SCHEMA = 2  # 2: per-item benchmark outcomes, chance levels, held-out loss/KL, churn
 
 
 class TrialFailed(RuntimeError):
@@ -56,7 +60,7 @@ class Trial:
         self.dir = Path(out_dir) / config.trial_id
         self.show_progress, self.on_train_step = show_progress, on_train_step
         self.device = resolve_device(config.device)
-        self.record: dict = {"schema": 1, "trial_id": config.trial_id, "label": config.label,
+        self.record: dict = {"schema": RECORD_SCHEMA, "trial_id": config.trial_id, "label": config.label,
                              "config": config.to_dict(), "status": "running", "error": None,
                              "stage_seconds": {}, "environment": environment(self.device)}
 
@@ -79,7 +83,7 @@ class Trial:
         except Exception as error:  # every failure is recorded with its reason
             self.record.update(status="failed", error=f"{type(error).__name__}: {error}",
                                traceback=traceback.format_exc(limit=8))
-            for key in ("metrics", "flops", "latency", "speedup", "routing"):
+            for key in ("metrics", "flops", "latency", "speedup", "routing", "heldout"):
                 self.record.pop(key, None)  # a failed trial never reports numbers as results
         self.record["finished_at"] = _now()
         write_json_atomic(self.dir / RECORD_FILE, self.record)
@@ -91,13 +95,18 @@ class Trial:
             self._load()
         if not self.config.is_dense:
             with self.stage("dense_reference"):
-                self.record["dense_reference"] = self._dense_flops()
+                self.record["dense_reference"] = self._dense_reference()
             with self.stage("factorize"):
                 self.record["factorization"] = factorize(self.model, self.config.factor).to_dict()
+                self.record["routing_at_factorization"] = analyze_routing(
+                    self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)["summary"]
             with self.stage("train"):
                 self._train()
         with self.stage("evaluate"):
             self._evaluate()
+        with self.stage("heldout"):
+            self.record["heldout"] = heldout_measures(self.model, self.heldout, self.device, self.dense_logprobs)
+            self.dense_logprobs = None
         with self.stage("measure"):
             self._measure()
         if not self.config.is_dense:
@@ -113,18 +122,25 @@ class Trial:
         self.flops_len = min(self.config.flops.seq_len, self.max_len)
         self.probe = probe_tokens(self.tokenizer, max(self.flops_len, self.config.latency.prefill_len,
                                                       ANALYSIS_TOKENS))
+        self.heldout = heldout_sequences(self.tokenizer, self.config.eval, self.max_len)
+        self.dense_logprobs = None  # the dense model's, for KL(dense || factorized); set before factorizing
         self.record["model"] = {"name": self.config.model, "kind": loaded.source.kind,
                                 "fingerprint": loaded.source.fingerprint, "architecture": type(self.model).__name__,
                                 "n_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
                                 "ffn_width": cfg.intermediate_size,
-                                "params": sum(p.numel() for p in self.model.parameters())}
+                                "params": sum(p.numel() for p in self.model.parameters()),
+                                "pretraining_tokens": pretraining_tokens(self.config.model)}
+        self.record["eval_dtype"] = str(self._eval_dtype()).removeprefix("torch.")
 
-    def _dense_flops(self) -> dict:
-        """The dense model's FLOPs, before factorization (counted in the evaluation dtype;
-        a bf16 copy on GPU, so the fp32 weights that training needs survive)."""
+    def _dense_reference(self) -> dict:
+        """Before factorization, in the evaluation dtype (a bf16 copy on GPU, so the fp32
+        weights that training needs survive): the dense model's FLOPs, and its
+        next-token log-probabilities on the held-out text, kept for the KL."""
+        dense = self._in_eval_dtype(self.model)
+        self.dense_logprobs = next_token_logprobs(dense, self.heldout, self.device)
         if not self.config.flops.enabled:
             return {}
-        return {"flops": count_flops(self._in_eval_dtype(self.model), self.probe[:, :self.flops_len].to(self.device))}
+        return {"flops": count_flops(dense, self.probe[:, :self.flops_len].to(self.device))}
 
     def _measure(self) -> None:
         """FLOPs of this model; latency of this model and, for a factorized one, of its
@@ -160,10 +176,21 @@ class Trial:
         batches = make_batches(pack(tokens, min(cfg.seq_len, self.max_len)), cfg.batch_size, pad or 0)
         summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
                         on_step=self.on_train_step, show_progress=self.show_progress,
-                        log=lambda line: self.log(f"[{self.config.trial_id}] {line}"))
+                        log=lambda line: self.log(f"[{self.config.trial_id}] {line}"),
+                        churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)))
         if summary.tokens != cfg.data_budget_tokens:
             raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens}")
         self.record["training"] = summary.to_dict()
+
+    def _churn_monitor(self, total_steps: int) -> ChurnMonitor | None:
+        """None when churn is switched off, or when routing is random (no router to
+        settle, and probing would draw from the random-routing generator)."""
+        from factorllm_core import ROUTER_MODES
+
+        if not self.config.train.churn_points or ROUTER_MODES.get(self.config.factor.router_mode).random_choice:
+            return None
+        every = max(1, math.ceil(total_steps / self.config.train.churn_points))
+        return ChurnMonitor(self.model, self.probe[:, :CHURN_TOKENS], self.device, every)
 
     def _evaluate(self) -> None:
         from lm_eval.models.huggingface import HFLM
@@ -172,12 +199,13 @@ class Trial:
         lm = HFLM(pretrained=self.model.to(self._eval_dtype()).eval(), tokenizer=self.tokenizer,
                   batch_size=ev.batch_size, device=self.device)
         results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
+                           sample_seed=ev.sample_seed,
                            progress=lambda r: self.log(f"  {r.name}: {r.metric}={r.value:.4f} (n={r.n}, "
                                                        f"{r.seconds:.0f} s)"))
         self.record["metrics"] = {name: r.to_dict() for name, r in results.items()}
 
     def _check_finite(self) -> None:
-        bad = non_finite_paths({k: self.record.get(k) for k in ("metrics", "flops", "latency", "training")})
+        bad = non_finite_paths({k: self.record.get(k) for k in ("metrics", "flops", "latency", "training", "heldout")})
         if bad:
             raise TrialFailed(f"non-finite values at {', '.join(bad[:5])}")
 
@@ -187,6 +215,10 @@ def _speedup(dense: dict | None, factored: dict | None) -> dict | None:
         return None
     return {"prefill": factored["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
             "decode": dense["decode_ms_per_token"] / factored["decode_ms_per_token"],
+            # per interleaved round: dense time / factorized time (the spread behind the medians)
+            "prefill_rounds": [d / f for d, f in zip(dense["prefill_ms_rounds"], factored["prefill_ms_rounds"])],
+            "decode_rounds": [d / f for d, f in zip(dense["decode_ms_per_token_rounds"],
+                                                    factored["decode_ms_per_token_rounds"])],
             "device": factored["device"]}
 
 
@@ -219,6 +251,10 @@ def summary_lines(record: dict) -> list[str]:
     for name, m in record.get("metrics", {}).items():
         stderr = "n/a" if m["stderr"] is None else f"{m['stderr']:.3f}"
         lines.append(f"  {name:14s} {m['metric']:8s} {m['value']:.4f} +- {stderr} (n={m['n']})")
+    if record.get("heldout"):
+        h = record["heldout"]
+        kl = f", KL(dense || model) {h['kl_from_dense']:.4f}" if "kl_from_dense" in h else ""
+        lines.append(f"  held-out LM loss {h['loss']:.4f} (ppl {h['perplexity']:.1f}, {h['tokens']} tokens){kl}")
     if "flops" in record:
         f = record["flops"]
         lines.append(f"  GFLOPs/token: attention {f['attention_gflops_per_token']:.4f}, ffn "

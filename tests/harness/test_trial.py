@@ -81,7 +81,19 @@ def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_
     assert record["flops"]["convention"].startswith("fvcore: 1 FLOP per multiply-add")
     assert record["environment"]["torch"] == torch.__version__
     assert set(record["stage_seconds"]) == {"load", "dense_reference", "factorize", "train", "evaluate",
-                                            "measure", "analyze"}
+                                            "heldout", "measure", "analyze"}
+    assert record["schema"] == 2 and record["eval_dtype"] == "float32"
+    items = record["metrics"]["arc_easy"]["items"]
+    assert len(items["id"]) == 2 and set(items) == {"id", "correct", "pred", "gold", "n_choices"}
+    assert record["metrics"]["arc_easy"]["chance"] == pytest.approx(sum(1 / n for n in items["n_choices"]) / 2)
+    heldout = record["heldout"]
+    assert heldout["sequences"] == 2048 // 128 == len(heldout["per_sequence_loss"]) == len(heldout["per_sequence_kl"])
+    assert heldout["kl_from_dense"] > 0  # trained experts moved the distribution
+    assert "expert_similarity" in record["routing_at_factorization"]
+    churn = record["training"]["churn"]
+    assert churn["every"] == 1 and [p[0] for p in churn["series"]] == list(range(1, 9))  # 8 steps
+    assert all(0 <= p[1] <= 1 for p in churn["series"])
+    assert len(record["speedup"]["prefill_rounds"]) == 1
     dense_latency = record["dense_reference"]["latency"]
     assert dense_latency["interleaved"] and record["latency"]["interleaved"]
     assert record["speedup"]["prefill"] == pytest.approx(
@@ -95,6 +107,35 @@ def test_dense_trial_skips_factorization_and_training(tiny_checkpoint, tiny_corp
     assert record["status"] == "completed"
     assert "training" not in record and "routing" not in record and "speedup" not in record
     assert record["trial_id"].startswith("dense-")
+    assert record["heldout"]["loss"] > 0 and "kl_from_dense" not in record["heldout"]
+
+
+def test_zero_training_has_zero_kl_and_the_dense_loss(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    """K = N without training is the dense model exactly: KL 0 and the dense held-out
+    loss, measured through the same code paths (the planted answer)."""
+    cfg = TrialConfig.from_dict({**config(tiny_checkpoint, tiny_corpus, budget=0).to_dict() | {
+        "factor": {"n_experts": 4, "top_k": 4}}})
+    _, record = run(cfg, tmp_path)
+    _, dense = run(config(tiny_checkpoint, tiny_corpus, "dense"), tmp_path)
+    assert record["heldout"]["kl_from_dense"] == pytest.approx(0, abs=1e-6)
+    assert record["heldout"]["per_sequence_loss"] == pytest.approx(dense["heldout"]["per_sequence_loss"], abs=1e-5)
+
+
+def test_every_trial_with_the_same_eval_settings_sees_the_same_items(tiny_checkpoint, tiny_corpus, cache_dir,
+                                                                     tmp_path):
+    def ids(mode, seed=0):
+        cfg = config(tiny_checkpoint, tiny_corpus, mode, budget=0)
+        data = cfg.to_dict()
+        data["eval"].update(tasks=["arc_easy", "mmlu"], limit=60, sample_seed=seed)
+        _, record = run(TrialConfig.from_dict(data), tmp_path / f"{mode}{seed}")
+        return {n: m["items"]["id"] for n, m in record["metrics"].items()}
+
+    dense, factored, other_seed = ids("dense"), ids("par"), ids("par", seed=1)
+    assert dense == factored
+    assert dense["arc_easy"] != other_seed["arc_easy"]
+    assert dense["arc_easy"] != [str(i) for i in range(60)]  # a random sample, not the first rows
+    subjects = {item.split("/")[0] for item in dense["mmlu"]}
+    assert len(dense["mmlu"]) == 60 and len(subjects) == 57  # stratified: every subject, 3 get a second row
 
 
 def test_zero_budget_means_no_training(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
@@ -111,8 +152,9 @@ def test_non_finite_loss_fails_the_trial_without_numbers(tiny_checkpoint, tiny_c
     assert "metrics" not in record and "flops" not in record and "latency" not in record
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
-    cfg = config(tiny_checkpoint, tiny_corpus, "random")  # random routing: its RNG state must resume too
+@pytest.mark.parametrize("mode", ["random", "par"])  # random: its RNG state must resume; par: the churn series
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, mode):
+    cfg = config(tiny_checkpoint, tiny_corpus, mode, checkpoint_every=2, churn_points=5)
     straight, straight_record = run(cfg, tmp_path / "a")
 
     def crash(step):
@@ -125,6 +167,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tin
     resumed, resumed_record = run(cfg, tmp_path / "b")
     assert resumed_record["training"]["resumed_from_step"] == 4
     assert resumed_record["training"]["history"] == straight_record["training"]["history"]
+    assert resumed_record["training"]["churn"] == straight_record["training"]["churn"]
+    assert (resumed_record["training"]["churn"] is None) == (mode == "random")
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
 
