@@ -3,8 +3,8 @@
     python -m reports.build runs/sweeps/default            # records + shared baselines
     python -m reports.build runs/sweeps/default --out some/folder
 
-Writes report.md (tables + embedded PNGs), trials.csv (every number, with
-per-benchmark maintenance) and the plots.
+Writes report.md (what the sweep shows, tables with 95% intervals, failure modes,
+embedded PNGs), trials.csv (every number, with per-benchmark maintenance) and the plots.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.benchmarks import TASK_SET
-
 from . import plots
-from .tables import (DIRECTIONS, THRESHOLDS, data_efficiency, failed_trials, failure_flags, load_records,
-                     pareto_front, router_study, trial_frame)
+from .findings import findings
+from .stats import N_BOOT
+from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, failed_trials, failure_flags,
+                     load_records, pair_differences, pareto_front, router_study, task_order, trial_frame)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -31,27 +31,60 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def _with_stderr(row, name) -> str:
-    if math.isnan(row[name]):
+def with_ci(row, name: str, digits: int) -> str:
+    """'value [low, high]' from the columns NAME, NAME_lo, NAME_hi."""
+    value, low, high = row[name], row[f"{name}_lo"], row[f"{name}_hi"]
+    if math.isnan(value):
         return "n/a"
-    stderr = row[f"{name}_stderr"]
-    return f"{row[name]:.3f}" + ("" if math.isnan(stderr) else f" ±{stderr:.3f}")
+    if math.isnan(low) or math.isnan(high):
+        return fmt(value, digits)
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _speed(row) -> str:
+    if math.isnan(row["prefill_speedup"]):
+        return "n/a"
+    if math.isnan(row["prefill_speedup_min"]) or row["prefill_speedup_min"] == row["prefill_speedup_max"]:
+        return fmt(row["prefill_speedup"], 2)
+    return f"{row['prefill_speedup']:.2f} ({row['prefill_speedup_min']:.2f}-{row['prefill_speedup_max']:.2f})"
 
 
 def main_table(frame: pd.DataFrame, model: str) -> str:
     rows = frame[frame["model"] == model]
-    tasks = [n for n in TASK_SET if rows[n].notna().any() or any(n in t for t in rows["tasks"])]
-    metric_names = {n: next((m for m in rows[f"{n}_metric"] if m), "?") for n in tasks}
-    header = (["variant", "mode", "partition", "budget"] + [f"{n} ({metric_names[n]})" for n in tasks]
-              + ["avg", "maint. %", "attn GF", "FFN GF", "total GF", "FFN red. %", "total red. %", "prefill x"])
+    header = ["variant", "mode", "partition", "budget", "held-out loss", "KL(dense ‖ model)", "avg acc",
+              "maint. %", "chance-norm. maint. %", "FFN GF", "total GF", "FFN red. %", "total red. %", "prefill x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in rows.iterrows():
-        cells = [r["setting"], r["router_mode"], r["partition"], fmt(r["budget"], 0)]
-        cells += [_with_stderr(r, n) for n in tasks]
-        cells += [fmt(r.get("average")), fmt(r.get("maintenance_pct"), 1), fmt(r["attention_gflops"], 4),
-                  fmt(r["ffn_gflops"], 4), fmt(r["total_gflops"], 4), fmt(r.get("ffn_reduction_pct"), 1),
-                  fmt(r.get("total_reduction_pct"), 1), fmt(r.get("prefill_speedup"), 2)]
+        cells = [r["setting"], r["router_mode"], r["partition"], fmt(r["budget"], 0),
+                 with_ci(r, "heldout_loss", 3), with_ci(r, "kl_from_dense", 3), with_ci(r, "average", 3),
+                 with_ci(r, "maintenance_pct", 1), with_ci(r, "cn_maintenance_pct", 1), fmt(r["ffn_gflops"], 4),
+                 fmt(r["total_gflops"], 4), fmt(r["ffn_reduction_pct"], 1), fmt(r["total_reduction_pct"], 1),
+                 _speed(r)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def benchmark_table(frame: pd.DataFrame, model: str, tasks: list[str]) -> str:
+    """Per-benchmark accuracy (lm-eval stderr) with each benchmark's chance level; † marks a
+    benchmark on which the dense model is not above chance."""
+    rows = frame[frame["model"] == model]
+    dense = rows[rows["is_dense"]]
+    at_chance = set(dense.iloc[0]["dense_at_chance"].split(",")) if len(dense) else set()
+    header = ["variant", "mode"]
+    for name in tasks:
+        metric = next((m for m in rows[f"{name}_metric"] if m), "?")
+        chance = rows[f"{name}_chance"].dropna()
+        mark = " †" if name in at_chance else ""
+        header.append(f"{name}{mark} ({metric}, chance {fmt(chance.iloc[0], 2) if len(chance) else 'n/a'})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in rows.iterrows():
+        cells = [r["setting"], r["router_mode"]]
+        for name in tasks:
+            stderr = "" if math.isnan(r[f"{name}_stderr"]) else f" ±{r[f'{name}_stderr']:.3f}"
+            cells.append("n/a" if math.isnan(r[name]) else f"{r[name]:.3f}{stderr}")
+        lines.append("| " + " | ".join(cells) + " |")
+    n = rows[[f"{t}_n" for t in tasks]].max()
+    lines += ["", "Items per benchmark: " + ", ".join(f"{t} {fmt(n[f'{t}_n'], 0)}" for t in tasks) + "."]
     return "\n".join(lines)
 
 
@@ -62,6 +95,7 @@ def _markdown(frame: pd.DataFrame) -> str:
     """pandas -> markdown; NaN shows as n/a, counts as integers, other numbers with 3 decimals."""
     if frame.empty:
         return "_none_"
+
     def cell(value, column):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "n/a"
@@ -75,14 +109,24 @@ def _markdown(frame: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)  # keep our formatting
 
 
-def scaling_table(frame: pd.DataFrame) -> str:
+def pairs_table(pairs: pd.DataFrame) -> str:
+    if pairs.empty:
+        return "_no two trials differ in exactly one factor_"
+    rows = [{"factor": p["factor"], "a": p["a"], "b": p["b"],
+             "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
+             "held-out loss a − b": with_ci(p, "loss_diff", 3), "KL a − b": with_ci(p, "kl_diff", 3),
+             "verdict (95% CI vs 0)": p["verdict"]} for _, p in pairs.iterrows()]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
+def failure_table(frame: pd.DataFrame) -> str:
     variants = frame[~frame["is_dense"]].copy()
     if variants.empty:
         return "_no factorized trials_"
-    variants["K/N"] = variants["top_k"] / variants["n_experts"]
-    columns = ["model", "setting", "router_mode", "n_experts", "n_routers", "K/N", "maintenance_pct",
-               "expert_similarity", "router_agreement", "load_max_over_mean", "routing_entropy_normalized",
-               "attention_share"]
+    columns = ["model", "setting", "router_mode", "n_routers", "router_agreement", "chance_agreement",
+               "expert_similarity_at_factorization", "expert_similarity", "load_max_over_mean",
+               "dense_attention_share", "attention_share", "total_reduction_pct", "prefill_speedup_min",
+               "prefill_speedup_max", "churn_early", "churn_late"]
     return _markdown(variants[columns])
 
 
@@ -103,52 +147,79 @@ def build_report(records: list[dict], out_dir: str | Path, expected: list[dict] 
         sections += ["## Skipped combinations", ""] + [f"- {s['label']}: {s['reason']}" for s in skipped] + [""]
     path = out_dir / "report.md"
     tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(sections))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("\n".join(sections))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
-    lines = [_setup_note(records), ""]
+    pairs = pair_differences(records)
+    tasks = task_order(completed(records))
+    lines = ["## What this sweep shows", ""] + [f"- {s}" for s in findings(frame, pairs)] + [""]
+    lines += [_setup_note(records), ""]
     for model in frame["model"].unique():
-        lines += [f"## Main table: {model}", "", main_table(frame, model), ""]
-    lines += ["GF = GFLOPs per token counted by fvcore (1 FLOP = 1 multiply-add) on a fixed real text; "
-              "maint. % = benchmark average as % of the dense model's; prefill x = measured prefill "
-              "throughput vs dense on the trial's device. Per-benchmark maintenance is in trials.csv.", ""]
+        lines += [f"## Main table: {model}", "", main_table(frame, model), "", HOW_TO_READ, "",
+                  f"### Per benchmark: {model}", "", benchmark_table(frame, model, tasks), ""]
+    lines += ["## Differences between trials that differ in one factor", "", pairs_table(pairs), "",
+              "A difference is distinguishable from zero only when its 95% interval excludes 0; "
+              "'not distinguishable' means this sample cannot tell the two apart, not that they are equal.", ""]
     lines += ["## Router study (relative maintenance %, by router mode)", "", _markdown(router_study(frame)), "",
               "The paper reports a trained router keeping 85.6% vs 73.9% for random expert selection "
-              "(TinyLlama, 1R4E2K).", ""]
+              "(TinyLlama, 1R4E2K, full benchmark sets). Point values here: see the main table for intervals.", ""]
     lines += ["## Data efficiency", "", _markdown(data_efficiency(frame)), ""]
-    lines += ["## Scaling and failure modes", "", scaling_table(frame), ""]
-    flags = [f for _, row in frame[~frame["is_dense"]].iterrows() for f in failure_flags(row)]
-    lines += ["Thresholds: " + ", ".join(f"{k} {v}" for k, v in THRESHOLDS.items()) + ".", ""]
+    lines += ["## Scaling and failure modes", "", failure_table(frame), ""]
+    variants = frame[~frame["is_dense"]]
+    flags = [f for _, row in variants.iterrows() for f in failure_flags(row, frame)]
     lines += [f"- {f}" for f in flags] or ["- no failure mode crossed its threshold"]
+    lines += ["", "Thresholds, and why:", ""]
+    lines += [f"- {name} = {value}: {reason}" for name, (value, reason) in THRESHOLDS.items()
+              if name != "attention_share_rise"]
     lines += ["", "Better direction per metric: " + ", ".join(f"{k} {v}" for k, v in DIRECTIONS.items()), ""]
     lines += ["## Plots", ""] + _plots(frame, records, out_dir)
     return lines
 
 
+HOW_TO_READ = (
+    "Brackets: 95% paired bootstrap intervals ({} replicates). Held-out loss: mean next-token loss (nats) on "
+    "the held-out text, interval over its sequences; KL(dense ‖ model): mean next-token KL from the dense "
+    "model's distribution on the same text (0 = unchanged). maint. % = benchmark average as % of the dense "
+    "model's (items resampled jointly for both); chance-norm. maint. % = share of the dense model's "
+    "above-chance accuracy kept, 100 x sum(acc - chance) / sum(dense - chance), over the benchmarks where the "
+    "dense model is above chance (0 = guessing, 100 = dense). GF = GFLOPs per token counted by fvcore "
+    "(1 FLOP = 1 multiply-add) on a fixed real text; prefill x = measured prefill speed vs dense on the "
+    "trial's device, median (and range) over interleaved rounds.").format(N_BOOT)
+
+
 def _setup_note(records: list[dict]) -> str:
-    done = [r for r in records if r.get("status") == "completed"]
+    done = completed(records)
     if not done:
         return ""
     ev = done[0]["config"]["eval"]
     budgets = sorted({r["config"]["train"]["data_budget_tokens"] for r in done if r["config"].get("factor")})
-    devices = sorted({r.get("environment", {}).get("device", "?") for r in done})
-    return (f"Evaluation: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, "
-            f"limit {ev['limit'] if ev['limit'] else 'none (full sets)'} per benchmark; training budgets "
-            f"{budgets} tokens; devices {devices}. Maintenance is computed on raw accuracies, as in the "
-            f"paper: chance levels (25% for 4-way tasks, 50% for BoolQ, PIQA, Winogrande) put a floor under "
-            f"it, and with few rows per benchmark differences within the stderr are noise.")
+    devices = sorted({(r.get("environment") or {}).get("device", "?") for r in done})
+    sample = (f"a random sample of {ev['limit']} items per benchmark (seed {ev.get('sample_seed', 0)}; MMLU "
+              f"stratified over its subjects), the same items for every trial" if ev["limit"] else "the full sets")
+    heldout = (f"held-out text {ev['heldout_text']!r}, first {ev['heldout_tokens']} tokens in "
+               f"{ev['heldout_seq_len']}-token sequences" if "heldout_text" in ev else "no held-out text")
+    return (f"Setup: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}; {heldout}; "
+            f"training budgets {budgets} tokens; devices {devices}.")
 
 
 def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
     lines = []
-    for name, made in (("maintenance_vs_ffn_flops.png", plots.maintenance_vs_flops(frame, out_dir / "maintenance_vs_ffn_flops.png")),
-                       ("maintenance_vs_budget.png", plots.maintenance_vs_budget(frame, out_dir / "maintenance_vs_budget.png"))):
-        if made:
+    made = [("maintenance_vs_ffn_flops.png", plots.maintenance_vs_flops),
+            ("heldout_loss_vs_ffn_flops.png", plots.heldout_loss_vs_flops),
+            ("maintenance_vs_budget.png", plots.maintenance_vs_budget)]
+    for name, plot in made:
+        if plot(frame, out_dir / name):
             lines += [f"![{name}]({name})", ""]
-    factored = [r for r in records if r.get("status") == "completed" and (r.get("routing") or {}).get("layers")]
+    if plots.churn(completed(records), out_dir / "routing_churn.png"):
+        lines += ["Routing churn during training (share of probe tokens whose expert set changed since the "
+                  "previous measurement, all layers):", "", "![routing_churn.png](routing_churn.png)", ""]
+    factored = [r for r in completed(records) if (r.get("routing") or {}).get("layers")]
     if factored:  # the trial whose load is least balanced is the most informative heat map
         chosen = max(factored, key=lambda r: r["routing"]["summary"]["load_max_over_mean"])
         if plots.expert_load_heatmap(chosen, out_dir / "expert_load.png"):

@@ -1,44 +1,89 @@
-"""Records -> pandas DataFrames. Pure functions; no model, no Ray.
+"""Records -> pandas DataFrames. Pure functions of the records: no model, no Ray,
+nothing from harness/ (a record says everything a report needs).
 
-Relative maintenance = a variant's benchmark average / its dense baseline's
-average x 100, with the baseline matched on model and evaluation settings. An
-average exists only when every benchmark of the task set is present: a missing
-metric stays missing (NaN, shown as "n/a"), never a default number.
+A variant is compared with the dense baseline that saw the same evaluation (model,
+every eval setting, evaluation dtype and device type): the same benchmark items and
+the same held-out sequences, so every comparison is paired (reports/stats.py).
+Relative maintenance = 100 x the variant's benchmark average / the dense model's.
+An average exists only when every configured benchmark is present: a missing metric
+stays missing (NaN, shown as "n/a"), never a default number.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from harness.benchmarks import TASK_SET
-from harness.models import pretraining_tokens
+from . import stats
+from .stats import Estimate
 
 # Each report metric's better direction, in one place.
-DIRECTIONS = {"average": "higher", "maintenance_pct": "higher", "ffn_gflops": "lower", "total_gflops": "lower",
+DIRECTIONS = {"average": "higher", "maintenance_pct": "higher", "cn_maintenance_pct": "higher",
+              "heldout_loss": "lower", "kl_from_dense": "lower", "ffn_gflops": "lower", "total_gflops": "lower",
               "attention_gflops": "lower", "ffn_reduction_pct": "higher", "total_reduction_pct": "higher",
               "prefill_speedup": "higher", "decode_speedup": "higher", "expert_similarity": "lower",
               "router_agreement": "higher", "load_max_over_mean": "lower", "routing_entropy_normalized": "higher",
-              "attention_share": "lower"}
+              "attention_share": "lower", "churn_late": "lower"}
 
-# Failure-mode thresholds (documented in the report itself).
-THRESHOLDS = {"router_conflict_agreement": 0.5,  # R > 1 routers agreeing on fewer top-K choices
-              "expert_collapse_similarity": 0.9,  # mean pairwise cosine similarity of expert outputs
-              "load_imbalance_max_over_mean": 2.0,  # busiest expert vs the mean load
-              "attention_bottleneck_share": 0.5}  # attention's share of total FLOPs per token
+# Failure-mode thresholds, each with the reason the report prints beside it.
+THRESHOLDS = {
+    "router_conflict_excess_agreement": (
+        0.5, "R > 1 routers: agreement above chance, (agreement - K/N) / (1 - K/N), below 0.5. Two "
+             "independent routers share K/N of their top-K picks by chance; below halfway from chance to "
+             "full agreement, the averaged softmax mixes routers that disagree more than they agree"),
+    "expert_collapse_rise": (
+        0.10, "mean pairwise cosine similarity of the experts' outputs rose by more than 0.10 since "
+              "factorization (and is above the sweep's random/frozen-router trial of the same setting, "
+              "where there is one): training made the experts more alike, the collapse the paper reports"),
+    "load_imbalance_max_over_mean": (
+        2.0, "the busiest expert gets more than twice the mean load on the probe text"),
+    "attention_share": (
+        0.5, "attention is over half of the FLOPs per token and at least 10 points more than in the dense "
+             "model at the same length: cutting the FFN further saves little"),
+    "attention_share_rise": (0.10, "see attention_share"),
+    "no_speed_gain_flops_saved": (
+        0.10, "total FLOPs down by 10% or more, but no timed round was faster than the dense model "
+              "(interleaved rounds, same device): the saving stayed on paper"),
+    "late_churn": (
+        0.10, "mean routing churn over the last third of training above 0.10: more than one probe token "
+              "in ten still changes its expert set between measurements, so the router has not settled"),
+}
+
+
+def threshold(name: str) -> float:
+    return THRESHOLDS[name][0]
 
 
 def load_records(folder: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("**/record.json"))]
+    """Every record.json below `folder`; an unreadable or corrupt one is skipped with a
+    warning that names it (a report shows what it could read)."""
+    records = []
+    for path in sorted(Path(folder).glob("**/record.json")):
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or "trial_id" not in record:
+                raise ValueError("not a trial record")
+            records.append(record)
+        except (OSError, ValueError) as error:
+            print(f"warning: skipped unreadable record {path}: {error}", file=sys.stderr)
+    return records
 
 
-def _eval_key(record: dict) -> tuple:
+def task_order(records: list[dict]) -> list[str]:
+    """The benchmarks the records were configured with, in the order they list them."""
+    return list(dict.fromkeys(t for r in records for t in r["config"]["eval"]["tasks"]))
+
+
+def eval_key(record: dict) -> str:
+    """What makes two trials' evaluations comparable item for item."""
     cfg = record["config"]
-    ev = cfg["eval"]
-    return (cfg["model"], tuple(ev["tasks"]), ev["limit"], ev["num_fewshot"], ev["source"])
+    device = (record.get("environment") or {}).get("device", "?").split(":")[0]
+    return json.dumps([cfg["model"], cfg["eval"], record.get("eval_dtype"), device], sort_keys=True)
 
 
 def _setting(cfg: dict) -> str:
@@ -46,70 +91,232 @@ def _setting(cfg: dict) -> str:
     return "dense" if f is None else f"{f['n_routers']}R{f['n_experts']}E{f['top_k']}K"
 
 
+def completed(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "completed"]
+
+
+def dense_baselines(records: list[dict]) -> dict[str, dict]:
+    return {eval_key(r): r for r in completed(records) if not r["config"].get("factor")}
+
+
 def trial_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per completed trial: config columns, benchmark values, derived metrics."""
-    done = [r for r in records if r.get("status") == "completed"]
-    rows = [_row(r) for r in done]
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    dense = {row["eval_key"]: row for row in rows if row["setting"] == "dense"}
-    derived = ["average", "attention_share", "maintenance_pct", "ffn_reduction_pct", "total_reduction_pct"]
-    for column in derived + [f"{n}_maintenance_pct" for n in TASK_SET]:
-        frame[column] = math.nan
-    for i, row in frame.iterrows():
-        _derive(frame, i, row, dense.get(row["eval_key"]))
+    """One row per completed trial: config columns, benchmark values, and the derived
+    metrics with their 95% intervals (columns NAME, NAME_lo, NAME_hi)."""
+    done = completed(records)
+    if not done:
+        return pd.DataFrame()
+    tasks, dense = task_order(done), dense_baselines(done)
+    frame = pd.DataFrame([_row(r, tasks) | _derived(r, dense.get(eval_key(r)), tasks) for r in done])
     return frame.sort_values(["model", "is_dense", "n_experts", "n_routers", "top_k", "router_mode",
                               "partition", "budget", "seed"], ascending=[True, False, True, True, True,
                                                                           True, True, True, True],
                              na_position="first").reset_index(drop=True)
 
 
-def _row(record: dict) -> dict:
+def _row(record: dict, tasks: list[str]) -> dict:
     cfg, factor = record["config"], record["config"].get("factor") or {}
-    metrics = record.get("metrics", {})
+    metrics = record.get("metrics") or {}
     row = {"trial_id": record["trial_id"], "model": cfg["model"], "setting": _setting(cfg),
            "is_dense": not factor, "n_experts": factor.get("n_experts"), "top_k": factor.get("top_k"),
            "n_routers": factor.get("n_routers"), "router_mode": factor.get("router_mode", "-"),
            "partition": factor.get("partition", "-"), "seed": cfg.get("seed"),
-           "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan, "eval_key": _eval_key(record),
-           "tasks": tuple(cfg["eval"]["tasks"])}
-    for name in TASK_SET:
+           "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan, "eval_key": eval_key(record),
+           "tasks": tuple(cfg["eval"]["tasks"]),
+           "pretraining_tokens": _number((record.get("model") or {}).get("pretraining_tokens"))}
+    for name in tasks:
         m = metrics.get(name)
         row[name] = m["value"] if m else math.nan
-        row[f"{name}_stderr"] = m["stderr"] if m and m["stderr"] is not None else math.nan
+        row[f"{name}_stderr"] = _number(m and m.get("stderr"))
         row[f"{name}_metric"] = m["metric"] if m else None
+        row[f"{name}_chance"] = _number(m and m.get("chance"))
+        row[f"{name}_n"] = m["n"] if m else math.nan
     flops = record.get("flops") or {}
     for part in ("attention", "ffn", "total"):
         row[f"{part}_gflops"] = flops.get(f"{part}_gflops_per_token", math.nan)
+    row["attention_share"] = row["attention_gflops"] / row["total_gflops"]
+    dense_flops = (record.get("dense_reference") or {}).get("flops") or {}
+    row["dense_attention_share"] = (dense_flops["attention_gflops_per_token"] / dense_flops["total_gflops_per_token"]
+                                    if dense_flops else math.nan)
     speed = record.get("speedup") or {}
     row["prefill_speedup"], row["decode_speedup"] = speed.get("prefill", math.nan), speed.get("decode", math.nan)
+    rounds = speed.get("prefill_rounds") or []
+    row["prefill_speedup_min"] = min(rounds) if rounds else math.nan
+    row["prefill_speedup_max"] = max(rounds) if rounds else math.nan
     summary = (record.get("routing") or {}).get("summary") or {}
     for key in ("expert_similarity", "router_agreement", "load_max_over_mean", "routing_entropy_normalized"):
-        value = summary.get(key)
-        row[key] = math.nan if value is None else value
+        row[key] = _number(summary.get(key))
+    row["expert_similarity_at_factorization"] = _number(
+        (record.get("routing_at_factorization") or {}).get("expert_similarity"))
+    row["chance_agreement"] = factor["top_k"] / factor["n_experts"] if factor else math.nan
+    row.update(_churn_columns(((record.get("training") or {}).get("churn") or {}).get("series")))
     return row
 
 
-def _derive(frame: pd.DataFrame, i, row, dense) -> None:
-    # the average is over the benchmarks the trial was configured with, and only when all are present
-    values = [row[n] for n in row["tasks"]]
-    frame.loc[i, "average"] = sum(values) / len(values) if not any(math.isnan(v) for v in values) else math.nan
-    frame.loc[i, "attention_share"] = row["attention_gflops"] / row["total_gflops"]
+def _number(value) -> float:
+    return math.nan if value is None or value is False else float(value)
+
+
+def _churn_columns(series: list | None) -> dict:
+    """Mean churn over the first and the last third of the measurements."""
+    values = [c for _, c in series or []]
+    if len(values) < 3:
+        return {"churn_early": math.nan, "churn_late": math.nan}
+    third = max(1, len(values) // 3)
+    return {"churn_early": float(np.mean(values[:third])), "churn_late": float(np.mean(values[-third:]))}
+
+
+def _columns(prefix: str, estimate: Estimate) -> dict:
+    return {prefix: estimate.value, f"{prefix}_lo": estimate.low, f"{prefix}_hi": estimate.high}
+
+
+def _derived(record: dict, dense: dict | None, tasks: list[str]) -> dict:
+    configured = record["config"]["eval"]["tasks"]
+    out = _columns("average", _average(record, configured))
+    held = record.get("heldout") or {}
+    out |= _columns("heldout_loss", stats.mean_ci(held.get("per_sequence_loss") or []))
+    out |= _columns("kl_from_dense", stats.mean_ci(held.get("per_sequence_kl") or []))
+    out |= _no_comparison(tasks)
     if dense is None:
-        return
-    dense_values = [dense[n] for n in row["tasks"]]
-    if not any(math.isnan(v) for v in dense_values + values) and sum(dense_values) > 0:
-        frame.loc[i, "maintenance_pct"] = 100 * sum(values) / sum(dense_values)
-    for name in row["tasks"]:
-        frame.loc[i, f"{name}_maintenance_pct"] = 100 * row[name] / dense[name] if dense[name] else math.nan
-    frame.loc[i, "ffn_reduction_pct"] = 100 * (1 - row["ffn_gflops"] / dense["ffn_gflops"])
-    frame.loc[i, "total_reduction_pct"] = 100 * (1 - row["total_gflops"] / dense["total_gflops"])
+        return out
+    paired = aligned([record, dense], configured)
+    out |= _columns("maintenance_pct", stats.paired_ci(stats.maintenance, paired) if paired else Estimate.missing())
+    included, at_chance = dense_above_chance(dense, configured)
+    out["cn_benchmarks"], out["dense_at_chance"] = ",".join(included), ",".join(at_chance)
+    if paired and included:
+        chance = {b: dense["metrics"][b]["chance"] for b in included}
+        out |= _columns("cn_maintenance_pct", stats.paired_ci(stats.chance_normalized(chance),
+                                                              {b: paired[b] for b in included}))
+    out |= _columns("delta_loss_vs_dense", paired_sequences([record, dense], "per_sequence_loss"))
+    for name in configured:
+        v, d = (record.get("metrics") or {}).get(name), dense["metrics"].get(name)
+        out[f"{name}_maintenance_pct"] = 100 * v["value"] / d["value"] if v and d and d["value"] else math.nan
+    variant_flops, dense_flops = record.get("flops") or {}, dense.get("flops") or {}
+    if variant_flops and dense_flops:
+        for part in ("ffn", "total"):
+            key = f"{part}_gflops_per_token"
+            out[f"{part}_reduction_pct"] = 100 * (1 - variant_flops[key] / dense_flops[key])
+    return out
+
+
+def _no_comparison(tasks: list[str]) -> dict:
+    """The columns a comparison with the dense baseline fills, all missing."""
+    out = {"cn_benchmarks": "", "dense_at_chance": "", "ffn_reduction_pct": math.nan, "total_reduction_pct": math.nan}
+    for name in ("maintenance_pct", "cn_maintenance_pct", "delta_loss_vs_dense"):
+        out |= _columns(name, Estimate.missing())
+    return out | {f"{n}_maintenance_pct": math.nan for n in tasks}
+
+
+def _average(record: dict, tasks: list[str]) -> Estimate:
+    """The benchmark average with its interval (items resampled per benchmark)."""
+    metrics = record.get("metrics") or {}
+    if any(name not in metrics for name in tasks):
+        return Estimate.missing()
+    items = {n: metrics[n].get("items") for n in tasks}
+    if any(i is None for i in items.values()):  # records without per-item outcomes: the point value only
+        return Estimate(float(np.mean([metrics[n]["value"] for n in tasks])), math.nan, math.nan)
+    columns = {n: np.asarray(i["correct"], dtype=float)[:, None] for n, i in items.items()}
+    return stats.paired_ci(lambda means: np.mean([m[..., 0] for m in means.values()], axis=0), columns)
+
+
+def aligned(records: list[dict], tasks: list[str]) -> dict[str, np.ndarray] | None:
+    """benchmark -> (items, len(records)) correct/incorrect of each record on the same
+    items; None unless every record has every benchmark on identical item ids."""
+    out = {}
+    for name in tasks:
+        items = [((r.get("metrics") or {}).get(name) or {}).get("items") for r in records]
+        if any(i is None for i in items) or any(i["id"] != items[0]["id"] for i in items[1:]):
+            return None
+        out[name] = np.column_stack([np.asarray(i["correct"], dtype=float) for i in items])
+    return out
+
+
+def paired_sequences(records: list[dict], key: str) -> Estimate:
+    """Mean over held-out sequences of first record's value minus the second's."""
+    values = [np.asarray((r.get("heldout") or {}).get(key) or [], dtype=float) for r in records]
+    if len(values[0]) < 2 or values[0].shape != values[1].shape:
+        return Estimate.missing()
+    return stats.mean_ci(values[0] - values[1])
+
+
+def dense_above_chance(dense: dict, tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(benchmarks where the dense model's 95% interval lies above chance, the others)."""
+    above, at_chance = [], []
+    for name in tasks:
+        m = dense["metrics"].get(name) or {}
+        if m.get("items") is None or m.get("chance") is None:
+            at_chance.append(name)
+            continue
+        accuracy = stats.mean_ci(m["items"]["correct"])
+        (above if accuracy.low > m["chance"] else at_chance).append(name)
+    return above, at_chance
+
+
+# Config fields that define a variant; pairs of trials that differ in exactly one are compared.
+FACTORS = {"n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
+           "n_routers": ("factor", "n_routers"), "router_mode": ("factor", "router_mode"),
+           "partition": ("factor", "partition"), "combine": ("factor", "combine"),
+           "pseudo_label": ("factor", "pseudo_label"), "factor_seed": ("factor", "seed"),
+           "budget": ("train", "data_budget_tokens"), "seed": ("seed",)}
+
+
+def _factor_values(record: dict) -> dict:
+    cfg = record["config"]
+    values = {}
+    for name, path in FACTORS.items():
+        value = cfg
+        for key in path:
+            value = (value or {}).get(key)
+        values[name] = value
+    other_train = {k: v for k, v in cfg["train"].items() if k != "data_budget_tokens"}
+    values["other training settings"] = json.dumps(other_train, sort_keys=True)
+    return values
+
+
+def pair_differences(records: list[dict]) -> pd.DataFrame:
+    """Every pair of factorized trials (same model and evaluation) that differ in one
+    factor: differences in maintenance (points of %), held-out loss and KL, paired over
+    items and sequences, with 95% intervals; `verdict` says which exclude zero."""
+    done = [r for r in completed(records) if r["config"].get("factor")]
+    dense, rows = dense_baselines(records), []
+    for i, a in enumerate(done):
+        for b in done[i + 1:]:
+            if eval_key(a) != eval_key(b):
+                continue
+            va, vb = _factor_values(a), _factor_values(b)
+            differ = [k for k in va if va[k] != vb[k]]
+            if len(differ) != 1:
+                continue
+            rows.append(_pair_row(a, b, differ[0], va, vb, dense.get(eval_key(a))))
+    columns = ["model", "factor", "a", "b", "maintenance_diff", "maintenance_diff_lo", "maintenance_diff_hi",
+               "loss_diff", "loss_diff_lo", "loss_diff_hi", "kl_diff", "kl_diff_lo", "kl_diff_hi", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _label(record: dict) -> str:
+    f = record["config"]["factor"]
+    return f"{_setting(record['config'])} {f['router_mode']} {f['partition']} {record['config']['train']['data_budget_tokens']}tok"
+
+
+def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | None) -> dict:
+    tasks = a["config"]["eval"]["tasks"]
+    paired = aligned([a, b, dense], tasks) if dense else None
+    maint = stats.paired_ci(stats.maintenance_difference, paired) if paired else Estimate.missing()
+    loss = paired_sequences([a, b], "per_sequence_loss")
+    kl = paired_sequences([a, b], "per_sequence_kl")
+    row = {"model": a["config"]["model"], "factor": factor, "a": f"{_label(a)}", "b": f"{_label(b)}"}
+    row |= _columns("maintenance_diff", maint) | _columns("loss_diff", loss) | _columns("kl_diff", kl)
+    words = []
+    for name, estimate in (("maintenance", maint), ("held-out loss", loss), ("KL", kl)):
+        if estimate.ok:
+            words.append(f"{name} {'differs' if estimate.excludes(0) else 'not distinguishable'}")
+    row["verdict"] = "; ".join(words) or "n/a"
+    return row
 
 
 def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "maintenance_pct") -> pd.Series:
-    """True where no other trial is at least as cheap and as good, and strictly better in one."""
-    points = frame[[cost, value]].to_numpy()
+    """True where no other trial is at least as cheap and as good, and strictly better in one
+    (point values: the intervals say how firm each point is)."""
+    points = frame[[cost, value]].to_numpy(dtype=float)
     flags = []
     for c, v in points:
         if math.isnan(c) or math.isnan(v):
@@ -121,29 +328,53 @@ def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "ma
     return pd.Series(flags, index=frame.index)
 
 
-def failure_flags(row) -> list[str]:
-    """Plain-words flags for the scaling failure modes a row crosses."""
-    flags, t = [], THRESHOLDS
-    name = f"{row['setting']} {row['router_mode']}"
-    if row["n_routers"] and row["n_routers"] > 1 and row["router_agreement"] < t["router_conflict_agreement"]:
-        flags.append(f"router conflict: {name} routers agree on {100 * row['router_agreement']:.0f}% of top-K choices")
-    if row["expert_similarity"] > t["expert_collapse_similarity"]:
-        flags.append(f"expert collapse: {name} experts' outputs have mean cosine similarity "
-                     f"{row['expert_similarity']:.2f}")
-    if row["load_max_over_mean"] > t["load_imbalance_max_over_mean"]:
+def random_router_similarity(frame: pd.DataFrame, row) -> float:
+    """Expert similarity of the sweep's random/frozen-router trials with the same experts
+    (N, K, partition, budget; the router count does not matter to an untrained router)."""
+    same = frame[(frame["eval_key"] == row["eval_key"]) & (frame["n_experts"] == row["n_experts"])
+                 & (frame["top_k"] == row["top_k"])
+                 & (frame["partition"] == row["partition"]) & (frame["budget"] == row["budget"])
+                 & frame["router_mode"].isin(["random", "frozen"])]
+    return float(same["expert_similarity"].mean()) if len(same) else math.nan
+
+
+def failure_flags(row, frame: pd.DataFrame | None = None) -> list[str]:
+    """Plain-words flags for the failure modes a variant row crosses (THRESHOLDS)."""
+    flags, name = [], f"{row['setting']} {row['router_mode']}"
+    if row["n_routers"] and row["n_routers"] > 1 and not math.isnan(row["router_agreement"]):
+        chance = row["chance_agreement"]
+        excess = (row["router_agreement"] - chance) / (1 - chance) if chance < 1 else math.nan
+        if excess < threshold("router_conflict_excess_agreement"):
+            flags.append(f"router conflict: {name} routers agree on {100 * row['router_agreement']:.0f}% of top-K "
+                         f"choices (chance {100 * chance:.0f}%, {excess:.2f} of the way from chance to full)")
+    rise = row["expert_similarity"] - row["expert_similarity_at_factorization"]
+    baseline = random_router_similarity(frame, row) if frame is not None else math.nan
+    if rise > threshold("expert_collapse_rise") and (math.isnan(baseline) or row["expert_similarity"] > baseline):
+        flags.append(f"expert collapse: {name} experts' mean cosine similarity rose from "
+                     f"{row['expert_similarity_at_factorization']:.2f} at factorization to {row['expert_similarity']:.2f}"
+                     + ("" if math.isnan(baseline) else f" (random/frozen router: {baseline:.2f})"))
+    if row["load_max_over_mean"] > threshold("load_imbalance_max_over_mean"):
         flags.append(f"load imbalance: {name} busiest expert gets {row['load_max_over_mean']:.1f}x the mean load")
-    if row["attention_share"] > t["attention_bottleneck_share"]:
-        flags.append(f"attention bottleneck: attention is {100 * row['attention_share']:.0f}% of {name}'s FLOPs "
-                     f"per token")
+    if (row["attention_share"] > threshold("attention_share")
+            and row["attention_share"] - row["dense_attention_share"] >= threshold("attention_share_rise")):
+        flags.append(f"attention bottleneck: attention is {100 * row['attention_share']:.0f}% of {name}'s FLOPs per "
+                     f"token (dense: {100 * row['dense_attention_share']:.0f}% at the same length)")
+    if row["total_reduction_pct"] >= 100 * threshold("no_speed_gain_flops_saved") and row["prefill_speedup_max"] <= 1:
+        flags.append(f"no speed gained: {name} saves {row['total_reduction_pct']:.0f}% of total FLOPs but no "
+                     f"round ran faster than dense (prefill x{row['prefill_speedup_min']:.2f}-"
+                     f"{row['prefill_speedup_max']:.2f})")
+    if row["churn_late"] > threshold("late_churn"):
+        flags.append(f"routing unstable late in training: {name} churn {row['churn_late']:.2f} over the last third "
+                     f"(first third: {row['churn_early']:.2f})")
     return flags
 
 
 def data_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     variants = frame[~frame["is_dense"]].copy()
-    variants["pretraining_tokens"] = variants["model"].map(lambda m: pretraining_tokens(m) or math.nan).astype(float)
     variants["budget_pct_of_pretraining"] = 100 * variants["budget"] / variants["pretraining_tokens"]
     return variants[["model", "setting", "router_mode", "partition", "budget", "pretraining_tokens",
-                     "budget_pct_of_pretraining", "maintenance_pct"]].sort_values(["model", "setting", "budget"])
+                     "budget_pct_of_pretraining", "maintenance_pct", "heldout_loss"]].sort_values(
+        ["model", "setting", "budget"])
 
 
 def router_study(frame: pd.DataFrame) -> pd.DataFrame:

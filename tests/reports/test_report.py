@@ -1,35 +1,75 @@
-"""The report from a fixture of records: numbers, Pareto set, flags, failures."""
+"""The report from a fixture of records: paired intervals, chance, pairs, flags, files."""
 
+import ast
 import math
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from harness.benchmarks import BENCHMARKS, TASK_SET
+from reports import stats
 from reports.build import build_report
-from reports.tables import failed_trials, failure_flags, pareto_front, trial_frame
+from reports.tables import (dense_above_chance, failed_trials, failure_flags, load_records, pair_differences,
+                            pareto_front, trial_frame)
 
-EVAL = {"tasks": list(TASK_SET), "limit": 40, "num_fewshot": 0, "source": "local", "batch_size": 16}
+TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa", "mmlu"]
+METRIC = {t: "acc_norm" if t in ("hellaswag", "openbookqa", "arc_easy", "arc_challenge", "piqa") else "acc"
+          for t in TASKS}
+CHOICES = {t: 2 if t in ("winogrande", "boolq", "piqa") else 4 for t in TASKS}
+N_ITEMS = 200
+EVAL = {"tasks": TASKS, "limit": N_ITEMS, "num_fewshot": 0, "source": "local", "batch_size": 16, "sample_seed": 0,
+        "heldout_text": "lee-news", "heldout_tokens": 2048, "heldout_seq_len": 128}
 
 
-def record(trial_id, factor=None, scores=0.5, ffn=1.0, attention=0.5, budget=20000, routing=None,
-           speedup=None, status="completed", drop=()):
-    scores = scores if isinstance(scores, dict) else {n: scores for n in TASK_SET}
-    metrics = {n: {"name": n, "metric": BENCHMARKS.get(n).metric, "value": v, "stderr": 0.05, "n": 40,
-                   "seconds": 1.0, "metrics": {}} for n, v in scores.items() if n not in drop}
-    rec = {"trial_id": trial_id, "label": trial_id, "status": status, "error": None,
+def outcomes(accuracy: float, seed: int) -> list[int]:
+    """Exactly round(accuracy x N) correct items, at seeded positions."""
+    correct = np.zeros(N_ITEMS, dtype=int)
+    correct[np.random.default_rng(seed).permutation(N_ITEMS)[:round(accuracy * N_ITEMS)]] = 1
+    return correct.tolist()
+
+
+def metrics(scores: dict, seed: int) -> dict:
+    out = {}
+    for i, (name, accuracy) in enumerate(scores.items()):
+        correct = outcomes(accuracy, seed * 100 + i)
+        items = {"id": [str(j) for j in range(N_ITEMS)], "correct": correct, "pred": [0] * N_ITEMS,
+                 "gold": [0] * N_ITEMS, "n_choices": [CHOICES[name]] * N_ITEMS}
+        out[name] = {"name": name, "metric": METRIC[name], "value": sum(correct) / N_ITEMS, "stderr": 0.03,
+                     "n": N_ITEMS, "seconds": 1.0, "metrics": {}, "chance": 1 / CHOICES[name],
+                     "chance_rule": "uniform", "items": items}
+    return out
+
+
+def record(trial_id, factor=None, scores=0.6, ffn=1.0, attention=0.5, budget=20000, routing=None, speedup=None,
+           status="completed", drop=(), loss=3.0, kl=None, seed=0, churn=None, similarity_at_start=0.2):
+    scores = scores if isinstance(scores, dict) else {n: scores for n in TASKS}
+    scores = {n: v for n, v in scores.items() if n not in drop}
+    sequences = np.random.default_rng(seed + 7).normal(0, 0.05, 16)
+    rec = {"trial_id": trial_id, "label": trial_id, "status": status, "error": None, "schema": 2,
+           "eval_dtype": "float32", "environment": {"device": "cpu"},
+           "model": {"pretraining_tokens": 2e12},
            "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL,
-                      "train": {"data_budget_tokens": budget}},
-           "metrics": metrics, "flops": {"attention_gflops_per_token": attention, "ffn_gflops_per_token": ffn,
-                                          "total_gflops_per_token": attention + ffn + 0.1},
+                      "train": {"data_budget_tokens": budget, "lr": 1e-3}},
+           "metrics": metrics(scores, seed),
+           "flops": {"attention_gflops_per_token": attention, "ffn_gflops_per_token": ffn,
+                     "total_gflops_per_token": attention + ffn + 0.1},
+           "heldout": {"loss": loss, "per_sequence_loss": (loss + sequences).tolist()},
            "speedup": speedup, "routing": routing}
+    if factor:
+        rec["dense_reference"] = {"flops": {"attention_gflops_per_token": 0.5, "ffn_gflops_per_token": 1.0,
+                                            "total_gflops_per_token": 1.6}}
+        rec["routing_at_factorization"] = {"expert_similarity": similarity_at_start}
+        rec["heldout"]["per_sequence_kl"] = None if kl is None else (kl + sequences / 10).tolist()
+        rec["training"] = {"churn": {"every": 1, "series": churn or [[s, 0.3 / s] for s in range(1, 10)]}}
     if status != "completed":
-        rec.update(error="NonFiniteLoss: non-finite loss at optimizer step 3", metrics=None, flops=None)
+        rec.update(error="NonFiniteLoss: non-finite loss at optimizer step 3", metrics=None, flops=None, heldout=None)
     return rec
 
 
 def factor(k, mode="par", n=4, r=1):
-    return {"n_experts": n, "top_k": k, "n_routers": r, "router_mode": mode, "partition": "contiguous"}
+    return {"n_experts": n, "top_k": k, "n_routers": r, "router_mode": mode, "partition": "contiguous",
+            "combine": "scaled", "pseudo_label": "min_mse", "seed": 0}
 
 
 def routing(similarity=0.2, agreement=None, imbalance=1.2, layers=None):
@@ -40,35 +80,112 @@ def routing(similarity=0.2, agreement=None, imbalance=1.2, layers=None):
 
 @pytest.fixture
 def records():
+    dense_scores = {n: 0.6 for n in TASKS} | {"mmlu": 0.25}  # mmlu at chance for the dense model
     return [
-        record("dense", scores=0.5, ffn=1.0),
-        record("k1", factor(1), scores=0.4, ffn=0.26, routing=routing(imbalance=2.5), speedup={"prefill": 1.3}),
-        record("k2", factor(2), scores=0.45, ffn=0.51, routing=routing()),
-        record("k2rand", factor(2, "random"), scores=0.3, ffn=0.51, routing=routing()),
-        record("k3", factor(3), scores={n: 0.48 for n in TASK_SET}, ffn=0.76, routing=routing(),
-               drop=("mmlu",)),  # a missing benchmark
-        record("2r", factor(2, r=2), scores=0.44, ffn=0.52, attention=0.9, routing=routing(agreement=0.41,
-                                                                                            similarity=0.95)),
+        record("dense", scores=dense_scores, ffn=1.0, loss=3.0),
+        record("k1", factor(1), scores=0.4, ffn=0.26, routing=routing(imbalance=2.5), loss=6.0, kl=2.5, seed=1,
+               speedup={"prefill": 1.3, "prefill_rounds": [1.2, 1.3, 1.4]}),
+        record("k2", factor(2), scores={n: 0.57 for n in TASKS} | {"mmlu": 0.2}, ffn=0.51, routing=routing(), loss=3.5, kl=0.5, seed=2,
+               speedup={"prefill": 0.95, "prefill_rounds": [0.9, 0.95, 0.97]}),
+        record("k2rand", factor(2, "random"), scores=0.3, ffn=0.51, routing=routing(similarity=0.5), loss=7.0,
+               kl=3.0, seed=3),
+        record("k3", factor(3), scores={n: 0.58 for n in TASKS}, ffn=0.76, routing=routing(), drop=("mmlu",),
+               loss=3.2, kl=0.2, seed=4),  # a missing benchmark
+        record("2r", factor(2, r=2), scores={n: 0.55 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, attention=0.9,
+               routing=routing(agreement=0.55, similarity=0.95), loss=3.6, kl=0.6, seed=5,
+               churn=[[s, 0.4] for s in range(1, 10)]),
         record("boom", factor(1, "lm_only"), status="failed"),
     ]
 
 
-def test_relative_maintenance_and_reductions(records):
+def test_bootstrap_interval_covers_a_planted_difference_and_excludes_zero():
+    rng = np.random.default_rng(0)
+    a = (rng.random(2000) < 0.70).astype(float)
+    b = a.copy()
+    flip = np.flatnonzero(a == 1)[:200]  # b loses 200 of a's correct items: exactly 10 points
+    b[flip] = 0
+    diff = stats.paired_ci(lambda m: 100 * (m["x"][..., 0] - m["x"][..., 1]), {"x": np.column_stack([a, b])})
+    assert diff.value == pytest.approx(10.0)
+    assert diff.low < 10 < diff.high and diff.excludes(0)
+    assert diff.high - diff.low < 3.5  # paired: far tighter than two independent 2,000-item samples (~5.7)
+
+
+def test_bootstrap_interval_includes_zero_without_a_difference():
+    rng = np.random.default_rng(1)
+    a = (rng.random(300) < 0.5).astype(float)
+    b = a.copy()
+    swap = rng.permutation(300)[:60]
+    b[swap] = 1 - b[swap]  # as many flips each way, on average: no real difference
+    diff = stats.paired_ci(lambda m: 100 * (m["x"][..., 0] - m["x"][..., 1]), {"x": np.column_stack([a, b])})
+    assert not diff.excludes(0)
+
+
+def test_mean_interval_of_sequences():
+    e = stats.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert e.value == 2.5 and 1.0 <= e.low < 2.5 < e.high <= 4.0
+    assert not stats.mean_ci([1.0]).ok  # one sequence: no interval
+
+
+def test_chance_normalization():
+    means = {"four_way": np.array([0.4, 0.6]), "two_way": np.array([0.55, 0.7])}
+    chance = {"four_way": 0.25, "two_way": 0.5}
+    # above chance: variant 0.15 + 0.05 = 0.20, dense 0.35 + 0.20 = 0.55
+    assert stats.chance_normalized(chance)(means) == pytest.approx(100 * 0.20 / 0.55)
+    assert stats.chance_normalized(chance)({"four_way": np.array([0.25, 0.6])}) == pytest.approx(0.0)  # a guesser
+    assert stats.maintenance(means) == pytest.approx(100 * 0.475 / 0.65)
+
+
+def test_relative_maintenance_with_intervals(records):
     frame = trial_frame(records).set_index("trial_id")
-    assert frame.loc["k1", "maintenance_pct"] == pytest.approx(80.0)
-    assert frame.loc["k2", "maintenance_pct"] == pytest.approx(90.0)
-    assert frame.loc["k1", "ffn_reduction_pct"] == pytest.approx(74.0)
-    assert frame.loc["k1", "total_reduction_pct"] == pytest.approx(100 * (1 - 0.86 / 1.6))
-    assert frame.loc["k1", "arc_easy_maintenance_pct"] == pytest.approx(80.0)
-    assert frame.loc["dense", "average"] == pytest.approx(0.5)
+    k1, k2 = frame.loc["k1"], frame.loc["k2"]
+    dense_average = (7 * 0.6 + 0.25) / 8
+    assert k1["maintenance_pct"] == pytest.approx(100 * 0.4 / dense_average)
+    assert k1["maintenance_pct_lo"] < k1["maintenance_pct"] < k1["maintenance_pct_hi"] < 100  # clearly below dense
+    assert k2["maintenance_pct_lo"] < k2["maintenance_pct"] < k2["maintenance_pct_hi"]
+    assert k1["ffn_reduction_pct"] == pytest.approx(74.0)
+    assert k1["arc_easy_maintenance_pct"] == pytest.approx(100 * 0.4 / 0.6)
+    assert k1["heldout_loss"] == pytest.approx(6.0, abs=0.05) and k1["kl_from_dense"] == pytest.approx(2.5, abs=0.01)
+    assert k1["delta_loss_vs_dense_lo"] > 2.9  # paired over the same sequences
     assert "boom" not in frame.index  # failed trials carry no numbers
+
+
+def test_benchmarks_at_chance_are_left_out_of_chance_normalized_maintenance(records):
+    above, at_chance = dense_above_chance(records[0], TASKS)
+    assert at_chance == ["mmlu"] and len(above) == 7
+    k1 = trial_frame(records).set_index("trial_id").loc["k1"]
+    # over the 7 benchmarks above chance: sum(0.4 - c) / sum(0.6 - c)
+    chance = [1 / CHOICES[t] for t in TASKS if t != "mmlu"]
+    expected = 100 * sum(0.4 - c for c in chance) / sum(0.6 - c for c in chance)
+    assert k1["cn_maintenance_pct"] == pytest.approx(expected)
+    assert k1["cn_benchmarks"].split(",") == above and k1["dense_at_chance"] == "mmlu"
 
 
 def test_missing_benchmark_leaves_average_and_maintenance_missing(records):
     frame = trial_frame(records).set_index("trial_id")
     assert math.isnan(frame.loc["k3", "mmlu"])
     assert math.isnan(frame.loc["k3", "average"]) and math.isnan(frame.loc["k3", "maintenance_pct"])
-    assert frame.loc["k3", "arc_easy_maintenance_pct"] == pytest.approx(96.0)
+    assert frame.loc["k3", "arc_easy_maintenance_pct"] == pytest.approx(100 * 0.58 / 0.6)
+
+
+def test_items_that_differ_are_never_paired(records):
+    other = record("k2other", factor(2), scores=0.57, seed=2, loss=3.5, kl=0.5)
+    assert not math.isnan(trial_frame(records[:1] + [other]).set_index("trial_id").loc["k2other", "maintenance_pct"])
+    other["metrics"]["piqa"]["items"]["id"][0] = "9999"  # another sample of piqa
+    frame = trial_frame(records[:1] + [other]).set_index("trial_id")
+    assert math.isnan(frame.loc["k2other", "maintenance_pct"])
+
+
+def test_pairs_that_differ_in_one_factor(records):
+    pairs = pair_differences(records)
+    by_factor = {(p["factor"], p["a"].split()[0], p["b"].split()[0], p["b"].split()[1]): p
+                 for _, p in pairs.iterrows()}
+    assert ("top_k", "1R4E1K", "1R4E2K", "par") in by_factor
+    assert ("router_mode", "1R4E2K", "1R4E2K", "random") in by_factor
+    assert ("n_routers", "1R4E2K", "2R4E2K", "par") in by_factor
+    assert len(pairs) == len(by_factor)
+    rand = by_factor[("router_mode", "1R4E2K", "1R4E2K", "random")]
+    assert rand["maintenance_diff_lo"] > 0 and rand["loss_diff"] == pytest.approx(-3.5, abs=0.05)
+    assert "maintenance differs" in rand["verdict"]
 
 
 def test_pareto_set(records):
@@ -79,15 +196,21 @@ def test_pareto_set(records):
     assert front == {"dense", "k1", "k2"}
 
 
-def test_failure_mode_flags(records):
-    frame = trial_frame(records).set_index("trial_id")
-    flags = {tid: failure_flags(frame.loc[tid]) for tid in ("k1", "k2", "2r")}
-    assert flags["k2"] == []
+def test_failure_mode_flags_are_calibrated(records):
+    frame = trial_frame(records)
+    rows = frame.set_index("trial_id")
+    flags = {tid: failure_flags(rows.loc[tid], frame) for tid in ("k1", "k2", "2r", "k3")}
+    assert flags["k3"] == []  # attention 0.5/1.36 = 37%: below half
     assert flags["k1"] == ["load imbalance: 1R4E1K par busiest expert gets 2.5x the mean load",
-                           "attention bottleneck: attention is 58% of 1R4E1K par's FLOPs per token"]
-    assert "router conflict: 2R4E2K par routers agree on 41% of top-K choices" in flags["2r"]
-    assert any(f.startswith("expert collapse: 2R4E2K par") for f in flags["2r"])
-    assert any(f.startswith("attention bottleneck: attention is 59% of 2R4E2K par") for f in flags["2r"])
+                           "attention bottleneck: attention is 58% of 1R4E1K par's FLOPs per token "
+                           "(dense: 31% at the same length)"]
+    assert flags["k2"] == ["no speed gained: 1R4E2K par saves 31% of total FLOPs but no round ran faster than "
+                           "dense (prefill x0.90-0.97)"]
+    assert any(f.startswith("router conflict: 2R4E2K par routers agree on 55% of top-K choices (chance 50%")
+               for f in flags["2r"])
+    assert any(f.startswith("expert collapse: 2R4E2K par experts' mean cosine similarity rose from 0.20 at "
+                            "factorization to 0.95 (random/frozen router: 0.50)") for f in flags["2r"])
+    assert any(f.startswith("routing unstable late in training: 2R4E2K par churn 0.40") for f in flags["2r"])
 
 
 def test_failed_and_missing_trials_are_listed_with_reasons(records):
@@ -100,12 +223,52 @@ def test_failed_and_missing_trials_are_listed_with_reasons(records):
 def test_report_files(records, tmp_path):
     path = build_report(records, tmp_path, title="fixture")
     text = path.read_text()
-    assert "## Main table: m" in text and "hellaswag (acc_norm)" in text and "boolq (acc)" in text
-    assert "| 1R4E1K | par | contiguous | 20000 |" in text
-    assert "80.0" in text and "router conflict: 2R4E2K par routers agree on 41%" in text
+    assert "## What this sweep shows" in text.split("## Main table")[0]
+    assert "## Main table: m" in text and "hellaswag (acc_norm, chance 0.25)" in text and "mmlu †" in text
+    assert re.search(r"\| 1R4E1K \| par \| contiguous \| 20000 \| \d\.\d{3} \[\d", text)  # held-out loss with CI
+    assert "chance-norm. maint. %" in text and "KL(dense ‖ model)" in text
+    assert "router conflict: 2R4E2K par routers agree on 55%" in text
     assert "NonFiniteLoss" in text
-    for png in ("maintenance_vs_ffn_flops.png", "maintenance_vs_budget.png", "expert_load.png"):
+    for png in ("maintenance_vs_ffn_flops.png", "heldout_loss_vs_ffn_flops.png", "maintenance_vs_budget.png",
+                "routing_churn.png", "expert_load.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     csv = (tmp_path / "trials.csv").read_text()
-    assert "arc_easy_maintenance_pct" in csv.splitlines()[0]
+    assert "arc_easy_maintenance_pct" in csv.splitlines()[0] and "maintenance_pct_lo" in csv.splitlines()[0]
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_what_this_sweep_shows_states_only_supported_differences(records, tmp_path):
+    text = build_report(records, tmp_path).read_text()
+    shows = text.split("## What this sweep shows")[1].split("\n## ")[0]
+    assert "1R4E1K par (contiguous, 20,000 tokens)" in shows and "(below the dense model)" in shows
+    assert "On 1 of them (mmlu) its accuracy is not above chance" in shows
+    checked = 0
+    for claim in re.findall(r"not distinguishable \((-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", shows):
+        assert float(claim[1]) <= 0 <= float(claim[2]), claim
+        checked += 1
+    for claim in re.findall(r"= (-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\][^(]*\(a (higher|lower)\)", shows):
+        low, high = float(claim[1]), float(claim[2])
+        assert (low > 0 and claim[3] == "higher") or (high < 0 and claim[3] == "lower"), claim
+        checked += 1
+    assert checked >= 8  # the fixture's pairs: 5 pairs, up to 2 claims each
+    assert "1R4E2K random (contiguous, 20,000 tokens)" in shows and "below guessing" in shows
+
+
+def test_a_corrupt_record_is_skipped_with_a_warning(records, tmp_path, capsys):
+    import json
+    for r in records[:2]:
+        (tmp_path / r["trial_id"]).mkdir()
+        (tmp_path / r["trial_id"] / "record.json").write_text(json.dumps(r))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "record.json").write_text('{"trial_id": "torn", "sta')
+    loaded = load_records(tmp_path)
+    assert [r["trial_id"] for r in loaded] == ["dense", "k1"]
+    assert "torn/record.json" in capsys.readouterr().err
+
+
+def test_reports_need_nothing_from_harness():
+    for path in Path("reports").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.split(".")[0] in ("harness", "factorllm_core", "torch")], path
