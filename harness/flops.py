@@ -10,6 +10,7 @@ and other; total is fvcore's whole-model count.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,33 @@ def count_flops(model, input_ids: torch.Tensor) -> dict:
     per_token["other_gflops_per_token"] = (total - sum(sums.values())) / tokens / 1e9
     per_token.update(tokens=tokens, convention=COUNTING_CONVENTION)
     return per_token
+
+
+def count_dense_flops_cached(model, input_ids: torch.Tensor, cache_dir=None) -> dict:
+    """`count_flops` for a model without factorized layers, remembered on disk: a dense
+    model's count depends only on its architecture (config), dtype and the token ids,
+    never on its weights, so every trial of a sweep (the dense baseline and each
+    variant's dense reference) reads one count instead of tracing the model again
+    (~12 s for SmolLM2-135M at 2,048 tokens on 2 CPU cores)."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from factorllm_core import factorized_layers
+
+    from .cache import default_cache_root, write_json_atomic
+
+    if factorized_layers(model):
+        raise ValueError("count_dense_flops_cached counts dense models only: routing makes a factorized "
+                         "model's FLOPs depend on its weights")
+    key = json.dumps([model.config.to_json_string(use_diff=False), str(next(model.parameters()).dtype),
+                      input_ids.tolist(), COUNTING_CONVENTION, metadata.version("fvcore"), torch.__version__])
+    path = (default_cache_root() if cache_dir is None else Path(cache_dir)) / "flops" / \
+        f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or unreadable: count again
+        pass
+    counted = count_flops(model, input_ids)
+    write_json_atomic(path, counted)
+    return counted

@@ -20,6 +20,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from .benchmarks import evaluate
 from .cache import write_json_atomic
 from .config import ConfigError, TrialConfig
 from .corpora import pack, resolve_corpus, token_budget
-from .flops import count_flops
+from .flops import count_dense_flops_cached, count_flops
 from .heldout import heldout_measures, heldout_sequences, next_token_logprobs
 from .latency import measure_latency
 from .models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
@@ -140,13 +141,16 @@ class Trial:
         self.dense_logprobs = next_token_logprobs(dense, self.heldout, self.device)
         if not self.config.flops.enabled:
             return {}
-        return {"flops": count_flops(dense, self.probe[:, :self.flops_len].to(self.device))}
+        return {"flops": count_dense_flops_cached(dense, self.probe[:, :self.flops_len].to(self.device),
+                                                  self.cache_dir)}
 
     def _measure(self) -> None:
         """FLOPs of this model; latency of this model and, for a factorized one, of its
         merged dense equivalent, timed interleaved so that the speedup is fair."""
         if self.config.flops.enabled:
-            self.record["flops"] = count_flops(self.model, self.probe[:, :self.flops_len].to(self.device))
+            count = count_flops if not self.config.is_dense else partial(count_dense_flops_cached,
+                                                                         cache_dir=self.cache_dir)
+            self.record["flops"] = count(self.model, self.probe[:, :self.flops_len].to(self.device))
         if not self.config.latency.enabled:
             return
         models = {"model": self.model}

@@ -36,7 +36,12 @@ def dense_sentence(dense, n_tasks: int) -> str:
     at_chance = [b for b in dense["dense_at_chance"].split(",") if b]
     text = (f"The dense {dense['model']} averages {show(estimate(dense, 'average'), 3)} over {n_tasks} "
             f"benchmarks and reaches held-out LM loss {show(estimate(dense, 'heldout_loss'), 3)} nats.")
-    if at_chance:
+    if len(at_chance) == n_tasks:
+        text += (" On none of them is its accuracy above chance at 95% confidence at this sample size, so the "
+                 "benchmarks cannot tell a broken model from a good one here: chance-normalized maintenance is "
+                 "n/a, raw maintenance is shown but says little, and the held-out loss and KL are the measures "
+                 "to read.")
+    elif at_chance:
         text += (f" On {len(at_chance)} of them ({', '.join(at_chance)}) its accuracy is not above chance at "
                  f"95% confidence: there, raw maintenance cannot tell a broken model from a good one, and the "
                  f"chance-normalized figure leaves them out.")

@@ -45,3 +45,22 @@ def test_a_product_fvcore_cannot_count_stops_the_count(tiny_model_factory, ids, 
     monkeypatch.setattr(flops_module, "EXTRA_HANDLES", {"aten::mm": flops_module.EXTRA_HANDLES["aten::mm"]})
     with pytest.raises(RuntimeError, match=r"no FLOP handle for \['aten::addmm_'\]"):
         count_flops(model, ids)
+
+
+def test_dense_counts_are_cached_and_keyed_by_architecture(tiny_model_factory, tmp_path, monkeypatch):
+    from harness import flops as flops_module
+
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_model_factory("llama")
+    first = flops_module.count_dense_flops_cached(model, ids, tmp_path)
+    assert first == count_flops(model, ids)
+    calls = []
+    monkeypatch.setattr(flops_module, "count_flops", lambda m, i: calls.append(1) or count_flops(m, i))
+    assert flops_module.count_dense_flops_cached(tiny_model_factory("llama", seed=3), ids, tmp_path) == first
+    assert calls == []  # other weights, same architecture: read from the cache
+    flops_module.count_dense_flops_cached(tiny_model_factory("qwen2"), ids, tmp_path)
+    flops_module.count_dense_flops_cached(model, ids[:, :8], tmp_path)
+    assert len(calls) == 2  # another architecture, other tokens: counted
+    factorize(model, FactorConfig(n_experts=4, top_k=2))
+    with pytest.raises(ValueError, match="dense models only"):
+        flops_module.count_dense_flops_cached(model, ids, tmp_path)

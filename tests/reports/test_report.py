@@ -272,3 +272,12 @@ def test_reports_need_nothing_from_harness():
         imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in imported if m.split(".")[0] in ("harness", "factorllm_core", "torch")], path
+
+
+def test_a_dense_model_at_chance_everywhere_is_said_plainly(tmp_path):
+    guesser = {n: 1 / CHOICES[n] for n in TASKS}
+    records = [record("dense", scores=guesser), record("k2", factor(2), scores=guesser, seed=2, loss=3.5, kl=0.5)]
+    text = build_report(records, tmp_path).read_text()
+    assert "On none of them is its accuracy above chance" in text
+    k2 = trial_frame(records).set_index("trial_id").loc["k2"]
+    assert math.isnan(k2["cn_maintenance_pct"]) and k2["cn_benchmarks"] == ""
