@@ -52,7 +52,17 @@ def _product_macs(first: int):
     return macs
 
 
-EXTRA_HANDLES = {"aten::mm": _product_macs(0), "aten::addmm_": _product_macs(1)}
+def _grouped_mm_macs(inputs, outputs) -> int:
+    """torch._grouped_mm(x (rows, k), w (groups, k, n), offs): each row meets one group's
+    (k, n) matrix, so rows x k x n, whatever the split (the `grouped` dispatch)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    (rows, k), (_, _, n) = get_shape(inputs[0]), get_shape(inputs[1])
+    return rows * k * n
+
+
+EXTRA_HANDLES = {"aten::mm": _product_macs(0), "aten::addmm_": _product_macs(1),
+                 "aten::_grouped_mm": _grouped_mm_macs}
 
 # An uncounted product would silently shrink the FLOPs: any op whose name has one of
 # these in it must have a handle, or counting fails.

@@ -64,3 +64,19 @@ def test_dense_counts_are_cached_and_keyed_by_architecture(tiny_model_factory, t
     factorize(model, FactorConfig(n_experts=4, top_k=2))
     with pytest.raises(ValueError, match="dense models only"):
         flops_module.count_dense_flops_cached(model, ids, tmp_path)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_cpu_dispatch_path_counts_the_same_flops(tiny_model_factory, ids, top_k):
+    """fvcore sees different ops per path (index_add loop, in-place addmm_, _grouped_mm);
+    the count must not depend on which one ran. (`fused` runs Triton kernels that
+    TorchScript cannot trace; it is inference-only and never counted.)"""
+    from factorllm_core import use_dispatch
+
+    model = tiny_model_factory("llama")
+    factorize(model, FactorConfig(n_experts=4, top_k=top_k))
+    counts = {}
+    for path in ("reference", "sorted", "grouped"):
+        with use_dispatch(model, path):
+            counts[path] = count_flops(model, ids)
+    assert counts["reference"] == counts["sorted"] == counts["grouped"]
