@@ -9,6 +9,15 @@ from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_MODES
 
 
+MAX_EXPERTS = 4096  # per layer; beyond this an expert is a handful of neurons
+MAX_ROUTERS = 64  # per layer; the paper's settings use 1-4
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class FactorConfig:
     """One FactorLLM setting, `{n_routers}R{n_experts}E{top_k}K`.
@@ -37,15 +46,20 @@ class FactorConfig:
         for name in ("n_experts", "top_k", "n_routers", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} must be an integer")
-        if self.n_experts < 1:
-            raise ValueError(f"n_experts={self.n_experts} must be >= 1")
+                raise ValueError(f"{name}={_short(value)} must be an integer")
+        for name in ("partition", "combine", "router_mode", "pseudo_label"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={_short(getattr(self, name))} must be a name (a string)")
+        if not 1 <= self.n_experts <= MAX_EXPERTS:
+            raise ValueError(f"n_experts={self.n_experts} must be in [1, {MAX_EXPERTS}]")
+        if not 0 <= self.seed < 2 ** 31:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(
                 f"top_k={self.top_k} must satisfy 1 <= top_k <= n_experts={self.n_experts}"
             )
-        if self.n_routers < 1:
-            raise ValueError(f"n_routers={self.n_routers} must be >= 1")
+        if not 1 <= self.n_routers <= MAX_ROUTERS:
+            raise ValueError(f"n_routers={self.n_routers} must be in [1, {MAX_ROUTERS}]")
         PARTITIONS.get(self.partition, "partition")
         COMBINES.get(self.combine, "combine")
         ROUTER_MODES.get(self.router_mode, "router_mode")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +22,58 @@ import yaml
 from factorllm_core import DISPATCH, FactorConfig
 
 from .benchmarks import resolve_task_names
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so a typo'd override would vanish)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # construct_mapping itself rejects unhashable keys
+        if key in keys:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short(key)}", key_node.start_mark)
+        keys.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+MAX_YAML_NODES = 100_000  # far above any real grid; stops alias "bombs" before anything walks them
+
+
+def load_yaml(text: str):
+    """Parse config YAML safely (no code, no duplicate keys, bounded size). Raises
+    yaml.YAMLError or ValueError with a short message."""
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    _check_size(data)
+    return data
+
+
+def _check_size(data) -> None:
+    """Count nodes as the structure is walked (aliases count each time they are reached)."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ValueError(f"the YAML expands to more than {MAX_YAML_NODES:,} values (nested aliases?); "
+                             "a grid or trial file is far smaller")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def short(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ConfigError(ValueError):
@@ -114,7 +168,8 @@ class EvalConfig:
     def problems(self) -> list[str]:
         out = []
         try:
-            resolve_task_names(list(self.tasks) if not isinstance(self.tasks, str) else self.tasks)
+            if not self.task_names():
+                out.append(f"eval.tasks: {short(self.tasks)} names no benchmark; use 'all' or a list of names")
         except ValueError as error:
             out.append(f"eval.{error}")
         if self.limit is not None and self.limit < 1:
@@ -229,13 +284,16 @@ class TrialConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = load_yaml(Path(path).read_text()) or {}
+        except (yaml.YAMLError, ValueError) as error:
+            raise ConfigError([str(error)], str(path)) from None
         if not isinstance(data, dict):
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
         return cls.from_dict(data, source=str(path))
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SECTIONS = {"train": TrainConfig, "eval": EvalConfig, "flops": FlopsConfig, "latency": LatencyConfig}
 
 
@@ -256,7 +314,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
     factor = data.get("factor")
     if factor is not None:
         if not isinstance(factor, dict):
-            problems.append(f"factor: must be a mapping or null (dense), got {factor!r}")
+            problems.append(f"factor: must be a mapping or null (dense), got {short(factor)}")
         else:
             try:
                 kwargs["factor"] = FactorConfig.from_dict(factor)
@@ -265,10 +323,17 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
     for name in ("model", "seed", "device", "trust_remote_code"):
         if name in data:
             expected = {"model": str, "seed": int, "device": str, "trust_remote_code": bool}[name]
-            if not isinstance(data[name], expected) or (expected is int and isinstance(data[name], bool)):
-                problems.append(f"{name}: {data[name]!r} must be {expected.__name__}")
+            coerced, ok = _coerce(data[name], expected)
+            if not ok:
+                problems.append(f"{name}: {short(data[name])} must be {_type_name(expected)}")
             else:
-                kwargs[name] = data[name]
+                kwargs[name] = coerced
+    if isinstance(kwargs.get("device"), str) and not DEVICE.match(kwargs["device"]):
+        problems.append(f"device: {short(kwargs['device'])} is not a device; allowed: auto, cpu, cuda, cuda:N")
+    if isinstance(kwargs.get("seed"), int) and not 0 <= kwargs["seed"] < 2 ** 31:
+        problems.append(f"seed: {kwargs['seed']} must be in [0, 2**31)")
+    if isinstance(kwargs.get("model"), str) and not kwargs["model"].strip():
+        problems.append("model: empty; give a packaged name, a checkpoint folder or a hub id")
     if not problems and "train" in kwargs and "eval" in kwargs and kwargs.get("factor") is not None \
             and _same_text(kwargs["train"].corpus, kwargs["eval"].heldout_text):
         problems.append(f"eval.heldout_text: {kwargs['eval'].heldout_text!r} is also train.corpus: held-out "
@@ -288,7 +353,8 @@ def build_section(cls, data, prefix: str):
     if not isinstance(data, dict):
         return None, [f"{prefix}: must be a mapping, got {data!r}"]
     known = {f.name: f for f in fields(cls)}
-    problems = [f"{prefix}.{k}: unknown key; allowed: {', '.join(known)}" for k in sorted(set(data) - set(known))]
+    problems = [f"{prefix}.{str(k)[:80]}: unknown key; allowed: {', '.join(known)}"
+                for k in sorted(set(data) - set(known), key=str)]
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
@@ -296,7 +362,7 @@ def build_section(cls, data, prefix: str):
             continue
         coerced, ok = _coerce(value, hints[key])
         if not ok:
-            problems.append(f"{prefix}.{key}: {value!r} is not {_type_name(hints[key])}")
+            problems.append(f"{prefix}.{key}: {short(value)} is not {_type_name(hints[key])}")
         else:
             values[key] = coerced
     if problems:
@@ -326,12 +392,17 @@ def _coerce(value, hint):
         else:
             return value, False
         return tuple(v for v, _ in items), all(ok for _, ok in items)
-    if hint is float:
-        return (float(value), True) if isinstance(value, (int, float)) and not isinstance(value, bool) else (value, False)
+    if hint is float:  # finite only: NaN passes every `< 0` check, inf overflows later
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_NUMBER
+        return (float(value), True) if ok and math.isfinite(value) else (value, False)
     if hint is int:
-        return value, isinstance(value, int) and not isinstance(value, bool)
+        return value, isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_NUMBER
     return value, isinstance(value, hint)
 
 
+MAX_NUMBER = 2 ** 53  # larger numbers in a config are typos (and lose precision as floats)
+
+
 def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return {"int": "int", "float": "a finite float"}.get(name, name)

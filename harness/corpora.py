@@ -135,8 +135,14 @@ def strip_wiki_markup(text: str) -> str:
     return html.unescape(text).strip()
 
 
+def _corpus_files(path: Path) -> list[Path]:
+    """The files a local corpus reads: the file itself, or a folder's .txt/.jsonl files."""
+    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) \
+        if path.is_dir() else [path]
+
+
 def _local_documents(path: Path) -> Iterator[str]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    files = _corpus_files(path)
     for file in files:
         if file.suffix == ".jsonl":
             with open(file) as f:
@@ -152,9 +158,8 @@ def _local_documents(path: Path) -> Iterator[str]:
 
 def _path_fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if file.is_file():
-            digest.update(file.read_bytes())
+    for file in _corpus_files(path):  # only what is read: a folder's other files change nothing
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -173,6 +178,8 @@ def _hub_corpus(spec: str) -> Corpus:
 
 def resolve_corpus(spec: str) -> Corpus:
     """A registered name, a local .txt/.jsonl file or folder, or hub:<dataset>[:<config>]."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"corpus={spec!r} is empty; give a corpus name, a .txt/.jsonl path or hub:<dataset>")
     if spec.startswith("hub:"):
         return _hub_corpus(spec)
     if spec in CORPORA:
@@ -181,6 +188,8 @@ def resolve_corpus(spec: str) -> Corpus:
     if path.exists():
         if path.is_file() and path.suffix not in (".txt", ".jsonl"):
             raise ValueError(f"corpus={spec!r}: local corpus files must be .txt or .jsonl")
+        if path.is_dir() and not _corpus_files(path):
+            raise ValueError(f"corpus={spec!r}: the folder holds no .txt or .jsonl file")
         return Corpus(str(path), lambda: _local_documents(path), f"local:{_path_fingerprint(path)}")
     raise ValueError(f"corpus={spec!r} is not a known corpus ({', '.join(CORPORA.names())}), "
                      f"an existing .txt/.jsonl path, or hub:<dataset>[:<config>]")

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from .benchmarks import TASK_SET, BenchmarkResult, evaluate, resolve_task_names
 from .cache import write_json_atomic
-from .models import load_model, resolve_device, use_offline_mode_if_hub_unreachable
+from .models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
 
 
 def format_table(results: dict[str, BenchmarkResult]) -> str:
@@ -47,16 +48,28 @@ def main(argv=None):
     parser.add_argument("--trust-remote-code", action="store_true", help="allow hub models' own code")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    try:
+    try:  # every argument is checked before a model loads
         names = resolve_task_names(args.tasks)
         device = resolve_device(args.device)
+        problems = [f"--{name.replace('_', '-')} {getattr(args, name)} must be >= {low}"
+                    for name, low in (("limit", 1), ("batch_size", 1), ("num_fewshot", 0))
+                    if getattr(args, name) is not None and getattr(args, name) < low]
+        if not names:
+            problems.append(f"--tasks {args.tasks!r} names no benchmark; use 'all' or a comma list of "
+                            f"{', '.join(TASK_SET)}")
+        if problems:
+            raise ValueError("; ".join(problems))
     except ValueError as error:
         parser.error(str(error))
     use_offline_mode_if_hub_unreachable()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=dtype, device=device, cache_dir=args.cache_dir,
-                        trust_remote_code=args.trust_remote_code)
+    try:
+        loaded = load_model(args.model, dtype=dtype, device=device, cache_dir=args.cache_dir,
+                            trust_remote_code=args.trust_remote_code)
+    except (ModelUnavailable, OSError, ValueError) as error:
+        print(f"error: model {args.model!r}: {error}", file=sys.stderr)
+        return 2
     print(f"loaded {args.model} ({loaded.source.kind}) on {device} in {time.perf_counter() - start:.1f} s", flush=True)
     lm = make_lm(loaded.model, loaded.tokenizer, args.batch_size, device)
     results = evaluate(lm, names, limit=args.limit, source=args.source, num_fewshot=args.num_fewshot,
@@ -71,7 +84,8 @@ def main(argv=None):
                                       "source": args.source,
                                       "results": {n: r.to_dict() for n, r in results.items()}})
         print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

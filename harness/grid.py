@@ -11,12 +11,13 @@ collected and reported at once; nothing starts on an invalid grid.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .config import SECTIONS, ConfigError, TrialConfig, build_section, parse_trial
+from .config import SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, short
 from .corpora import resolve_corpus
 from .models import ModelUnavailable, ffn_width
 
@@ -88,8 +89,8 @@ TOP_KEYS = ("name", "storage", "axes", "include", "skip", "dense_baseline", "fac
 def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+        data = load_yaml(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
         raise ConfigError([str(error)], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["top level must be a mapping"], str(path))
@@ -97,14 +98,26 @@ def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
 
 
 def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> Sweep:
-    """Validate everything, then expand; raises ConfigError listing every problem."""
-    problems = [f"{k}: unknown key; allowed: {', '.join(TOP_KEYS)}" for k in sorted(set(data) - set(TOP_KEYS))]
-    axes, axis_problems = _axes(data.get("axes"))
+    """Validate everything, then expand; raises ConfigError listing every problem.
+    Types are checked before any value is compared or used, so a wrong type is a
+    problem in the list, never a traceback."""
+    problems = [f"{str(k)[:80]}: unknown key; allowed: {', '.join(TOP_KEYS)}"
+                for k in sorted(set(data) - set(TOP_KEYS), key=str)]
+    sections_ok = all(isinstance(data.get(s) or {}, dict) for s in (*SECTIONS, "factor"))
+    problems += [f"{s}: {short(data[s])} must be a mapping" for s in (*SECTIONS, "factor")
+                 if not isinstance(data.get(s) or {}, dict)]
+    name, storage, naming_problems = _name_and_storage(data, source)
+    problems += naming_problems
+    if not isinstance(data.get("dense_baseline", True), bool):
+        problems.append(f"dense_baseline: {short(data['dense_baseline'])} must be true or false")
+    axes, axis_problems, axes_usable = _axes(data.get("axes"))
     problems += axis_problems
+    include_problems = _include_problems(data.get("include"))
+    problems += include_problems
     resources, p1 = _section(Resources, data.get("resources", {}), "resources")
     failure, p2 = _section(Failure, data.get("failure", {}), "failure")
     problems += p1 + p2
-    complete = all(k in axes for k in REQUIRED_AXES)
+    complete = all(k in axes for k in REQUIRED_AXES) and axes_usable and not include_problems and sections_ok
     candidates, skipped, expand_problems = _candidates(data, axes) if complete else ([], [], [])
     problems += expand_problems
     trials = []
@@ -113,17 +126,37 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         problems += trial_problems  # shared-section problems repeat per trial: deduplicated below
         if config is not None:
             trials.append(config)
-    if check_models:
-        problems += _check_models(axes, data.get("include") or [], bool(data.get("trust_remote_code")))
-    problems += _check_corpus((data.get("train") or {}).get("corpus", "enwiki-gensim"), "train.corpus")
-    problems += _check_corpus((data.get("eval") or {}).get("heldout_text", "lee-news"), "eval.heldout_text")
+    if check_models and complete:
+        problems += _check_models(axes, data.get("include") or [], data.get("trust_remote_code") is True)
+    for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
+        value = (data.get(section) or {}).get(key, default) if isinstance(data.get(section) or {}, dict) else default
+        if isinstance(value, str):  # other types are reported by the section's own check
+            problems += _check_corpus(value, f"{section}.{key}")
     problems = list(dict.fromkeys(problems))  # the same problem in many trials: say it once
     if problems:
         raise ConfigError(problems, source)
     unique = list({t.trial_id: t for t in trials}.values())
     unique.sort(key=lambda t: not t.is_dense)
-    return Sweep(str(data.get("name", Path(source).stem)), str(data.get("storage", "runs/sweeps")),
-                 unique, skipped, resources, failure, source)
+    return Sweep(name, storage, unique, skipped, resources, failure, source)
+
+
+# A sweep's name becomes a folder under storage: a plain name, never a path, and not
+# the shared baselines folder.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = ("baselines",)
+
+
+def _name_and_storage(data: dict, source: str) -> tuple[str, str, list[str]]:
+    problems = []
+    name = data.get("name", Path(source).stem)
+    where = "name" if "name" in data else f"name (from the file name {Path(source).name!r}; set name:)"
+    if not isinstance(name, str) or not NAME.match(name) or name in RESERVED_NAMES:
+        problems.append(f"{where}: {short(name)} must be a plain name (letters, digits, '_', '.', '-'; "
+                        f"no path separators; at most 64 characters; not {', '.join(RESERVED_NAMES)})")
+    storage = data.get("storage", "runs/sweeps")
+    if not isinstance(storage, str) or not storage.strip():
+        problems.append(f"storage: {short(storage)} must be a folder path (a string)")
+    return str(name), str(storage), problems
 
 
 def _section(cls, data, prefix):
@@ -133,20 +166,51 @@ def _section(cls, data, prefix):
     return built, problems
 
 
-def _axes(raw) -> tuple[dict, list[str]]:
+AXIS_TYPES = {"model": str, "n_experts": int, "top_k": int, "n_routers": int, "data_budget_tokens": int,
+              "router_mode": str, "partition": str, "seed": int}
+
+
+def _axis_value_problem(axis: str, value, where: str) -> str | None:
+    expected = AXIS_TYPES[axis]
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return None
+    return f"{where}: {short(value)} is not {'an integer' if expected is int else 'a string'}"
+
+
+def _axes(raw) -> tuple[dict, list[str], bool]:
+    """(known axes -> values, problems, whether every value has its type and no list is
+    empty, i.e. whether the grid can be expanded to find the remaining problems)."""
     if not isinstance(raw, dict):
-        return {}, ["axes: must be a mapping of axis -> list of values"]
-    problems = [f"axes.{k}: unknown axis; allowed: {', '.join(AXES)}" for k in sorted(set(raw) - set(AXES))]
+        return {}, ["axes: must be a mapping of axis -> list of values"], False
+    problems = [f"axes.{str(k)[:80]}: unknown axis; allowed: {', '.join(AXES)}"
+                for k in sorted(set(raw) - set(AXES), key=str)]
     problems += [f"axes.{k}: required" for k in REQUIRED_AXES if k not in raw]
-    axes = {}
+    axes, usable = {}, True
     for name, values in raw.items():
         if name not in AXES:
             continue
         values = values if isinstance(values, list) else [values]
+        bad = [p for v in values if (p := _axis_value_problem(name, v, f"axes.{name}"))]
         if not values:
-            problems.append(f"axes.{name}: empty list")
+            bad.append(f"axes.{name}: empty list")
+        problems += bad
+        usable = usable and not bad
         axes[name] = values
-    return axes, problems
+    return axes, problems, usable
+
+
+def _include_problems(raw) -> list[str]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        return [f"include: {short(raw)} must be a list of variants (axis -> value)"]
+    problems = []
+    for i, extra in enumerate(raw):
+        if not isinstance(extra, dict) or not extra or set(extra) - set(AXES):
+            problems.append(f"include[{i}]: {short(extra)} must map axis names ({', '.join(AXES)}) to single values")
+            continue
+        problems += [p for k, v in extra.items() if (p := _axis_value_problem(k, v, f"include[{i}].{k}"))]
+    return problems
 
 
 def _place(trial: dict, axis: str, value) -> None:
@@ -160,21 +224,18 @@ def _place(trial: dict, axis: str, value) -> None:
 def _base_trial(data: dict) -> dict:
     base = {k: data[k] for k in ("device", "trust_remote_code") if k in data}
     for section in SECTIONS:
-        if section in data:
+        if section in data:  # mappings (checked before expansion)
             base[section] = dict(data[section] or {})
     return base
 
 
 def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]:
     """(label, trial dict) for every combination, the skipped ones with reasons, and problems."""
-    base, shared_factor = _base_trial(data), dict(data.get("factor") or {})
+    base, shared_factor = _base_trial(data), dict(data.get("factor") or {})  # mappings: checked before
     rules, problems = _skip_rules(data.get("skip"))
     names = list(axes)
     points = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
-    for i, extra in enumerate(data.get("include") or []):
-        if not isinstance(extra, dict) or set(extra) - set(AXES):
-            problems.append(f"include[{i}]: must map axis names ({', '.join(AXES)}) to single values")
-            continue
+    for extra in data.get("include") or []:  # checked by _include_problems
         points.append({**{n: v[0] for n, v in axes.items()}, **extra})
     out, skipped = [], []
     for point in points:
@@ -198,21 +259,29 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
 
 def _skip_rules(raw) -> tuple[list[tuple[dict, str]], list[str]]:
     rules, problems = [], []
+    if raw is not None and not isinstance(raw, list):
+        return [], [f"skip: {short(raw)} must be a list of rules (when, reason)"]
     for i, rule in enumerate(raw or []):
         if not isinstance(rule, dict) or not isinstance(rule.get("when"), dict) or "reason" not in rule:
             problems.append(f"skip[{i}]: needs `when` (axis -> value or list) and `reason`")
             continue
         unknown = set(rule["when"]) - set(AXES)
         if unknown:
-            problems.append(f"skip[{i}].when: unknown axes {sorted(unknown)}; allowed: {', '.join(AXES)}")
+            problems.append(f"skip[{i}].when: unknown axes {short(sorted(unknown, key=str))}; "
+                            f"allowed: {', '.join(AXES)}")
+            continue
+        values = [v for value in rule["when"].values() for v in (value if isinstance(value, list) else [value])]
+        if any(not isinstance(v, (str, int, float, bool)) for v in values):
+            problems.append(f"skip[{i}].when: values must be single values or lists of them")
             continue
         rules.append((rule["when"], str(rule["reason"])))
     return rules, problems
 
 
 def _skip_reason(point: dict, rules) -> str | None:
-    """Built-in rule first (top_k > n_experts cannot exist), then the grid's own rules."""
-    if point.get("top_k", 0) > point.get("n_experts", 0) and "n_experts" in point:
+    """Built-in rule first (top_k > n_experts cannot exist), then the grid's own rules.
+    (Axis values are type-checked before expansion: top_k and n_experts are ints.)"""
+    if "n_experts" in point and point.get("top_k", 0) > point["n_experts"]:
         return f"rule: top_k > n_experts ({point['top_k']} > {point['n_experts']})"
     for when, reason in rules:
         if all(point.get(k) in (v if isinstance(v, list) else [v]) for k, v in when.items()):

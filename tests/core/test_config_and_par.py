@@ -8,8 +8,8 @@ from factorllm_core.router import Routing
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(n_experts=4, top_k=5), r"top_k=5 must satisfy 1 <= top_k <= n_experts=4"),
     (dict(n_experts=4, top_k=0), r"top_k=0 must satisfy"),
-    (dict(n_experts=0, top_k=1), r"n_experts=0 must be >= 1"),
-    (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers=0 must be >= 1"),
+    (dict(n_experts=0, top_k=1), r"n_experts=0 must be in \[1, 4096\]"),
+    (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers=0 must be in \[1, 64\]"),
     (dict(n_experts=4, top_k=1.5), r"top_k=1.5 must be an integer"),
     (dict(n_experts=4, top_k=1, partition="kmeans"),
      r"partition='kmeans' is not a known partition; allowed: cluster, contiguous, random"),
