@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -53,3 +55,21 @@ def non_finite_paths(value, path: str = "") -> list[str]:
     if isinstance(value, (list, tuple)):
         return [p for i, v in enumerate(value) for p in non_finite_paths(v, f"{path}[{i}]")]
     return []
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at `path`, or None when there is none. A corrupt or unreadable one
+    (a torn write, a full disk, an edit) is named in a warning and treated as
+    missing, so the trial runs again instead of the whole sweep stopping."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "status" not in record:
+            raise ValueError("not a trial record (no status)")
+        return record
+    except (OSError, ValueError) as error:
+        print(f"warning: unreadable record {path} ({type(error).__name__}: {error}); treated as missing, "
+              f"the trial runs again", file=sys.stderr, flush=True)
+        return None

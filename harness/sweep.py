@@ -15,18 +15,22 @@ Layout under `storage` (a local or shared NFS path; every node must see it):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .cache import write_json_atomic
 from .config import ConfigError, TrialConfig
 from .grid import Resources, Sweep, load_grid, trial_table
 from .models import model_fingerprint
-from .record import RECORD_FILE
+from .record import RECORD_FILE, read_record
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Progress bars garble Ray's log forwarding: workers log one line per stage (and per
@@ -78,7 +82,7 @@ def resolve_resources(resources: Resources, cluster: dict) -> dict:
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
 
 
-def progress_callback(total: int):
+def progress_callback(total: int, max_failures: int = 0):
     """A Tune callback printing one line per finished trial (Ray is imported lazily)."""
     from ray.tune import Callback
 
@@ -93,9 +97,14 @@ def progress_callback(total: int):
             print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
                   f"{result.get('trial')}: {result.get('status')} {numbers}", flush=True)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[sweep] {trial.config['params']['id']}: error in Ray (retried up to max_failures)",
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"[sweep] {trial.config['params']['id']}: its worker failed; Ray retries it "
+                  f"(failure {trial.num_failures} of at most {max_failures + 1}), resuming from its checkpoint",
                   flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[sweep] {trial.config['params']['id']}: failed {trial.num_failures} time(s) in Ray; "
+                  f"no retries left (failure.max_failures = {max_failures})", flush=True)
 
     return Progress()
 
@@ -110,6 +119,50 @@ def quiet_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # workers keep the driver's working directory (lm-eval asks git there for its hash)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+
+class DamagedState(RuntimeError):
+    """Ray's saved experiment state cannot be read back."""
+
+
+def restore_tuner(tune, experiment: Path, trainable):
+    """Tuner.restore, with a damaged state turned into one actionable message."""
+    try:
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    except Exception as error:  # Ray raises whatever its damaged files trigger (EOFError, KeyError, ...)
+        raise DamagedState(f"Ray's experiment state in {experiment} cannot be restored "
+                           f"({type(error).__name__}: {error}). Completed trials are safe in their records: "
+                           f"run the same command without --resume, and only the unfinished trials run "
+                           f"again (their training checkpoints are reused)") from None
+
+
+class SweepRunning(RuntimeError):
+    """Another sweep of the same name holds the storage."""
+
+
+@contextmanager
+def sweep_lock(storage: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on <storage>/<name>/.sweep.lock for the sweep's duration:
+    a second sweep of the same grid on the same storage is refused at once instead of
+    computing every trial twice. (fcntl locks: local disks and NFSv4.)"""
+    path = storage / name / ".sweep.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SweepRunning(f"sweep {name!r} is already running on {storage} ({holder}); wait for it to "
+                               f"finish, or give this one another name or storage") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None,
@@ -129,7 +182,7 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
                              cpus=sweep.resources.cpus_per_trial), resources)
     experiment = storage / sweep.name
     if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        tuner = restore_tuner(tune, experiment, trainable)
     else:
         params = [{"id": t.trial_id, "config": t.to_dict()} for t in sweep.trials]
         tuner = tune.Tuner(
@@ -140,15 +193,13 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
                                         trial_dirname_creator=lambda t: t.config["params"]["id"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
-                                      callbacks=[progress_callback(len(sweep.trials))]))
+                                      callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)]))
     results = tuner.fit()
     return collect_records(sweep, storage, results)
 
 
 def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict | None]:
     """Each trial's record; a trial Ray gave up on gets a failed record with Ray's reason."""
-    import json
-
     errors = {}
     for result in results or []:
         if result.error is not None and result.config:
@@ -156,8 +207,9 @@ def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict
     records = {}
     for config in sweep.trials:
         path = trial_dir(config, storage, sweep.name) / config.trial_id / RECORD_FILE
-        if path.exists():
-            records[config.trial_id] = json.loads(path.read_text())
+        record = read_record(path)
+        if record is not None:
+            records[config.trial_id] = record
         elif config.trial_id in errors:
             record = {"schema": 1, "trial_id": config.trial_id, "label": config.label,
                       "config": config.to_dict(), "status": "failed",
@@ -190,10 +242,20 @@ def main(argv=None) -> int:
     storage = Path(args.storage or sweep.storage).expanduser().resolve()
     start = time.perf_counter()
     try:
-        records = run_sweep(sweep, storage, resume=args.resume, address=args.address, cache_dir=args.cache_dir)
-    except KeyboardInterrupt:
-        records = collect_records(sweep, storage)
-    return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
+        with sweep_lock(storage, sweep.name):
+            try:
+                records = run_sweep(sweep, storage, resume=args.resume, address=args.address,
+                                    cache_dir=args.cache_dir)
+            except KeyboardInterrupt:
+                records = collect_records(sweep, storage)
+            return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
+    except (SweepRunning, DamagedState) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a full disk under storage: one line, not a traceback
+        print(f"error: {type(error).__name__}: {error} (storage {storage}); records already written are kept",
+              file=sys.stderr)
+        return 1
 
 
 def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path: str) -> int:

@@ -191,8 +191,11 @@ def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
              "churn": None if churn is None else churn.state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 
 
 def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from .heldout import heldout_measures, heldout_sequences, next_token_logprobs
 from .latency import measure_latency
 from .models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
 from .probe import probe_tokens
-from .record import RECORD_FILE, environment, non_finite_paths
+from .record import RECORD_FILE, environment, non_finite_paths, read_record
 from .train import make_batches, train
 
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
@@ -231,12 +230,8 @@ def _now() -> str:
 
 
 def existing_record(config: TrialConfig, out_dir: Path) -> dict | None:
-    path = Path(out_dir) / config.trial_id / RECORD_FILE
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("status") == "completed":
-            return record
-    return None
+    record = read_record(Path(out_dir) / config.trial_id / RECORD_FILE)
+    return record if record and record.get("status") == "completed" else None
 
 
 def run_trial(config: TrialConfig, out_dir: str | Path, **kwargs) -> dict:
@@ -285,7 +280,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     use_offline_mode_if_hub_unreachable()
-    record = run_trial(config, args.out, cache_dir=args.cache_dir)
+    try:
+        record = run_trial(config, args.out, cache_dir=args.cache_dir)
+    except OSError as error:  # the record itself could not be written (a full disk): one line
+        print(f"error: {type(error).__name__}: {error} (under {args.out})", file=sys.stderr)
+        return 1
     print("\n".join(summary_lines(record)))
     return 0 if record["status"] == "completed" else 1
 

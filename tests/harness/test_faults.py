@@ -1,0 +1,141 @@
+"""Faults: corrupt records, failed writes, a second sweep on the same storage, a damaged
+Ray state on --resume, retries. Each becomes a clear outcome, never a bare traceback."""
+
+import errno
+import fcntl
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from harness import sweep as sweep_module
+from harness.cache import write_json_atomic
+from harness.config import TrialConfig
+from harness.record import read_record
+from harness.trial import existing_record
+
+
+def test_a_corrupt_record_is_named_and_treated_as_missing(tmp_path, capsys):
+    config = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
+    path = tmp_path / config.trial_id / "record.json"
+    path.parent.mkdir()
+    path.write_text('{"status": "compl')  # a torn write
+    assert existing_record(config, tmp_path) is None  # the trial runs again
+    err = capsys.readouterr().err
+    assert str(path) in err and "treated as missing" in err
+    path.write_text(json.dumps({"status": "completed", "trial_id": config.trial_id}))
+    assert existing_record(config, tmp_path)["status"] == "completed"
+    path.write_text("[1, 2]")
+    assert read_record(path) is None
+
+
+def test_collect_records_treats_a_corrupt_record_as_unfinished(tmp_path):
+    from harness.grid import expand_grid
+
+    sweep = expand_grid({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]},
+                         "dense_baseline": False, "name": "s"})
+    (trial,) = sweep.trials
+    path = sweep_module.trial_dir(trial, tmp_path, "s") / trial.trial_id / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert sweep_module.collect_records(sweep, tmp_path) == {trial.trial_id: None}
+
+
+def test_a_failed_write_leaves_no_temp_file_and_keeps_the_old_record(tmp_path, monkeypatch):
+    path = tmp_path / "record.json"
+    write_json_atomic(path, {"status": "completed"})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(path, {"status": "failed"})
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    assert json.loads(path.read_text()) == {"status": "completed"}
+
+
+def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import torch
+
+    from harness import train
+
+    monkeypatch.setattr(torch, "save", lambda state, path: (open(path, "wb").write(b"torn"), (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device"))))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(OSError, match="No space left"):
+        train._save_state(model, optimizer, scheduler, train.TrainSummary(), tmp_path / "train_state.pt", None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_sweep_on_the_same_storage_and_name_is_refused(tmp_path):
+    with sweep_module.sweep_lock(tmp_path, "default"):
+        with pytest.raises(sweep_module.SweepRunning, match=r"sweep 'default' is already running on .* \(pid \d+ on "):
+            with sweep_module.sweep_lock(tmp_path, "default"):
+                pass
+        with sweep_module.sweep_lock(tmp_path, "other"):  # another name is another sweep
+            pass
+    with sweep_module.sweep_lock(tmp_path, "default"):  # released after the first one ends
+        pass
+
+
+def test_the_sweep_command_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"name: locked\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
+                    f"top_k: [2]}}\n")
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: pytest.fail("ran while locked"))
+    lock = tmp_path / "locked" / ".sweep.lock"
+    lock.parent.mkdir()
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write("pid 12345 on elsewhere")
+        handle.flush()
+        assert sweep_module.main([str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep 'locked' is already running") and "pid 12345 on elsewhere" in err
+
+
+def test_a_damaged_ray_state_on_resume_says_what_to_do(tmp_path, capsys, monkeypatch):
+    def restore(path, trainable, resume_errored):
+        raise KeyError("params")  # what Ray's trial name creators raised on a truncated state
+
+    fake_tune = SimpleNamespace(Tuner=SimpleNamespace(restore=restore))
+    with pytest.raises(sweep_module.DamagedState) as error:
+        sweep_module.restore_tuner(fake_tune, tmp_path / "broken", trainable=None)
+    assert "cannot be restored (KeyError: 'params')" in str(error.value) and "without --resume" in str(error.value)
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"name: broken\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
+                    f"top_k: [2]}}\n")
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(error.value))
+    assert sweep_module.main([str(grid), "--resume"]) == 2
+    assert capsys.readouterr().err.startswith("error: Ray's experiment state in")
+
+
+def test_a_full_disk_during_the_sweep_is_one_line(tmp_path, capsys, monkeypatch):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"name: full\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
+                    f"top_k: [2]}}\n")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sweep_module, "run_sweep", full)
+    assert sweep_module.main([str(grid)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "records already written are kept" in err[0]
+
+
+def test_retries_are_announced_in_one_line(capsys):
+    pytest.importorskip("ray")
+    progress = sweep_module.progress_callback(total=3, max_failures=2)
+    trial = SimpleNamespace(config={"params": {"id": "1R4E2K-abc"}}, num_failures=1)
+    progress.on_trial_recover(0, [], trial)
+    trial.num_failures = 3
+    progress.on_trial_error(0, [], trial)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["[sweep] 1R4E2K-abc: its worker failed; Ray retries it (failure 1 of at most 3), "
+                   "resuming from its checkpoint",
+                   "[sweep] 1R4E2K-abc: failed 3 time(s) in Ray; no retries left (failure.max_failures = 2)"]
