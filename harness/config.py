@@ -235,6 +235,12 @@ class TrialConfig:
     factor: FactorConfig fields (n_experts, top_k, n_routers, partition, combine,
         router_mode, pseudo_label, seed), or null for the dense baseline.
     device: auto | cpu | cuda | cuda:N.  trust_remote_code: allow hub models' own code.
+    precision: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: the evaluation dtype
+        and, for bf16, autocast in training. bf16 on CPU runs the GPU path's numerics
+        on a machine without one.
+    dispatch: the factorized model's expert dispatch in training, evaluation and FLOP
+        counting: auto (the fast path for the device) or reference | sorted | grouped
+        (fused is inference-only; see latency.dispatch for timing).
     """
 
     model: str = "smollm2-135m"
@@ -246,6 +252,8 @@ class TrialConfig:
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
+    precision: str = "auto"
+    dispatch: str = "auto"
 
     @property
     def is_dense(self) -> bool:
@@ -266,6 +274,9 @@ class TrialConfig:
         data.pop("device")
         if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
+        for name in ("precision", "dispatch"):  # the same, for these two
+            if data[name] == "auto" or (name == "dispatch" and self.factor is None):
+                data.pop(name)
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
         kind = "dense" if self.factor is None else self.factor.name
         return f"{kind}-{digest}"
@@ -294,6 +305,18 @@ class TrialConfig:
 
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def trainable_dispatch() -> list[str]:
+    return ["auto"] + [name for name in DISPATCH.names() if name != "fused"]
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto -> bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
 SECTIONS = {"train": TrainConfig, "eval": EvalConfig, "flops": FlopsConfig, "latency": LatencyConfig}
 
 
@@ -320,9 +343,10 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 kwargs["factor"] = FactorConfig.from_dict(factor)
             except (ValueError, TypeError) as error:
                 problems.append(f"factor.{error}")
-    for name in ("model", "seed", "device", "trust_remote_code"):
+    for name in ("model", "seed", "device", "trust_remote_code", "precision", "dispatch"):
         if name in data:
-            expected = {"model": str, "seed": int, "device": str, "trust_remote_code": bool}[name]
+            expected = {"model": str, "seed": int, "device": str, "trust_remote_code": bool, "precision": str,
+                        "dispatch": str}[name]
             coerced, ok = _coerce(data[name], expected)
             if not ok:
                 problems.append(f"{name}: {short(data[name])} must be {_type_name(expected)}")
@@ -330,6 +354,11 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 kwargs[name] = coerced
     if isinstance(kwargs.get("device"), str) and not DEVICE.match(kwargs["device"]):
         problems.append(f"device: {short(kwargs['device'])} is not a device; allowed: auto, cpu, cuda, cuda:N")
+    if isinstance(kwargs.get("precision"), str) and kwargs["precision"] not in PRECISIONS:
+        problems.append(f"precision: {short(kwargs['precision'])} must be one of {', '.join(PRECISIONS)}")
+    if isinstance(kwargs.get("dispatch"), str) and kwargs["dispatch"] not in trainable_dispatch():
+        problems.append(f"dispatch: {short(kwargs['dispatch'])} must be one of {', '.join(trainable_dispatch())} "
+                        "(fused is inference-only: time it with latency.dispatch)")
     if isinstance(kwargs.get("seed"), int) and not 0 <= kwargs["seed"] < 2 ** 31:
         problems.append(f"seed: {kwargs['seed']} must be in [0, 2**31)")
     if isinstance(kwargs.get("model"), str) and not kwargs["model"].strip():

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from .config import SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, short
+from .config import (SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, resolve_precision,
+                     short)
 from .corpora import resolve_corpus
 from .models import ModelUnavailable, ffn_width
 
@@ -81,9 +82,18 @@ class Sweep:
     def baselines(self) -> list[TrialConfig]:
         return [t for t in self.trials if t.is_dense]
 
+    def with_precision(self, on_gpu: bool) -> "Sweep":
+        """Every trial's `precision: auto` fixed for where it runs (GPU workers: bf16, CPU:
+        fp32), so records made on another device or dtype never share a trial id, and a
+        variant is never paired with, nor reuses, a dense baseline made in another dtype."""
+        def fixed(t: TrialConfig) -> TrialConfig:
+            device = t.device if t.device != "auto" else ("cuda" if on_gpu else "cpu")
+            return replace(t, precision=resolve_precision(t.precision, device))
+        return replace(self, trials=[fixed(t) for t in self.trials])
+
 
 TOP_KEYS = ("name", "storage", "axes", "include", "skip", "dense_baseline", "factor", "train", "eval",
-            "flops", "latency", "resources", "failure", "device", "trust_remote_code")
+            "flops", "latency", "resources", "failure", "device", "trust_remote_code", "precision", "dispatch")
 
 
 def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
@@ -222,7 +232,7 @@ def _place(trial: dict, axis: str, value) -> None:
 
 
 def _base_trial(data: dict) -> dict:
-    base = {k: data[k] for k in ("device", "trust_remote_code") if k in data}
+    base = {k: data[k] for k in ("device", "trust_remote_code", "precision", "dispatch") if k in data}
     for section in SECTIONS:
         if section in data:  # mappings (checked before expansion)
             base[section] = dict(data[section] or {})

@@ -166,8 +166,9 @@ def sweep_lock(storage: Path, name: str) -> Iterator[None]:
 
 
 def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None,
-              cache_dir: str | None = None) -> dict[str, dict | None]:
-    """Dispatch every trial with Ray Tune; returns {trial_id: record or None if unfinished}."""
+              cache_dir: str | None = None) -> tuple[Sweep, dict[str, dict | None]]:
+    """Dispatch every trial with Ray Tune; returns the sweep with its precision fixed for
+    the cluster's workers and {trial_id: record or None if unfinished (Ctrl-C)}."""
     quiet_ray()
     import ray
     from ray import tune
@@ -177,6 +178,7 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
         ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
                  log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     resources = resolve_resources(sweep.resources, ray.cluster_resources())
+    sweep = sweep.with_precision(on_gpu=resources["gpu"] > 0)
     trainable = tune.with_resources(
         tune.with_parameters(trial_worker, storage=str(storage), name=sweep.name, cache_dir=cache_dir,
                              cpus=sweep.resources.cpus_per_trial), resources)
@@ -194,8 +196,11 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
                                       callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)]))
-    results = tuner.fit()
-    return collect_records(sweep, storage, results)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        return sweep, collect_records(sweep, storage)
+    return sweep, collect_records(sweep, storage, results)
 
 
 def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict | None]:
@@ -236,17 +241,20 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    sweep = sweep.with_precision(on_gpu=_expect_gpu(sweep))
     print(trial_table(sweep))
     if args.dry_run:
+        print("(precision auto is fixed by where trials run: fp32 on CPU workers, bf16 on GPU workers; "
+              f"shown for {'GPU' if _expect_gpu(sweep) else 'CPU'} workers)")
         return 0
     storage = Path(args.storage or sweep.storage).expanduser().resolve()
     start = time.perf_counter()
     try:
         with sweep_lock(storage, sweep.name):
             try:
-                records = run_sweep(sweep, storage, resume=args.resume, address=args.address,
-                                    cache_dir=args.cache_dir)
-            except KeyboardInterrupt:
+                sweep, records = run_sweep(sweep, storage, resume=args.resume, address=args.address,
+                                           cache_dir=args.cache_dir)
+            except KeyboardInterrupt:  # before Ray started dispatching
                 records = collect_records(sweep, storage)
             return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
     except (SweepRunning, DamagedState) as error:
@@ -256,6 +264,16 @@ def main(argv=None) -> int:
         print(f"error: {type(error).__name__}: {error} (storage {storage}); records already written are kept",
               file=sys.stderr)
         return 1
+
+
+def _expect_gpu(sweep: Sweep) -> bool:
+    """Whether trials will get a GPU, judged on this machine (the cluster decides at run time)."""
+    gpus = sweep.resources.gpus_per_trial
+    if gpus != "auto":
+        return float(gpus) > 0
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path: str) -> int:

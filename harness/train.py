@@ -86,11 +86,14 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
 
 def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
           on_step: Callable[[int], None] | None = None, show_progress: bool = True,
-          log: Callable[[str], None] | None = None, churn: ChurnMonitor | None = None) -> TrainSummary:
+          log: Callable[[str], None] | None = None, churn: ChurnMonitor | None = None,
+          bf16: bool | None = None) -> TrainSummary:
     """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
     Progress: a tqdm bar, or (show_progress=False, e.g. in Ray workers) a `log` line
     about every 10% of the budget. `churn`, if given, measures routing churn after
-    its steps (its state is checkpointed with the rest)."""
+    its steps (its state is checkpointed with the rest). `bf16`: autocast to bf16
+    (default: on CUDA only)."""
+    bf16 = device.startswith("cuda") if bf16 is None else bf16
     summary = TrainSummary(trainable_params=mark_trainable(model))
     total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +112,7 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     start, start_tokens = time.perf_counter() - summary.seconds, summary.tokens
     for step in range(summary.steps, total_steps):
         micro = batches[step * config.grad_accum:(step + 1) * config.grad_accum]
-        terms = _optimizer_step(model, micro, config, device, optimizer, params, step)
+        terms = _optimizer_step(model, micro, config, device, optimizer, params, step, bf16)
         scheduler.step()
         summary.steps, summary.micro_batches = step + 1, summary.micro_batches + len(micro)
         summary.tokens += sum(b["tokens"] for b in micro)
@@ -139,10 +142,10 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     return summary
 
 
-def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step):
+def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16):
     sums = {"lm": 0.0, "pa": None, "balance": 0.0}
     for batch in micro:
-        with _autocast(device), collect_aux(model) as aux:
+        with autocast(device, bf16), collect_aux(model) as aux:
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                         labels=batch["labels"].to(device), use_cache=False)
             pa, balance = aux.pa_loss(), aux.balance_loss()
@@ -164,10 +167,9 @@ def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, 
     return sums
 
 
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device: str, bf16: bool):
+    """bf16 autocast on the device's type (CUDA or CPU), or none."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
 
 
 def _crossed_decile(tokens: int, micro: list[dict], budget: int) -> bool:

@@ -26,12 +26,12 @@ from typing import Callable
 
 import torch
 
-from factorllm_core import defactorize, factorize
+from factorllm_core import defactorize, factorize, factorized_layers
 
 from .analysis import ChurnMonitor, analyze_routing
 from .benchmarks import evaluate
 from .cache import write_json_atomic
-from .config import ConfigError, TrialConfig
+from .config import ConfigError, TrialConfig, resolve_precision
 from .corpora import pack, resolve_corpus, token_budget
 from .flops import count_dense_flops_cached, count_flops
 from .heldout import heldout_measures, heldout_sequences, next_token_logprobs
@@ -60,6 +60,7 @@ class Trial:
         self.dir = Path(out_dir) / config.trial_id
         self.show_progress, self.on_train_step = show_progress, on_train_step
         self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
         self.record: dict = {"schema": RECORD_SCHEMA, "trial_id": config.trial_id, "label": config.label,
                              "config": config.to_dict(), "status": "running", "error": None,
                              "stage_seconds": {}, "environment": environment(self.device)}
@@ -98,6 +99,8 @@ class Trial:
                 self.record["dense_reference"] = self._dense_reference()
             with self.stage("factorize"):
                 self.record["factorization"] = factorize(self.model, self.config.factor).to_dict()
+                for _, layer in factorized_layers(self.model):  # training, evaluation, FLOPs, analysis
+                    layer.experts.dispatch = self.config.dispatch
                 self.record["routing_at_factorization"] = analyze_routing(
                     self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)["summary"]
             with self.stage("train"):
@@ -131,6 +134,7 @@ class Trial:
                                 "params": sum(p.numel() for p in self.model.parameters()),
                                 "pretraining_tokens": pretraining_tokens(self.config.model)}
         self.record["eval_dtype"] = str(self._eval_dtype()).removeprefix("torch.")
+        self.record["precision"] = self.precision  # bf16: evaluation in bf16 and bf16 autocast in training
 
     def _dense_reference(self) -> dict:
         """Before factorization, in the evaluation dtype (a bf16 copy on GPU, so the fp32
@@ -166,7 +170,7 @@ class Trial:
         return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
 
     def _eval_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _train(self) -> None:
         cfg = self.config.train
@@ -180,7 +184,8 @@ class Trial:
         summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
                         on_step=self.on_train_step, show_progress=self.show_progress,
                         log=lambda line: self.log(f"[{self.config.trial_id}] {line}"),
-                        churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)))
+                        churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
+                        bf16=self.precision == "bf16")
         if summary.tokens != cfg.data_budget_tokens:
             raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens}")
         self.record["training"] = summary.to_dict()

@@ -58,8 +58,9 @@ def ray_cluster():
 def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, ray_cluster, cache_dir, capsys):
     # 5000 tokens exceed the tiny corpus: that trial must fail with the reason, the others finish
     grid = write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[200, 5000])
-    sweep = load_grid(grid)
-    records = run_sweep(sweep, tmp_path / "runs")
+    sweep, records = run_sweep(load_grid(grid), tmp_path / "runs")
+    assert {t.precision for t in sweep.trials} == {"fp32"}  # fixed for the CPU workers, part of each id
+    assert all(r["precision"] == "fp32" for r in records.values() if r["status"] == "completed")
     status = {tid: r["status"] for tid, r in records.items()}
     assert sorted(status.values()) == ["completed", "completed", "failed"]
     failed = next(r for r in records.values() if r["status"] == "failed")
@@ -97,3 +98,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp
     assert len(records) == 4 and all(r["status"] == "completed" for r in records.values())
     for path, started in first.items():
         assert records[path]["started_at"] == started  # finished trials were not re-run
+
+
+def test_precision_is_fixed_by_where_trials_run_and_keys_every_id():
+    from harness.grid import expand_grid
+
+    sweep = expand_grid({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [1, 2]}})
+    cpu, gpu = sweep.with_precision(on_gpu=False), sweep.with_precision(on_gpu=True)
+    assert {t.precision for t in cpu.trials} == {"fp32"} and {t.precision for t in gpu.trials} == {"bf16"}
+    # a CPU fp32 dense baseline can never be found (or reused) by a GPU bf16 sweep, nor a variant's record
+    assert not {t.trial_id for t in cpu.trials} & {t.trial_id for t in gpu.trials}
+    pinned = expand_grid({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}, "device": "cpu"})
+    assert {t.precision for t in pinned.with_precision(on_gpu=True).trials} == {"fp32"}  # a CPU trial stays fp32

@@ -1,12 +1,13 @@
 """A whole trial on a tiny random Llama saved as a local checkpoint, with a tiny corpus."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from factorllm_core import factorized_layers
-from harness.config import TrialConfig
+from harness.config import ConfigError, TrialConfig
 from harness.trial import Trial, run_trial
 
 WORDS = ("the a cat dog sat ran on in mat house big small red blue one two and or but so "
@@ -179,3 +180,30 @@ def test_completed_trial_is_not_rerun(tiny_checkpoint, tiny_corpus, cache_dir, t
     monkeypatch.setattr("harness.trial.Trial.run", lambda self: pytest.fail("re-ran a completed trial"))
     again = run_trial(cfg, tmp_path / "runs")
     assert (again["trial_id"], again["started_at"]) == (first["trial_id"], first["started_at"])
+
+
+def test_the_gpu_path_on_cpu_bf16_and_grouped_dispatch(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    """What a CUDA trial does that CPU torch can run: bf16 evaluation, bf16 autocast
+    training and the host-sync-free `grouped` dispatch, forced. It completes with finite
+    numbers and the FLOPs of the `sorted` path."""
+    def with_path(dispatch):
+        data = config(tiny_checkpoint, tiny_corpus, "par").to_dict()
+        data.update(precision="bf16", dispatch=dispatch)
+        return TrialConfig.from_dict(data)
+
+    trial, record = run(with_path("grouped"), tmp_path / "grouped")
+    assert record["status"] == "completed", record["error"]
+    assert record["eval_dtype"] == "bfloat16" and record["precision"] == "bf16"
+    assert next(trial.model.parameters()).dtype == torch.bfloat16
+    assert {layer.experts.last_dispatch for _, layer in factorized_layers(trial.model)} == {"grouped"}
+    assert all(math.isfinite(v) for v in record["heldout"]["per_sequence_loss"] + record["heldout"]["per_sequence_kl"])
+    assert all(math.isfinite(step[1]) for step in record["training"]["history"])
+    _, sorted_record = run(with_path("sorted"), tmp_path / "sorted")
+    assert sorted_record["status"] == "completed", sorted_record["error"]
+    assert record["flops"] == sorted_record["flops"]
+    assert with_path("grouped").trial_id != config(tiny_checkpoint, tiny_corpus, "par").trial_id
+
+
+def test_fused_dispatch_is_refused_for_training():
+    with pytest.raises(ConfigError, match="dispatch: 'fused' must be one of auto, grouped, reference, sorted"):
+        TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "dispatch": "fused"})
