@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check of the dispatch issue in one run: at most 8.5 minutes (the step
-# limits below sum to 510 s), so it fits one 10-minute device call with a rerun left.
+# Every GPU check in one run: at most 9 minutes (the step limits below sum to 540 s),
+# so it fits one 10-minute device call. The last step is one whole factorized trial
+# through harness.trial (bf16 autocast training, grouped dispatch, held-out loss/KL,
+# latency with CUDA sync, routing analysis, an atomic record; benchmarks and fvcore
+# off: the device image has no lm-eval or fvcore), see benchmarks/gpu_trial.py.
 #     bash benchmarks/gpu_check.sh
 # Needs torch (CUDA), transformers and, for the `fused` column, triton; not ray,
 # lm-eval or fvcore, and the package need not be installed. Each step has its own
@@ -33,10 +36,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 $PY -c "import triton; print('triton', triton.__version__)" || echo "no triton: the fused column is left out"
 step 60 $PY benchmarks/dispatch_grad_check.py
-step 150 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu
+step 120 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu
 step 90 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs
 step 60 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256
 fused=$($PY -c "import triton" 2>/dev/null && echo ",fused")
-step 150 $PY benchmarks/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
+step 120 $PY benchmarks/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
+step 90 $PY benchmarks/gpu_trial.py
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "all steps ran"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi

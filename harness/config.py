@@ -153,6 +153,8 @@ class EvalConfig:
         in file order.
     heldout_tokens, heldout_seq_len: its first heldout_tokens tokens, cut into
         sequences of heldout_seq_len (the units its confidence intervals resample).
+    benchmarks: false skips the lm-eval benchmarks (the held-out measures still run):
+        for path checks on machines without lm-eval or the benchmark data.
     """
 
     tasks: tuple[str, ...] | str = "all"
@@ -164,6 +166,7 @@ class EvalConfig:
     heldout_text: str = "lee-news"
     heldout_tokens: int = 2048
     heldout_seq_len: int = 128
+    benchmarks: bool = True
 
     def problems(self) -> list[str]:
         out = []
@@ -274,6 +277,8 @@ class TrialConfig:
         data.pop("device")
         if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
+        if self.eval.benchmarks:
+            data["eval"].pop("benchmarks")  # likewise
         for name in ("precision", "dispatch"):  # the same, for these two
             if data[name] == "auto" or (name == "dispatch" and self.factor is None):
                 data.pop(name)

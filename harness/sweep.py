@@ -48,6 +48,7 @@ def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
 
 def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int) -> None:
     """Runs inside a Ray worker: one trial, then one report to Tune."""
+    import ray
     import torch
     from ray import tune
 
@@ -57,8 +58,9 @@ def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | No
     torch.set_num_threads(cpus)
     use_offline_mode_if_hub_unreachable()
     config = TrialConfig.from_dict(tune_config["params"]["config"])
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
     record = run_trial(config, trial_dir(config, Path(storage), name), cache_dir=cache_dir,
-                       show_progress=False, log=lambda line: print(line, flush=True))
+                       show_progress=False, log=lambda line: print(line, flush=True), where=where)
     tune.report(tune_metrics(record))
 
 
@@ -136,6 +138,22 @@ def restore_tuner(tune, experiment: Path, trainable):
                            f"again (their training checkpoints are reused)") from None
 
 
+class ClusterUnreachable(RuntimeError):
+    """--address names a Ray cluster this driver cannot join."""
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A host:port address must accept a TCP connection before Ray is asked to join it:
+    Ray itself retries an unreachable head for minutes before it says anything."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise ConnectionError(f"nothing answers at {address} ({error})") from None
+
+
 class SweepRunning(RuntimeError):
     """Another sweep of the same name holds the storage."""
 
@@ -175,8 +193,18 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
 
     storage.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
-                 log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        try:
+            _check_reachable(address)  # before Ray: it retries an unreachable head for minutes
+            ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
+                     log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            if not address:
+                raise
+            raise ClusterUnreachable(
+                f"could not join the Ray cluster at {address!r} ({type(error).__name__}: {str(error)[:300]}). "
+                "Check that `ray start --head` runs there and its port (default 6379) is reachable from this "
+                "machine, that this driver and every node run the same Ray and Python versions, and that "
+                "RAY_AUTH_MODE is set the same way on the head, every worker node and this driver") from None
     resources = resolve_resources(sweep.resources, ray.cluster_resources())
     sweep = sweep.with_precision(on_gpu=resources["gpu"] > 0)
     trainable = tune.with_resources(
@@ -257,7 +285,7 @@ def main(argv=None) -> int:
             except KeyboardInterrupt:  # before Ray started dispatching
                 records = collect_records(sweep, storage)
             return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
-    except (SweepRunning, DamagedState) as error:
+    except (SweepRunning, DamagedState, ClusterUnreachable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. a full disk under storage: one line, not a traceback

@@ -55,7 +55,9 @@ class Trial:
 
     def __init__(self, config: TrialConfig, out_dir: Path, cache_dir: str | Path | None = None,
                  log: Callable[[str], None] = print, show_progress: bool = True,
-                 on_train_step: Callable[[int], None] | None = None):
+                 on_train_step: Callable[[int], None] | None = None, where: dict | None = None):
+        """`where`: facts about the place it runs that the record should carry (a Ray
+        worker adds its node id and IP)."""
         self.config, self.cache_dir, self.log = config, cache_dir, log
         self.dir = Path(out_dir) / config.trial_id
         self.show_progress, self.on_train_step = show_progress, on_train_step
@@ -63,7 +65,7 @@ class Trial:
         self.precision = resolve_precision(config.precision, self.device)
         self.record: dict = {"schema": RECORD_SCHEMA, "trial_id": config.trial_id, "label": config.label,
                              "config": config.to_dict(), "status": "running", "error": None,
-                             "stage_seconds": {}, "environment": environment(self.device)}
+                             "stage_seconds": {}, "environment": environment(self.device) | (where or {})}
 
     @contextmanager
     def stage(self, name: str):
@@ -201,10 +203,14 @@ class Trial:
         return ChurnMonitor(self.model, self.probe[:, :CHURN_TOKENS], self.device, every)
 
     def _evaluate(self) -> None:
+        ev = self.config.eval
+        self.model.to(self._eval_dtype()).eval()
+        if not ev.benchmarks:
+            self.log(f"[{self.config.trial_id}] benchmarks off (eval.benchmarks: false)")
+            return
         from lm_eval.models.huggingface import HFLM
 
-        ev = self.config.eval
-        lm = HFLM(pretrained=self.model.to(self._eval_dtype()).eval(), tokenizer=self.tokenizer,
+        lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,
                   batch_size=ev.batch_size, device=self.device)
         results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
                            sample_seed=ev.sample_seed,

@@ -96,3 +96,17 @@ def test_fused_compile_check_flags_a_config_over_the_shared_memory(monkeypatch):
     gate_up, down = load("fused_compile_check").check(arch=90, configs=[too_big])
     assert gate_up.problems == [f"needs {gate_up.shared} B shared memory > 232448"]  # two weight tiles per stage
     assert down.problems == [] and down.pipelined and down.tensor_cores
+
+
+def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypatch):
+    """The GPU check's whole-trial step, on a tiny model on the CPU: it must not import
+    lm-eval or fvcore (the device image has neither) and must end completed."""
+    import harness.trial
+
+    gpu_trial = load("gpu_trial")
+    monkeypatch.setattr(harness.trial, "probe_tokens", harness.trial.probe_tokens)  # the script swaps it
+    for name in ("lm_eval", "fvcore"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of either now fails
+    assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "whole trial: completed" in out and "KL(dense || model)" in out and "precision fp32" in out

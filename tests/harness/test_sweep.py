@@ -9,40 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
+import sweep_assets
 from harness.grid import load_grid
 from harness.sweep import finish, run_sweep
 
-WORDS = ("the a cat dog sat ran on in mat house big small red blue one two and or but so "
-         "man woman is was he she it they").split()
 ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    import conftest
-
-    folder = tmp_path_factory.mktemp("assets")
-    conftest.make_tiny("llama").save_pretrained(folder / "ckpt")
-    conftest.make_word_tokenizer(WORDS).save_pretrained(folder / "ckpt")
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(40)]
-    (folder / "corpus.txt").write_text("\n\n".join(docs))
-    return folder
-
-
-def write_grid(path: Path, assets: Path, storage: Path, budgets, repeats: int = 1) -> Path:
-    path.write_text(yaml.safe_dump({
-        "name": "tiny", "storage": str(storage), "device": "cpu",
-        "axes": {"model": [str(assets / "ckpt")], "n_experts": [4], "top_k": [2],
-                 "data_budget_tokens": budgets},
-        "train": {"corpus": str(assets / "corpus.txt"), "seq_len": 32, "batch_size": 2, "lr": 1e-3},
-        "eval": {"tasks": ["arc_easy"], "limit": 1},
-        "flops": {"seq_len": 32}, "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": repeats, "warmup": 0},
-        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 1}, "failure": {"max_failures": 0}}))
-    return path
+    return sweep_assets.make_assets(tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +34,7 @@ def ray_cluster():
 
 def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, ray_cluster, cache_dir, capsys):
     # 5000 tokens exceed the tiny corpus: that trial must fail with the reason, the others finish
-    grid = write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[200, 5000])
+    grid = sweep_assets.write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[200, 5000])
     sweep, records = run_sweep(load_grid(grid), tmp_path / "runs")
     assert {t.precision for t in sweep.trials} == {"fp32"}  # fixed for the CPU workers, part of each id
     assert all(r["precision"] == "fp32" for r in records.values() if r["status"] == "completed")
@@ -74,7 +51,7 @@ def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, r
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp_path, cache_dir):
-    grid = write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150)
+    grid = sweep_assets.write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150)
     command = [sys.executable, "-m", "harness.sweep", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
