@@ -14,6 +14,7 @@ sequences. The grid refuses a held-out text that is also the training corpus.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -37,16 +38,19 @@ def heldout_sequences(tokenizer, config: EvalConfig, max_len: int | None = None)
 
 
 @torch.no_grad()
-def next_token_logprobs(model, sequences: torch.Tensor, device: str) -> list[torch.Tensor]:
+def _logprobs_per_sequence(model, sequences: torch.Tensor, device: str) -> Iterator[torch.Tensor]:
     """Per sequence, log-softmax of the model's next-token logits at positions
-    0..L-2, (L-1, vocab) float32 on the CPU. Kept for the dense model only (a trial
-    compares its factorized model with them): 2,048 tokens x 49,152 = 0.4 GB."""
+    0..L-2, (L-1, vocab) float32 on the CPU, one sequence at a time."""
     model.eval()
-    out = []
     for row in sequences:
         logits = model(input_ids=row[None].to(device), use_cache=False).logits[0, :-1]
-        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-    return out
+        yield torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def next_token_logprobs(model, sequences: torch.Tensor, device: str) -> list[torch.Tensor]:
+    """All sequences' log-probabilities, kept: for the dense model only (a trial compares
+    its factorized model with them; 2,048 tokens x 49,152 = 0.4 GB)."""
+    return list(_logprobs_per_sequence(model, sequences, device))
 
 
 @torch.no_grad()
@@ -55,7 +59,7 @@ def heldout_measures(model, sequences: torch.Tensor, device: str,
     """Mean next-token loss (nats) per sequence and, given the dense model's
     log-probabilities on the same sequences, mean KL(dense || model) per sequence."""
     losses, kls = [], []
-    for i, logprobs in enumerate(next_token_logprobs(model, sequences, device)):
+    for i, logprobs in enumerate(_logprobs_per_sequence(model, sequences, device)):  # streamed: one in memory
         targets = sequences[i, 1:]
         losses.append(float(-logprobs.gather(1, targets[:, None]).mean()))
         if dense_logprobs is not None:

@@ -106,7 +106,9 @@ def trial_frame(records: list[dict]) -> pd.DataFrame:
     if not done:
         return pd.DataFrame()
     tasks, dense = task_order(done), dense_baselines(done)
-    frame = pd.DataFrame([_row(r, tasks) | _derived(r, dense.get(eval_key(r)), tasks) for r in done])
+    above = {key: dense_above_chance(d, d["config"]["eval"]["tasks"]) for key, d in dense.items()}  # once each
+    frame = pd.DataFrame([_row(r, tasks) | _derived(r, dense.get(eval_key(r)), tasks, above.get(eval_key(r)))
+                          for r in done])
     return frame.sort_values(["model", "is_dense", "n_experts", "n_routers", "top_k", "router_mode",
                               "partition", "budget", "seed"], ascending=[True, False, True, True, True,
                                                                           True, True, True, True],
@@ -169,7 +171,9 @@ def _columns(prefix: str, estimate: Estimate) -> dict:
     return {prefix: estimate.value, f"{prefix}_lo": estimate.low, f"{prefix}_hi": estimate.high}
 
 
-def _derived(record: dict, dense: dict | None, tasks: list[str]) -> dict:
+def _derived(record: dict, dense: dict | None, tasks: list[str],
+             dense_chance: tuple[list[str], list[str]] | None) -> dict:
+    """`dense_chance`: dense_above_chance of the baseline, computed once per baseline."""
     configured = record["config"]["eval"]["tasks"]
     out = _columns("average", _average(record, configured))
     held = record.get("heldout") or {}
@@ -180,7 +184,7 @@ def _derived(record: dict, dense: dict | None, tasks: list[str]) -> dict:
         return out
     paired = aligned([record, dense], configured)
     out |= _columns("maintenance_pct", stats.paired_ci(stats.maintenance, paired) if paired else Estimate.missing())
-    included, at_chance = dense_above_chance(dense, configured)
+    included, at_chance = dense_chance  # same eval key, so the same task list
     out["cn_benchmarks"], out["dense_at_chance"] = ",".join(included), ",".join(at_chance)
     if paired and included:
         chance = {b: dense["metrics"][b]["chance"] for b in included}
