@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -293,10 +293,26 @@ class BenchmarkResult:
     metrics: dict  # every metric lm-eval reported, e.g. {"acc": .., "acc_stderr": ..}
     chance: float | None = None  # see CHANCE_RULES, on the evaluated items
     chance_rule: str | None = None
-    items: dict | None = None  # per item: id, correct, pred, gold, n_choices (parallel lists)
+    items: dict | None = None  # per item: id, correct, pred, gold, n_choices, lls (parallel lists)
+    lm_paths: dict | None = None  # requests per path of the LM that scored them (SharedPrefixLM.paths)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+LM_KINDS = ("shared", "hflm")  # eval.lm: harness.shared_prefix.SharedPrefixLM | lm-eval's HFLM
+
+
+def make_lm(kind: str, model, tokenizer, batch_size: int, device: str):
+    """The lm-eval LM that scores a model: `shared` runs each shared context once and
+    gives HFLM's log-likelihoods (see harness/shared_prefix.py); `hflm` is lm-eval's own."""
+    if kind == "shared":
+        from .shared_prefix import SharedPrefixLM as lm_class
+    elif kind == "hflm":
+        from lm_eval.models.huggingface import HFLM as lm_class
+    else:
+        raise ValueError(f"lm {kind!r} must be one of {', '.join(LM_KINDS)}")
+    return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
 def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "local",
@@ -309,8 +325,13 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
     results = {}
     for name in resolve_task_names(names):
         start = time.perf_counter()
+        paths_before = dict(getattr(lm, "paths", {}))
         out, row_of = _run_lm_eval(lm, name, limit, sample_seed, source, num_fewshot)
-        results[name] = _parse(name, out, time.perf_counter() - start, row_of)
+        result = _parse(name, out, time.perf_counter() - start, row_of)
+        if hasattr(lm, "paths"):
+            paths = {k: v - paths_before.get(k, 0) for k, v in lm.paths.items() if v - paths_before.get(k, 0)}
+            result = replace(result, lm_paths=paths)
+        results[name] = result
         if progress:
             progress(results[name])
     return results
@@ -319,25 +340,29 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
 def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, list[int] | None]) -> dict:
     """lm-eval's logged samples -> compact per-item lists, ordered by item id: the
     split's row index (MMLU: subject/row), whatever subset lm-eval was given.
-    pred is the choice the headline metric took (acc: highest log-likelihood;
+    lls are the log-likelihoods of the item's choices, in lm-eval's order; scores what
+    pred maximises (lls, or lls per character under acc_norm). pred is the choice the headline metric took (acc: highest log-likelihood;
     acc_norm: highest log-likelihood per character of the continuation, as lm-eval)."""
     metric = BENCHMARKS.get(name).metric
     rows = []
     for task, examples in samples.items():
         for ex in examples:
-            lls = np.array([resp[0] for resp in ex["filtered_resps"]], dtype=float)
+            lls = [float(resp[0]) for resp in ex["filtered_resps"]]
+            scores = np.array(lls)
             if metric == "acc_norm":
-                lls = lls / np.array([float(len(args[1])) for args in ex["arguments"]])
-            pred, correct = int(np.argmax(lls)), int(ex[metric])
+                scores = scores / np.array([float(len(args[1])) for args in ex["arguments"]])
+            scores = [float(x) for x in scores]
+            pred, correct = int(np.argmax(scores)), int(ex[metric])
             gold = ex["target"] if isinstance(ex["target"], int) else None
             if gold is None and len(lls) == 2:  # Winogrande's target is the continuation text
                 gold = pred if correct else 1 - pred
             row = ex["doc_id"] if row_of[task] is None else row_of[task][ex["doc_id"]]
-            rows.append(((task, row), correct, pred, gold, len(lls)))
+            rows.append(((task, row), correct, pred, gold, len(lls), lls, scores))
     rows.sort()
     rows = [(f"{task.removeprefix('mmlu_')}/{row}" if name == "mmlu" else str(row), *rest)
             for (task, row), *rest in rows]
-    return {key: [row[i] for row in rows] for i, key in enumerate(("id", "correct", "pred", "gold", "n_choices"))}
+    keys = ("id", "correct", "pred", "gold", "n_choices", "lls", "scores")
+    return {key: [row[i] for row in rows] for i, key in enumerate(keys)}
 
 
 def _parse(name: str, out: dict, seconds: float, row_of: dict[str, list[int] | None]) -> BenchmarkResult:

@@ -21,7 +21,7 @@ import yaml
 
 from factorllm_core import DISPATCH, FactorConfig
 
-from .benchmarks import resolve_task_names
+from .benchmarks import LM_KINDS, resolve_task_names
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -155,6 +155,9 @@ class EvalConfig:
         sequences of heldout_seq_len (the units its confidence intervals resample).
     benchmarks: false skips the lm-eval benchmarks (the held-out measures still run):
         for path checks on machines without lm-eval or the benchmark data.
+    lm: shared (default) scores each distinct context once and the continuations
+        from its KV cache, HFLM's log-likelihoods up to float rounding at a
+        fraction of the cost (harness/shared_prefix.py); hflm is lm-eval's HFLM.
     """
 
     tasks: tuple[str, ...] | str = "all"
@@ -167,9 +170,12 @@ class EvalConfig:
     heldout_tokens: int = 2048
     heldout_seq_len: int = 128
     benchmarks: bool = True
+    lm: str = "shared"
 
     def problems(self) -> list[str]:
         out = []
+        if self.lm not in LM_KINDS:
+            out.append(f"eval.lm: {short(self.lm)} must be one of {', '.join(LM_KINDS)}")
         try:
             if not self.task_names():
                 out.append(f"eval.tasks: {short(self.tasks)} names no benchmark; use 'all' or a list of names")

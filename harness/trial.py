@@ -29,7 +29,7 @@ import torch
 from factorllm_core import defactorize, factorize, factorized_layers
 
 from .analysis import ChurnMonitor, analyze_routing
-from .benchmarks import evaluate
+from .benchmarks import evaluate, make_lm
 from .cache import write_json_atomic
 from .config import ConfigError, TrialConfig, resolve_precision
 from .corpora import pack, resolve_corpus, token_budget
@@ -208,15 +208,14 @@ class Trial:
         if not ev.benchmarks:
             self.log(f"[{self.config.trial_id}] benchmarks off (eval.benchmarks: false)")
             return
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,
-                  batch_size=ev.batch_size, device=self.device)
+        lm = make_lm(ev.lm, self.model, self.tokenizer, ev.batch_size, self.device)
         results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
                            sample_seed=ev.sample_seed,
                            progress=lambda r: self.log(f"  {r.name}: {r.metric}={r.value:.4f} (n={r.n}, "
                                                        f"{r.seconds:.0f} s)"))
         self.record["metrics"] = {name: r.to_dict() for name, r in results.items()}
+        self.record["eval_lm"] = {"lm": ev.lm, "requests": dict(getattr(lm, "paths", {})),
+                                  "hflm_reason": getattr(lm, "hflm_reason", None)}
 
     def _check_finite(self) -> None:
         bad = non_finite_paths({k: self.record.get(k) for k in ("metrics", "flops", "latency", "training", "heldout")})

@@ -110,3 +110,28 @@ def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypa
     assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "2048"]) == 0
     out = capsys.readouterr().out
     assert "whole trial: completed" in out and "KL(dense || model)" in out and "precision fp32" in out
+
+
+def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
+    """On a tiny local checkpoint: one row per benchmark, identical choices, tiny differences."""
+    sys.path.insert(0, str(ROOT / "tests" / "harness"))
+    from test_shared_prefix import bpe_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    tokenizer = bpe_tokenizer()
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tokenizer),
+                                    "max_position_embeddings": 2048})).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    load("eval_throughput").main(["--model", str(tmp_path / "ckpt"), "--tasks", "arc_easy,winogrande",
+                                  "--limit", "3", "--batch-size", "2"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| arc_easy")
+            or line.startswith("| winogrande")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row[2].strip() == "3" and row[8].strip() == "0"  # items, choices that differ
+        assert float(row[7]) < 1e-4  # largest log-likelihood difference
+        hflm, shared = row[9].split("/")
+        assert hflm.strip() == shared.strip()

@@ -98,7 +98,9 @@ def test_item_outcomes_from_logged_samples():
     samples = {"arc_easy": [sample(1, [-9.0, -4.0, -6.0], [" a", " bb", " c"], 0, 0),  # acc_norm: -2 per char
                             sample(0, [-1.0, -8.0, -6.0], [" a", " b", " c"], 1, 0)]}
     items = item_outcomes("arc_easy", samples, {"arc_easy": [7, 42]})
-    assert items == {"id": ["7", "42"], "correct": [1, 0], "pred": [0, 1], "gold": [0, 0], "n_choices": [3, 3]}
+    assert items == {"id": ["7", "42"], "correct": [1, 0], "pred": [0, 1], "gold": [0, 0], "n_choices": [3, 3],
+                     "lls": [[-1.0, -8.0, -6.0], [-9.0, -4.0, -6.0]],
+                     "scores": [[-0.5, -4.0, -3.0], [-4.5, -4 / 3, -3.0]]}  # per character of " a", " bb", ...
     winogrande = {"winogrande": [sample(0, [-3.0, -5.0], ["x", "x"], 0, "x")]}  # a text target
     assert item_outcomes("winogrande", winogrande, {"winogrande": None})["gold"] == [1]
 

@@ -38,13 +38,14 @@ def test_ids_are_pinned_and_the_default_dispatch_leaves_them_alone():
     """Completed records and shared dense baselines are found by id: the default
     dispatch, and any dispatch on a dense trial, must leave the id as it was. (The ids
     changed once on purpose, when eval.limit became a seeded sample and the held-out
-    settings joined the eval section: records from before measured other items.)"""
+    settings joined the eval section: records from before measured other items; and
+    again when eval.lm joined it: records from before were scored by HFLM.)"""
     factored = {"factor": {"n_experts": 4, "top_k": 2}}
-    assert TrialConfig().trial_id == "dense-601b3e8348"
-    assert TrialConfig.from_dict({"latency": {"dispatch": "reference"}}).trial_id == "dense-601b3e8348"
-    assert TrialConfig.from_dict(factored).trial_id == "1R4E2K-7c9226511d"
-    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "auto"}}).trial_id == "1R4E2K-7c9226511d"
-    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "reference"}}).trial_id != "1R4E2K-7c9226511d"
+    assert TrialConfig().trial_id == "dense-ab3b5e75ac"
+    assert TrialConfig.from_dict({"latency": {"dispatch": "reference"}}).trial_id == "dense-ab3b5e75ac"
+    assert TrialConfig.from_dict(factored).trial_id == "1R4E2K-dd91613f35"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "auto"}}).trial_id == "1R4E2K-dd91613f35"
+    assert TrialConfig.from_dict({**factored, "latency": {"dispatch": "reference"}}).trial_id != "1R4E2K-dd91613f35"
 
 
 def test_latency_dispatch_must_name_a_path():
@@ -76,3 +77,10 @@ def test_heldout_sizes_are_checked():
         TrialConfig.from_dict({"eval": {"heldout_tokens": 200, "heldout_seq_len": 128}})
     with pytest.raises(ConfigError, match=r"eval.heldout_seq_len: 1 must be >= 2"):
         TrialConfig.from_dict({"eval": {"heldout_seq_len": 1}})
+
+
+def test_the_scoring_lm_is_checked_and_part_of_the_id():
+    with pytest.raises(ConfigError, match=r"eval.lm: 'vllm' must be one of shared, hflm"):
+        TrialConfig.from_dict({"eval": {"lm": "vllm"}})
+    assert TrialConfig().eval.lm == "shared"
+    assert TrialConfig.from_dict({"eval": {"lm": "hflm"}}).trial_id != TrialConfig().trial_id

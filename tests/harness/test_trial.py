@@ -85,7 +85,13 @@ def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_
                                             "heldout", "measure", "analyze"}
     assert record["schema"] == 2 and record["eval_dtype"] == "float32"
     items = record["metrics"]["arc_easy"]["items"]
-    assert len(items["id"]) == 2 and set(items) == {"id", "correct", "pred", "gold", "n_choices"}
+    assert len(items["id"]) == 2 and set(items) == {"id", "correct", "pred", "gold", "n_choices", "lls", "scores"}
+    assert [len(lls) for lls in items["lls"]] == items["n_choices"]
+    assert items["pred"] == [max(range(len(s)), key=s.__getitem__) for s in items["scores"]]
+    # the default scorer ran every request (4-5 choices per item) itself, and says so
+    assert record["eval_lm"] == {"lm": "shared", "requests": {"shared": sum(items["n_choices"])},
+                                 "hflm_reason": None}
+    assert record["metrics"]["arc_easy"]["lm_paths"] == {"shared": sum(items["n_choices"])}
     assert record["metrics"]["arc_easy"]["chance"] == pytest.approx(sum(1 / n for n in items["n_choices"]) / 2)
     heldout = record["heldout"]
     assert heldout["sequences"] == 2048 // 128 == len(heldout["per_sequence_loss"]) == len(heldout["per_sequence_kl"])
