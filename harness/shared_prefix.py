@@ -80,6 +80,7 @@ class SharedPrefixLM(HFLM):
         super().__init__(*args, **kwargs)
         self.paths: Counter = Counter()  # requests served: shared (this class) | hflm
         self.row_tokens = ROW_TOKENS
+        self.work = Counter()  # tokens through the body (row padding included), positions through the head
         self.hflm_reason = self._why_hflm()
         window = getattr(self.model.config, "sliding_window", None)
         uses_window = getattr(self.model.config, "use_sliding_window", True) is not False
@@ -164,6 +165,7 @@ class SharedPrefixLM(HFLM):
         mask = self._mask(span, choice)
         flat = torch.tensor([r * length + t for r, t in needed], device=self.device)
         logits = self._logits_at(ids.to(self.device), positions.to(self.device), mask, flat)  # (needed, vocab)
+        self.work.update(body_tokens=ids.numel(), head_positions=len(needed))
         logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         greedy = logprobs.argmax(-1)
         scored = {}

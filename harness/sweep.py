@@ -67,6 +67,8 @@ def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | No
 def tune_metrics(record: dict) -> dict:
     """The few numbers Tune shows per trial (completed ones only)."""
     out = {"status": record["status"], "trial": record["trial_id"]}  # Ray owns the `trial_id` key
+    if record.get("error"):
+        out["error"] = short_text(record["error"])
     metrics = record.get("metrics") or {}
     if metrics:
         out["avg_score"] = sum(m["value"] for m in metrics.values()) / len(metrics)
@@ -75,6 +77,11 @@ def tune_metrics(record: dict) -> dict:
     if record.get("speedup"):
         out["prefill_speedup"] = record["speedup"]["prefill"]
     return out
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def resolve_resources(resources: Resources, cluster: dict) -> dict:
@@ -96,8 +103,9 @@ def progress_callback(total: int, max_failures: int = 0):
             self.done += 1
             numbers = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
                                 if k in ("avg_score", "ffn_gflops", "prefill_speedup"))
+            error = f"({result['error']})" if result.get("error") else ""
             print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
-                  f"{result.get('trial')}: {result.get('status')} {numbers}", flush=True)
+                  f"{result.get('trial')}: {result.get('status')} {numbers}{error}", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             print(f"[sweep] {trial.config['params']['id']}: its worker failed; Ray retries it "

@@ -9,8 +9,10 @@ FactorizedFFN on the hidden state the student really sees.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,6 +198,11 @@ def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+    except RuntimeError as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
+                      f"could not write the training checkpoint {path} ({free // 1024} KiB free "
+                      f"on its disk): {error}") from error
     finally:
         tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 

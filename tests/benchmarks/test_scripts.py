@@ -131,7 +131,8 @@ def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
             or line.startswith("| winogrande")]
     assert len(rows) == 2
     for row in rows:
-        assert row[2].strip() == "3" and row[8].strip() == "0"  # items, choices that differ
-        assert float(row[7]) < 1e-4  # largest log-likelihood difference
-        hflm, shared = row[9].split("/")
+        assert row[2].strip() == "3" and row[9].strip() == "0"  # items, choices that differ
+        assert float(row[8]) < 1e-4  # largest log-likelihood difference
+        assert float(row[7].strip().rstrip("x")) > 1  # arithmetic ratio: HFLM runs more
+        hflm, shared = row[10].split("/")
         assert hflm.strip() == shared.strip()

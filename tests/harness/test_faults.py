@@ -70,6 +70,35 @@ def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as 'unexpected pos ...' (seen on a 250 KiB tmpfs)."""
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from harness import train
+
+    def torn(state, path):
+        open(path, "wb").write(b"torn")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 158528 vs 158420")
+
+    monkeypatch.setattr(torch, "save", torn)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(250 << 10, 250 << 10, 0))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(OSError, match=r"could not write the training checkpoint .* \(0 KiB free") as error:
+        train._save_state(model, optimizer, scheduler, train.TrainSummary(), tmp_path / "train_state.pt", None)
+    assert error.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_trial_shows_its_reason_in_the_progress_line():
+    result = sweep_module.tune_metrics({"status": "failed", "trial_id": "x", "error": "OSError: [Errno 28] " + "y" * 500})
+    assert result["error"].startswith("OSError: [Errno 28] yyy") and len(result["error"]) == 200
+
+
 def test_a_second_sweep_on_the_same_storage_and_name_is_refused(tmp_path):
     with sweep_module.sweep_lock(tmp_path, "default"):
         with pytest.raises(sweep_module.SweepRunning, match=r"sweep 'default' is already running on .* \(pid \d+ on "):
