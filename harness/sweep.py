@@ -15,10 +15,12 @@ Layout under `storage` (a local or shared NFS path; every node must see it):
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -131,6 +133,9 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
+DISK_FULL_BYTES = 1 << 20  # less free space than this under storage counts as a full disk
+
+
 class DamagedState(RuntimeError):
     """Ray's saved experiment state cannot be read back."""
 
@@ -233,10 +238,24 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
                                       callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)]))
     try:
-        results = tuner.fit()
+        results = fit(tuner, storage)
     except KeyboardInterrupt:
         return sweep, collect_records(sweep, storage)
     return sweep, collect_records(sweep, storage, results)
+
+
+def fit(tuner, storage: Path):
+    """tuner.fit(), except that a failure with the storage disk (nearly) full is an OSError
+    saying so: Ray reports a full disk as whatever reading its truncated state raises
+    (an EOFError on a 2 MB tmpfs)."""
+    try:
+        return tuner.fit()
+    except Exception as error:
+        free = shutil.disk_usage(storage).free
+        if free < DISK_FULL_BYTES:
+            raise OSError(errno.ENOSPC, f"Ray stopped ({type(error).__name__}: {error}) with "
+                                        f"{free // 1024} KiB free on the disk") from error
+        raise
 
 
 def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict | None]:

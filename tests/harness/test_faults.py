@@ -126,6 +126,23 @@ def test_the_sweep_command_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     assert err.startswith("error: sweep 'locked' is already running") and "pid 12345 on elsewhere" in err
 
 
+def test_ray_failing_on_a_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    def fit():
+        raise EOFError("Ran out of input")  # what Ray raised reading its truncated state on a 2 MB tmpfs
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2 << 20, (2 << 20) - 4096, 4096))
+    with pytest.raises(OSError, match=r"Ray stopped \(EOFError: Ran out of input\) with 4 KiB free") as error:
+        sweep_module.fit(SimpleNamespace(fit=fit), tmp_path)
+    assert error.value.errno == errno.ENOSPC
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))  # plenty of space:
+    with pytest.raises(EOFError):  # Ray's own error, unchanged
+        sweep_module.fit(SimpleNamespace(fit=fit), tmp_path)
+
+
 def test_a_damaged_ray_state_on_resume_says_what_to_do(tmp_path, capsys, monkeypatch):
     def restore(path, trainable, resume_errored):
         raise KeyError("params")  # what Ray's trial name creators raised on a truncated state
