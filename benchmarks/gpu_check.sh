@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check in one run: at most 9 minutes (the step limits below sum to 540 s),
-# so it fits one 10-minute device call. The last step is one whole factorized trial
-# through harness.trial (bf16 autocast training, grouped dispatch, held-out loss/KL,
-# latency with CUDA sync, routing analysis, an atomic record; benchmarks and fvcore
-# off: the device image has no lm-eval or fvcore), see benchmarks/gpu_trial.py.
+# Every GPU check in one run: at most 9.75 minutes (the step limits below sum to 585 s),
+# so it fits one 10-minute device call. The last two steps are one whole factorized
+# trial through harness.trial (bf16 autocast training, grouped dispatch, held-out
+# loss/KL, latency with CUDA sync, routing analysis, an atomic record; benchmarks and
+# fvcore off: the device image has no lm-eval or fvcore), see benchmarks/gpu_trial.py,
+# and the benchmark scorer's packed engine in fp32 and bf16 against HFLM-style
+# scoring (benchmarks/packed_scoring_check.py).
 #     bash benchmarks/gpu_check.sh
 # Needs torch (CUDA), transformers and, for the `fused` column, triton; not ray,
 # lm-eval or fvcore, and the package need not be installed. Each step has its own
@@ -42,5 +44,6 @@ step 60 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256
 fused=$($PY -c "import triton" 2>/dev/null && echo ",fused")
 step 120 $PY benchmarks/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
 step 90 $PY benchmarks/gpu_trial.py
+step 45 $PY benchmarks/packed_scoring_check.py
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "all steps ran"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi

@@ -136,3 +136,10 @@ def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
         assert float(row[7].strip().rstrip("x")) > 1  # arithmetic ratio: HFLM runs more
         hflm, shared = row[10].split("/")
         assert hflm.strip() == shared.strip()
+
+
+def test_packed_scoring_check_agrees_with_hflm_style_scoring(capsys):
+    assert load("packed_scoring_check").main(["--size", "tiny", "--device", "cpu", "--questions", "6"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dense")
+            or line.startswith("| 1R4E2K")]
+    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows)

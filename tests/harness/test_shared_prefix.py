@@ -9,7 +9,9 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 from conftest import TINY, make_tiny, make_word_tokenizer
 from factorllm_core import FactorConfig, factorize
 from harness.benchmarks import TASK_SET, evaluate, make_lm
-from harness.shared_prefix import Group, SharedPrefixLM, _pack
+from harness import packed_scoring
+from harness.packed_scoring import Group, pack
+from harness.shared_prefix import SharedPrefixLM
 
 TOLERANCE = 1e-4
 
@@ -73,13 +75,14 @@ def test_matches_hflm_on_a_factorized_model():
     assert_same(expected, got)
 
 
-def test_a_wrong_mask_would_be_caught():
+def test_a_wrong_mask_would_be_caught(monkeypatch):
     """The parity test can fail: letting packed groups see each other changes the answers."""
     model = make_tiny("llama")
     requests = mixed_requests()
     expected, _, lm = both(model, requests)
-    original = lm._mask
-    lm._mask = lambda span, choice: original(span.clamp(max=0).masked_fill(span < 0, -1), choice)
+    original = packed_scoring.packed_mask
+    monkeypatch.setattr(packed_scoring, "packed_mask", lambda span, choice, *args: original(
+        span.clamp(max=0).masked_fill(span < 0, -1), choice, *args))
     got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) > 1e-2
 
@@ -116,10 +119,30 @@ def test_unsupported_models_say_why_and_use_hflm():
                           device="cpu").hflm_reason.startswith("batch_size")
 
 
+def test_the_engine_scores_pairs_without_lm_eval():
+    """packed_scoring alone (what the GPU check runs) against one forward per pair."""
+    model = make_tiny("qwen2")
+    pairs = [(context, continuation) for _, context, continuation in mixed_requests(seed=2)]
+    scorer = packed_scoring.Scorer(model, torch.device("cpu"))
+    seen = []
+    got = scorer.score_pairs(pairs, batch_size=2, row_tokens=40, progress=seen.append)
+    for (context, continuation), (ll, greedy) in zip(pairs, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([context + continuation[:-1]])).logits[0, len(context) - 1:]
+        logprobs = torch.log_softmax(logits, -1)
+        target = torch.tensor(continuation)
+        assert ll == pytest.approx(float(logprobs[range(len(continuation)), target].sum()), abs=TOLERANCE)
+        assert greedy == bool((logprobs.argmax(-1) == target).all())
+    assert sorted(i for batch in seen for i in batch) == list(range(len(pairs)))
+    assert scorer.work["head_positions"] < scorer.work["body_tokens"]
+    with pytest.raises(ValueError, match="pair 0: empty context"):
+        scorer.score_pairs([([], [1])], batch_size=1)
+
+
 def test_packing_places_every_group_once_within_the_row_size():
     lengths = [300, 90, 80, 60, 50, 40, 30, 20, 10, 5, 5]
     groups = [Group(list(range(n)), [i], [[1]]) for i, n in enumerate(lengths)]
-    rows = _pack(groups, 100)
+    rows = pack(groups, 100)
     placed = sorted(g.requests[0] for row in rows for g in row.groups)
     assert placed == list(range(len(lengths)))
     assert all(row.length <= 100 or len(row.groups) == 1 for row in rows)
