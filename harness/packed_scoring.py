@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROW_TOKENS = 256
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that apply a 4D mask as given
 
+
 @dataclass
 class Group:
     """Requests sharing one context, laid out in a row from `start`."""
@@ -97,6 +98,8 @@ class Scorer:
 
     def score_rows(self, rows: list[Row]) -> dict[int, tuple[float, bool]]:
         """One forward pass over packed rows: {request index: (log-likelihood, greedy)}."""
+        if (reason := self.unsupported()) is not None:  # the mask would be ignored: wrong answers
+            raise RuntimeError(f"cannot score packed rows with {reason}")
         length = max(row.length for row in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         positions = torch.zeros(len(rows), length, dtype=torch.long)

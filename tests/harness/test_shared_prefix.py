@@ -115,6 +115,8 @@ def test_unsupported_models_say_why_and_use_hflm():
     model.config._attn_implementation = "flash_attention_2"  # ignores 4D masks: never called here
     lm = SharedPrefixLM(pretrained=model, tokenizer=make_word_tokenizer(["a"]), batch_size=2, device="cpu")
     assert "flash_attention_2" in lm.hflm_reason
+    with pytest.raises(RuntimeError, match="cannot score packed rows with attention implementation"):
+        lm.scorer.score_pairs([([5, 6], [7])], batch_size=1)  # the engine alone refuses too
     assert SharedPrefixLM(pretrained=make_tiny("llama"), tokenizer=lm.tokenizer, batch_size="auto",
                           device="cpu").hflm_reason.startswith("batch_size")
 
