@@ -293,7 +293,7 @@ class BenchmarkResult:
     metrics: dict  # every metric lm-eval reported, e.g. {"acc": .., "acc_stderr": ..}
     chance: float | None = None  # see CHANCE_RULES, on the evaluated items
     chance_rule: str | None = None
-    items: dict | None = None  # per item: id, correct, pred, gold, n_choices, lls (parallel lists)
+    items: dict | None = None  # per item: id, correct, pred, gold, n_choices, lls, scores (parallel lists)
     lm_paths: dict | None = None  # requests per path of the LM that scored them (SharedPrefixLM.paths)
 
     def to_dict(self) -> dict:
@@ -341,8 +341,9 @@ def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, l
     """lm-eval's logged samples -> compact per-item lists, ordered by item id: the
     split's row index (MMLU: subject/row), whatever subset lm-eval was given.
     lls are the log-likelihoods of the item's choices, in lm-eval's order; scores what
-    pred maximises (lls, or lls per character under acc_norm). pred is the choice the headline metric took (acc: highest log-likelihood;
-    acc_norm: highest log-likelihood per character of the continuation, as lm-eval)."""
+    pred maximises. pred is the choice the headline metric took (acc: highest
+    log-likelihood; acc_norm: highest log-likelihood per character of the
+    continuation, as lm-eval)."""
     metric = BENCHMARKS.get(name).metric
     rows = []
     for task, examples in samples.items():

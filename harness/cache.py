@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 MANIFEST = "MANIFEST.json"
+DISK_FULL_BYTES = 1 << 20  # less free space than this on a disk counts as full
 
 
 def default_cache_root() -> Path:

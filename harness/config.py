@@ -155,9 +155,9 @@ class EvalConfig:
         sequences of heldout_seq_len (the units its confidence intervals resample).
     benchmarks: false skips the lm-eval benchmarks (the held-out measures still run):
         for path checks on machines without lm-eval or the benchmark data.
-    lm: shared (default) scores each distinct context once and the continuations
-        from its KV cache, HFLM's log-likelihoods up to float rounding at a
-        fraction of the cost (harness/shared_prefix.py); hflm is lm-eval's HFLM.
+    lm: shared (default) runs each distinct context once, its answer choices packed
+        after it (harness/shared_prefix.py): HFLM's log-likelihoods up to float
+        rounding at a fraction of the cost; hflm is lm-eval's HFLM.
     """
 
     tasks: tuple[str, ...] | str = "all"

@@ -87,7 +87,7 @@ class Scorer:
                 raise ValueError(f"pair {i}: empty context or continuation (lm-eval puts the BOS/EOT "
                                  "token in an empty context)")
         answers: list = [None] * len(pairs)
-        rows = pack(group(enumerate(pairs)), row_tokens)
+        rows = pack(group_by_context(enumerate(pairs)), row_tokens)
         for start in range(0, len(rows), batch_size):
             scored = self.score_rows(rows[start:start + batch_size])
             for i, answer in scored.items():
@@ -166,7 +166,7 @@ def packed_mask(span: torch.Tensor, choice: torch.Tensor, model, autocast_dtype=
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def group(pairs) -> list[Group]:
+def group_by_context(pairs) -> list[Group]:
     """(index, (context, continuation)) items -> groups of identical context tokens, in first-seen order."""
     groups: dict[tuple, Group] = {}
     for i, (context, continuation) in pairs:

@@ -24,8 +24,7 @@ from collections import Counter
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .packed_scoring import ROW_TOKENS, Group, Scorer, pack
-from .packed_scoring import group as group_pairs
+from .packed_scoring import ROW_TOKENS, Group, Scorer, group_by_context, pack
 
 Request = tuple  # ((context, continuation) | None, context tokens, continuation tokens)
 
@@ -92,7 +91,7 @@ class SharedPrefixLM(HFLM):
             else:
                 fits.append((i, (context, continuation)))
         kept = []
-        for group in group_pairs(fits):
+        for group in group_by_context(fits):
             if self.sliding_window is not None and group.length > self.sliding_window:
                 elsewhere.extend(group.requests)
             else:

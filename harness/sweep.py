@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .cache import write_json_atomic
+from .cache import DISK_FULL_BYTES, write_json_atomic
 from .config import ConfigError, TrialConfig
 from .grid import Resources, Sweep, load_grid, trial_table
 from .models import model_fingerprint
@@ -131,9 +131,6 @@ def quiet_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # workers keep the driver's working directory (lm-eval asks git there for its hash)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-
-
-DISK_FULL_BYTES = 1 << 20  # less free space than this under storage counts as a full disk
 
 
 class DamagedState(RuntimeError):

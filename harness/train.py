@@ -24,6 +24,7 @@ from tqdm import tqdm
 from factorllm_core import collect_aux, factorized_layers
 
 from .analysis import ChurnMonitor
+from .cache import DISK_FULL_BYTES
 from .config import TrainConfig
 
 
@@ -200,9 +201,10 @@ def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
         os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
     except RuntimeError as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
         free = shutil.disk_usage(path.parent).free
-        raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
-                      f"could not write the training checkpoint {path} ({free // 1024} KiB free "
-                      f"on its disk): {error}") from error
+        if free >= DISK_FULL_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, f"could not write the training checkpoint {path} ({free // 1024} KiB "
+                                    f"free on its disk): {error}") from error
     finally:
         tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 

@@ -92,6 +92,9 @@ def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
         train._save_state(model, optimizer, scheduler, train.TrainSummary(), tmp_path / "train_state.pt", None)
     assert error.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(1 << 40, 0, 1 << 40))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # space left: torch's error, unchanged
+        train._save_state(model, optimizer, scheduler, train.TrainSummary(), tmp_path / "train_state.pt", None)
 
 
 def test_a_failed_trial_shows_its_reason_in_the_progress_line():
