@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -325,12 +326,11 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
     results = {}
     for name in resolve_task_names(names):
         start = time.perf_counter()
-        paths_before = dict(getattr(lm, "paths", {}))
+        paths_before = Counter(getattr(lm, "paths", {}))
         out, row_of = _run_lm_eval(lm, name, limit, sample_seed, source, num_fewshot)
         result = _parse(name, out, time.perf_counter() - start, row_of)
-        if hasattr(lm, "paths"):
-            paths = {k: v - paths_before.get(k, 0) for k, v in lm.paths.items() if v - paths_before.get(k, 0)}
-            result = replace(result, lm_paths=paths)
+        if hasattr(lm, "paths"):  # this benchmark's requests per path
+            result = replace(result, lm_paths=dict(lm.paths - paths_before))
         results[name] = result
         if progress:
             progress(results[name])

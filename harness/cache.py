@@ -90,16 +90,26 @@ def prepare_cached(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed over it:
+    a crash mid-write never leaves a torn file, and a failed write (a full disk) leaves
+    no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+    def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write (a full disk): no half-written file is left
+
+    write_atomic(path, write)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from factorllm_core import collect_aux, factorized_layers
 
 from .analysis import ChurnMonitor
-from .cache import DISK_FULL_BYTES
+from .cache import DISK_FULL_BYTES, write_atomic
 from .config import TrainConfig
 
 
@@ -194,19 +193,14 @@ def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
              "scheduler": scheduler.state_dict(), "summary": summary.to_dict(),
              "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)},
              "churn": None if churn is None else churn.state()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
     except RuntimeError as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
         free = shutil.disk_usage(path.parent).free
         if free >= DISK_FULL_BYTES:
             raise
         raise OSError(errno.ENOSPC, f"could not write the training checkpoint {path} ({free // 1024} KiB "
                                     f"free on its disk): {error}") from error
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 
 
 def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
