@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .par import PSEUDO_LABELS
+from .par import PSEUDO_LABELS, subset_masks
 from .partition import PARTITIONS
-from .router import COMBINES, ROUTER_MODES
+from .router import COMBINES, ROUTER_INITS, ROUTER_MODES
 
 
 MAX_EXPERTS = 4096  # per layer; beyond this an expert is a handful of neurons
@@ -20,17 +20,28 @@ def _short(value, limit: int = 60) -> str:
 
 @dataclass(frozen=True)
 class FactorConfig:
-    """One FactorLLM setting, `{n_routers}R{n_experts}E{top_k}K`.
+    """One FactorLLM setting, `{n_routers}R{n_experts}E{top_k}K` (+ `{n_shared}S`).
 
-    n_experts: N, experts per FFN layer; must divide the FFN width.
-    top_k: K, experts run per token, 1 <= K <= N.
+    n_experts: N, routed experts per FFN layer; N + n_shared must divide the FFN width.
+    top_k: K, routed experts run per token, 1 <= K <= N.
     n_routers: R, routers per layer; their softmaxes are averaged.
     partition: how neurons are grouped into experts (see PARTITIONS).
-    combine: how chosen experts are weighted: `scaled` (x N/K, the paper's) or
-        `weighted` (renormalised top-K probabilities x N).
+    combine: how chosen experts are weighted: `scaled` (x N/K, the paper's),
+        `weighted` (renormalised top-K probabilities x N), `unscaled` (x 1) or
+        `mean_comp` (x 1, and unchosen experts add their calibration mean output).
     router_mode: `par`, `lm_only`, `random` or `frozen` (see ROUTER_MODES).
-    pseudo_label: the PAR teacher's labelling rule (see PSEUDO_LABELS).
+    pseudo_label: the PAR teacher's labelling rule (see PSEUDO_LABELS): `min_mse`
+        (the released code's) or `min_recon` (the K-subset that best rebuilds the
+        dense output under `combine`).
+    n_shared: shared experts, always active: the neurons with the largest mean
+        contribution on calibration tokens, as many as n_shared experts hold. Each
+        of the N + n_shared experts is FFN width / (N + n_shared) neurons wide.
+    router_init: `random` (the paper's) or `fit` (fitted to the pseudo-label rule's
+        labels on calibration inputs before training; see ROUTER_INITS).
     seed: seeds the random partition, router init and random routing.
+
+    `partition: coact`, `n_shared > 0`, `combine: mean_comp` and `router_init: fit`
+    need a calibration pass (`needs_calibration`).
     """
 
     n_experts: int
@@ -41,13 +52,15 @@ class FactorConfig:
     router_mode: str = "par"
     pseudo_label: str = "min_mse"
     seed: int = 0
+    n_shared: int = 0
+    router_init: str = "random"
 
     def __post_init__(self):
-        for name in ("n_experts", "top_k", "n_routers", "seed"):
+        for name in ("n_experts", "top_k", "n_routers", "seed", "n_shared"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}={_short(value)} must be an integer")
-        for name in ("partition", "combine", "router_mode", "pseudo_label"):
+        for name in ("partition", "combine", "router_mode", "pseudo_label", "router_init"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}={_short(getattr(self, name))} must be a name (a string)")
         if not 1 <= self.n_experts <= MAX_EXPERTS:
@@ -64,18 +77,39 @@ class FactorConfig:
         COMBINES.get(self.combine, "combine")
         ROUTER_MODES.get(self.router_mode, "router_mode")
         PSEUDO_LABELS.get(self.pseudo_label, "pseudo_label")
+        ROUTER_INITS.get(self.router_init, "router_init")
+        if not 0 <= self.n_shared < MAX_EXPERTS:
+            raise ValueError(f"n_shared={self.n_shared} must be in [0, {MAX_EXPERTS})")
+        if self.router_init != "random" and ROUTER_MODES.get(self.router_mode).random_choice:
+            raise ValueError(f"router_init={self.router_init!r} fits a router that router_mode={self.router_mode!r} "
+                             "never uses (it routes at random); use router_init='random'")
+        if self.pseudo_label == "min_recon":
+            subset_masks(self.n_experts, self.top_k)  # raises when there are too many subsets to score
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether building this setting needs the dense model's activations on calibration tokens."""
+        return (self.partition == "coact" or self.n_shared > 0 or self.router_init == "fit"
+                or COMBINES.get(self.combine).add_unchosen_mean)
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of the FFN's neurons that run for one token: (K + n_shared) / (N + n_shared)."""
+        return (self.top_k + self.n_shared) / (self.n_experts + self.n_shared)
 
     @property
     def name(self) -> str:
-        """The paper's notation, e.g. 1R4E2K."""
-        return f"{self.n_routers}R{self.n_experts}E{self.top_k}K"
+        """The paper's notation, e.g. 1R4E2K; shared experts add `{n_shared}S` (1R3E1K1S)."""
+        return f"{self.n_routers}R{self.n_experts}E{self.top_k}K" + (f"{self.n_shared}S" if self.n_shared else "")
 
     def check_ffn_width(self, ffn_width: int, where: str = "model") -> None:
-        if ffn_width % self.n_experts:
+        groups = self.n_experts + self.n_shared
+        if ffn_width % groups:
             divisors = [d for d in range(1, min(ffn_width, 64) + 1) if ffn_width % d == 0]
+            what = "n_experts" if not self.n_shared else f"n_experts + n_shared = {groups}"
             raise ValueError(
-                f"n_experts={self.n_experts} does not divide the FFN width {ffn_width} of "
-                f"{where}; allowed n_experts (<= 64): {divisors}"
+                f"{what}={groups} does not divide the FFN width {ffn_width} of "
+                f"{where}; allowed (<= 64): {divisors}"
             )
 
     def to_dict(self) -> dict:

@@ -8,8 +8,7 @@ in place (like peft's `_replace_module`) and returns a report of what changed.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +19,10 @@ from torch import nn
 from .config import FactorConfig
 from .experts import Experts
 from .ffn import FactorizedFFN, factorized_layers
-from .partition import PARTITIONS
+from .calibration import Calibration
+from .partition import PARTITIONS, shared_neurons
 from .registry import Registry
-from .router import Router
+from .router import COMBINES, ROUTER_INITS, Router
 
 
 @dataclass(frozen=True)
@@ -67,37 +67,82 @@ def match_ffn(module: nn.Module) -> GatedFFNWeights | None:
 
 
 def build_factorized_ffn(weights: GatedFFNWeights, config: FactorConfig, layer_seed: int,
-                         neuron_index: torch.Tensor | None = None) -> FactorizedFFN:
-    """Pure builder: dense gated-FFN weights -> FactorizedFFN on the same device and dtype."""
+                         neuron_index: torch.Tensor | None = None,
+                         calibration_inputs: torch.Tensor | None = None,
+                         placeholder: bool = False) -> FactorizedFFN:
+    """Pure builder: dense gated-FFN weights -> FactorizedFFN on the same device and dtype.
+
+    calibration_inputs: (T, H) the dense FFN's inputs on calibration tokens; required
+        when `config.needs_calibration`. `fit_report` on the result says how the
+        router fit went (router_init: fit).
+    placeholder: build the right shapes without calibration (the partition, shared
+        neurons, means and router are then overwritten by a saved state dict).
+    """
     ffn_width, hidden = weights.gate_weight.shape
     config.check_ffn_width(ffn_width)
+    if config.needs_calibration and calibration_inputs is None and not placeholder:
+        raise ValueError(f"{config.name} ({_calibrated_options(config)}) needs calibration inputs: "
+                         "pass a Calibration to factorize (harness: train.calibration_tokens > 0)")
+    device = weights.gate_weight.device
+    x = None if placeholder or calibration_inputs is None else calibration_inputs.to(device, weights.gate_weight.dtype)
+    activations = None if x is None else _activations(weights, x)
+    width = ffn_width // (config.n_experts + config.n_shared)
+    shared_index, routed = None, torch.arange(ffn_width)
+    if config.n_shared:
+        shared_index = (torch.arange(config.n_shared * width) if activations is None
+                        else shared_neurons(activations, weights.down_weight, config.n_shared * width))
+        routed = routed[~torch.isin(routed, shared_index)]
     if neuron_index is None:
-        partition = PARTITIONS.get(config.partition, "partition")
-        neuron_index = partition(weights.gate_weight, weights.up_weight, config.n_experts, layer_seed)
-    neuron_index = neuron_index.to(weights.gate_weight.device)
+        partition = PARTITIONS.get("contiguous" if placeholder else config.partition, "partition")
+        rows = lambda w: w[routed.to(device)]
+        groups = partition(rows(weights.gate_weight), rows(weights.up_weight), config.n_experts, layer_seed,
+                           None if activations is None else activations[:, routed.to(device)])
+        neuron_index = routed[groups.cpu()]
+    neuron_index = neuron_index.to(device)
     experts = Experts(weights.gate_weight, weights.up_weight, weights.down_weight, neuron_index,
                       weights.act_fn, weights.gate_bias, weights.up_bias)
+    shared = None if shared_index is None else Experts(
+        weights.gate_weight, weights.up_weight, weights.down_weight, shared_index[None].to(device),
+        weights.act_fn, weights.gate_bias, weights.up_bias)
     router = Router(hidden, config.n_experts, config.n_routers, config.top_k,
                     config.router_mode, config.combine, seed=layer_seed)
-    _init_router(router, layer_seed)
-    router.to(device=weights.gate_weight.device, dtype=weights.gate_weight.dtype)
-    return FactorizedFFN(config, router, experts, weights.down_bias)
+    layer = FactorizedFFN(config, router, experts, weights.down_bias, shared)
+    labels = None
+    if x is not None:
+        with torch.no_grad():
+            outputs = torch.cat([experts.all_outputs(chunk) for chunk in x.split(1024)])  # (T, N, H)
+            if layer.unchosen_mean is not None:
+                layer.unchosen_mean.copy_(outputs.mean(dim=0))
+            if config.router_init != "random":
+                labels = layer.pseudo_label(outputs.float(), config.top_k, layer.label_context())
+    init = ROUTER_INITS.get("random" if placeholder else config.router_init, "router_init")
+    layer.fit_report = init(router, None if x is None else x.float().cpu(),
+                            None if labels is None else labels.cpu(), layer_seed)
+    router.to(device=device, dtype=weights.gate_weight.dtype)
+    return layer
 
 
-def _init_router(router: Router, seed: int) -> None:
-    """nn.Linear's default init (uniform +-1/sqrt(fan_in)), but seeded per layer."""
-    generator = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(router.gate.in_features)
+def _activations(weights: GatedFFNWeights, x: torch.Tensor) -> torch.Tensor:
+    """(T, I): act(gate(x)) * up(x), the neurons' activations, in float32."""
     with torch.no_grad():
-        for p in (router.gate.weight, router.gate.bias):
-            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+        gate = torch.nn.functional.linear(x, weights.gate_weight, weights.gate_bias)
+        up = torch.nn.functional.linear(x, weights.up_weight, weights.up_bias)
+        return (weights.act_fn(gate) * up).float()
+
+
+def _calibrated_options(config: FactorConfig) -> str:
+    options = [f"partition={config.partition}" if config.partition == "coact" else "",
+               f"n_shared={config.n_shared}" if config.n_shared else "",
+               f"combine={config.combine}" if COMBINES.get(config.combine).add_unchosen_mean else "",
+               f"router_init={config.router_init}" if config.router_init != "random" else ""]
+    return ", ".join(o for o in options if o)
 
 
 @dataclass(frozen=True)
 class FactorReport:
     """What `factorize` changed."""
 
-    setting: str  # e.g. 1R4E2K
+    setting: str  # e.g. 1R4E2K, 1R3E1K1S
     layers: list[str]
     hidden_size: int
     ffn_width: int
@@ -107,45 +152,60 @@ class FactorReport:
     params_before: int
     params_after: int
     router_params: int
-    ffn_params: int  # all experts of all layers (== the dense FFN parameters)
-    active_ffn_params_per_token: int  # K/N of ffn_params, plus the routers
+    ffn_params: int  # all experts of all layers, shared ones included (== the dense FFN parameters)
+    active_ffn_params_per_token: int  # (K + n_shared)/(N + n_shared) of ffn_params, plus the routers
+    n_shared: int = 0
+    active_ffn_fraction: float = 0.0  # (K + n_shared)/(N + n_shared): the active FFN width
+    calibration_tokens: int = 0
+    router_fit: dict | None = None  # router_init: fit, means over layers of `fitted_init`'s report
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def factorize(model: nn.Module, config: FactorConfig, *, _placeholder_partition: bool = False) -> FactorReport:
-    """Replace, in place, every FFN that an adapter recognises. Raises if none is found."""
+def factorize(model: nn.Module, config: FactorConfig, calibration: Calibration | None = None, *,
+              _placeholder_partition: bool = False) -> FactorReport:
+    """Replace, in place, every FFN that an adapter recognises. Raises if none is found.
+    `calibration` (from `calibrate` on this dense model) is required when
+    `config.needs_calibration`."""
     params_before = _count(model)
     targets = [(name, module, w) for name, module in model.named_modules()
                if (w := match_ffn(module)) is not None]
     if not targets:
         raise ValueError(f"no gated FFN found in {type(model).__name__}; known adapters: "
                          f"{FFN_ADAPTERS.names()}")
-    build_config = replace(config, partition="contiguous") if _placeholder_partition else config
+    if calibration is not None and set(calibration.inputs) != {name for name, _, _ in targets}:
+        raise ValueError("the calibration was taken on another model: its FFN names differ from this model's")
+    fits = []
     for layer_number, (name, module, weights) in enumerate(targets):
         config.check_ffn_width(weights.gate_weight.shape[0], where=name)
-        new = build_factorized_ffn(weights, build_config, layer_seed=config.seed + layer_number)
-        new.config = config
+        new = build_factorized_ffn(weights, config, layer_seed=config.seed + layer_number,
+                                   calibration_inputs=None if calibration is None else calibration.inputs[name],
+                                   placeholder=_placeholder_partition)
         new.train(module.training)  # a fresh nn.Module is in training mode; keep the model's
+        if new.fit_report:
+            fits.append(new.fit_report)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     layers = factorized_layers(model)
     ffn_width, hidden = targets[0][2].gate_weight.shape
     router_params = sum(_count(layer.router) for _, layer in layers)
-    ffn_params = sum(_count(layer.experts) + _count_opt(layer.down_bias) for _, layer in layers)
+    ffn_params = sum(_count(layer.experts) + _count_opt(layer.shared) + _count_opt(layer.down_bias)
+                     for _, layer in layers)
+    active = config.active_fraction
+    router_fit = {key: sum(f[key] for f in fits) / len(fits) for key in fits[0]} if fits else None
     return FactorReport(config.name, [n for n, _ in layers], hidden, ffn_width, config.n_experts,
                         config.top_k, config.n_routers, params_before, _count(model),
-                        router_params, ffn_params,
-                        ffn_params * config.top_k // config.n_experts + router_params)
+                        router_params, ffn_params, round(ffn_params * active) + router_params,
+                        config.n_shared, active, 0 if calibration is None else calibration.tokens, router_fit)
 
 
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _count_opt(p: torch.Tensor | None) -> int:
-    return 0 if p is None else p.numel()
+def _count_opt(p: torch.Tensor | nn.Module | None) -> int:
+    return 0 if p is None else _count(p) if isinstance(p, nn.Module) else p.numel()
 
 
 def factor_config_of(model: nn.Module) -> FactorConfig:
@@ -198,10 +258,11 @@ class GatedFFN(nn.Module):
 
 
 def merge_experts(layer: FactorizedFFN) -> GatedFFN:
-    """Pure builder: the dense FFN equal to the sum of all of `layer`'s experts (their
-    current weights, trained or not), neurons back in their original order."""
-    experts = layer.experts
-    order = experts.neuron_index.flatten().argsort()  # inverse of the partition
+    """Pure builder: the dense FFN equal to the sum of all of `layer`'s experts, shared
+    ones included (their current weights, trained or not), neurons back in their
+    original order."""
+    parts = [layer.experts] + ([layer.shared] if layer.shared is not None else [])
+    order = torch.cat([p.neuron_index.flatten() for p in parts]).argsort()  # inverse of the partition
 
     def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
@@ -212,12 +273,19 @@ def merge_experts(layer: FactorizedFFN) -> GatedFFN:
                 module.bias.copy_(bias)
         return module
 
-    rows = lambda w: w.detach().reshape(-1, w.shape[-1])[order]  # (N, I/N, H) -> (I, H)
-    gate = linear(rows(experts.gate_weight), None if experts.gate_bias is None else experts.gate_bias.detach().flatten()[order])
-    up = linear(rows(experts.up_weight), None if experts.up_bias is None else experts.up_bias.detach().flatten()[order])
-    down_weight = experts.down_weight.detach().permute(1, 0, 2).reshape(experts.down_weight.shape[1], -1)[:, order]
+    def rows(name: str) -> torch.Tensor:  # (N, I/N, H) per part -> (I, H)
+        return torch.cat([getattr(p, name).detach().reshape(-1, p.gate_weight.shape[-1]) for p in parts])[order]
+
+    def bias(name: str) -> torch.Tensor | None:
+        if getattr(layer.experts, name) is None:
+            return None
+        return torch.cat([getattr(p, name).detach().flatten() for p in parts])[order]
+
+    down_weight = torch.cat([p.down_weight.detach().permute(1, 0, 2).reshape(p.down_weight.shape[1], -1)
+                             for p in parts], dim=1)[:, order]
+    gate, up = linear(rows("gate_weight"), bias("gate_bias")), linear(rows("up_weight"), bias("up_bias"))
     down = linear(down_weight, None if layer.down_bias is None else layer.down_bias.detach())
-    return GatedFFN(gate, up, down, experts.act_fn)
+    return GatedFFN(gate, up, down, layer.experts.act_fn)
 
 
 def defactorize(model: nn.Module) -> nn.Module:

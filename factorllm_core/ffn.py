@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import FactorConfig
 from .experts import DISPATCH, Experts
-from .par import PSEUDO_LABELS, balance_loss, pa_loss
+from .par import PSEUDO_LABELS, LabelContext, balance_loss, pa_loss
 from .router import Router, Routing
 
 
@@ -38,15 +38,34 @@ class FFNAux:
 
 
 class FactorizedFFN(nn.Module):
+    """output = combine(chosen routed experts) [+ shared experts] [+ unchosen experts'
+    calibration means] [+ down bias].
+
+    shared: the always-active neurons as one wide expert (`Experts` with one row of
+        neuron_index), or None.
+    unchosen_mean: (N, H) buffer, each routed expert's mean output on calibration
+        tokens; present only when the combine rule adds it (`mean_comp`).
+    """
+
     def __init__(self, config: FactorConfig, router: Router, experts: Experts,
-                 down_bias: torch.Tensor | None = None):
+                 down_bias: torch.Tensor | None = None, shared: Experts | None = None):
         super().__init__()
         self.config = config
         self.router = router
         self.experts = experts
+        self.shared = shared
         self.down_bias = None if down_bias is None else nn.Parameter(down_bias.clone())
         self.pseudo_label = PSEUDO_LABELS.get(config.pseudo_label, "pseudo_label")
+        self._chosen_weight = router.combine.uniform_weight(experts.n_experts, router.top_k)
+        if router.combine.add_unchosen_mean:
+            self.register_buffer("unchosen_mean", experts.down_weight.new_zeros(experts.n_experts,
+                                                                               experts.down_weight.shape[1]))
+        else:
+            self.unchosen_mean = None
         self._collector: tuple[AuxCollector, str] | None = None
+
+    def label_context(self) -> LabelContext:
+        return LabelContext(self._chosen_weight, self.unchosen_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, aux = self.forward_with_aux(x)
@@ -64,6 +83,10 @@ class FactorizedFFN(nn.Module):
             y = self._forward_with_teacher(flat, routing, aux)
         else:
             y = self.experts(flat, routing.indices, routing.weights)
+        if self.shared is not None:
+            y = y + self.shared.expert_forward(0, flat)
+        if self.unchosen_mean is not None:  # all experts' means, less the chosen ones'
+            y = y + (self.unchosen_mean.sum(0) - self.unchosen_mean[routing.indices].sum(1)).to(y.dtype)
         if self.down_bias is not None:
             y = y + self.down_bias
         return y.view_as(x), aux
@@ -71,7 +94,7 @@ class FactorizedFFN(nn.Module):
     def _forward_with_teacher(self, flat: torch.Tensor, routing: Routing, aux: FFNAux) -> torch.Tensor:
         all_outputs = self.experts.all_outputs(flat)  # (S, N, H)
         with torch.no_grad():
-            aux.pseudo_labels = self.pseudo_label(all_outputs.float(), self.config.top_k)
+            aux.pseudo_labels = self.pseudo_label(all_outputs.float(), self.config.top_k, self.label_context())
         aux.pa_loss = pa_loss(routing.router_probs, aux.pseudo_labels)
         index = routing.indices.unsqueeze(-1).expand(-1, -1, flat.shape[-1])  # (S, K, H)
         chosen = all_outputs.gather(1, index)

@@ -7,6 +7,7 @@ indices and weights. Router modes and combine rules are registries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,21 +64,55 @@ class Routing:
 
 
 CombineFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-COMBINES: Registry[CombineFn] = Registry("combine")
 
 
-@COMBINES.register("scaled")
+@dataclass(frozen=True)
+class Combine:
+    """How chosen experts make the layer's output.
+
+    weights: (probs (S, N), indices (S, K), n_experts) -> (S, K), each chosen
+        expert's multiplier.
+    add_unchosen_mean: every unchosen expert adds its calibration mean output (a
+        fixed vector per expert, `FactorizedFFN.unchosen_mean`), so a token routed
+        away from an expert still gets that expert's average contribution. At
+        K = N nothing is unchosen and the layer is the dense FFN.
+    """
+
+    weights: CombineFn
+    add_unchosen_mean: bool = False
+
+    def uniform_weight(self, n_experts: int, top_k: int) -> float:
+        """The multiplier of a chosen expert when the router is indifferent (uniform
+        probabilities): what the pseudo-label rules assume."""
+        probs = torch.full((1, n_experts), 1.0 / n_experts)
+        return float(self.weights(probs, torch.arange(top_k)[None], n_experts)[0, 0])
+
+
+COMBINES: Registry[Combine] = Registry("combine")
+
+
 def scaled(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """The paper's rule: each chosen expert x N/K (hard mask; no gradient to the router)."""
     top_k = indices.shape[1]
     return torch.full(indices.shape, n_experts / top_k, dtype=probs.dtype, device=probs.device)
 
 
-@COMBINES.register("weighted")
 def weighted(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Renormalised top-K router probabilities x N (differentiable w.r.t. the router)."""
     chosen = probs.gather(1, indices)  # (S, K)
     return chosen / chosen.sum(dim=1, keepdim=True) * n_experts
+
+
+def unscaled(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Each chosen expert x 1: the chosen neurons keep exactly their dense output."""
+    return torch.ones(indices.shape, dtype=probs.dtype, device=probs.device)
+
+
+COMBINES.register("scaled")(Combine(scaled))
+COMBINES.register("weighted")(Combine(weighted))
+COMBINES.register("unscaled")(Combine(unscaled))
+# unscaled, plus each unchosen expert's calibration mean output (needs calibration)
+COMBINES.register("mean_comp")(Combine(unscaled, add_unchosen_mean=True))
 
 
 class Router(nn.Module):
@@ -112,7 +147,7 @@ class Router(nn.Module):
             # max (first of equal maxima) along dim 0 is ~2x faster than argmax there
             indices = (mean_t.max(dim=0).indices.unsqueeze(1) if self.top_k == 1
                        else mean_t.topk(self.top_k, dim=0).indices.t())  # (S, K)
-        weights = self.combine(probs_for_weights, indices, self.n_experts)
+        weights = self.combine.weights(probs_for_weights, indices, self.n_experts)
         if self.mode.straight_through and self.training and torch.is_grad_enabled() and not weights.requires_grad:
             chosen = probs.gather(1, indices)  # (S, K), differentiable
             weights = weights * (1 + chosen - chosen.detach()).to(weights.dtype)  # same value, p's gradient
@@ -130,3 +165,58 @@ class Router(nn.Module):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+# How a router's weights start. (router, inputs (T, H) | None, labels (T, N) | None, seed)
+# -> facts about the fit for the record, or None. `inputs` are the dense FFN's inputs on
+# calibration tokens, `labels` the pseudo-label rule's multi-hot targets on them.
+RouterInitFn = Callable[["Router", torch.Tensor | None, torch.Tensor | None, int], dict | None]
+ROUTER_INITS: Registry[RouterInitFn] = Registry("router init")
+
+
+@ROUTER_INITS.register("random")
+def random_init(router: Router, inputs, labels, seed: int) -> None:
+    """nn.Linear's default init (uniform +-1/sqrt(fan_in)), but seeded per layer."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(router.gate.in_features)
+    with torch.no_grad():
+        for p in (router.gate.weight, router.gate.bias):
+            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator).to(p))
+
+
+FIT_STEPS = 300  # full-batch Adam steps; converged on SmolLM2 layers (agreement flat after ~200)
+FIT_LR = 1e-2
+FIT_HOLDOUT = 0.2  # the last share of calibration tokens, kept out of the fit to measure it
+
+
+@ROUTER_INITS.register("fit")
+def fitted_init(router: Router, inputs: torch.Tensor | None, labels: torch.Tensor | None, seed: int) -> dict:
+    """Start from `random`, then fit every router's softmax to the labels spread evenly
+    over their K experts (cross-entropy, full-batch Adam on cached inputs: no
+    backpropagation through the model). Returns how often the fitted router's top-K
+    matches the labels on calibration tokens it was not fitted on."""
+    if inputs is None or labels is None:
+        raise ValueError("router_init='fit' needs calibration inputs and labels (train.calibration_tokens > 0)")
+    random_init(router, None, None, seed)
+    n_fit = inputs.shape[0] - max(1, int(inputs.shape[0] * FIT_HOLDOUT))
+    x, target = inputs.float(), labels.float() / labels.sum(dim=1, keepdim=True)
+    weight = router.gate.weight.detach().float().clone().requires_grad_(True)
+    bias = router.gate.bias.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=FIT_LR)
+    shape = (-1, router.n_routers, router.n_experts)
+    with torch.enable_grad():
+        for _ in range(FIT_STEPS):
+            log_p = torch.nn.functional.linear(x[:n_fit], weight, bias).view(shape).log_softmax(-1)
+            loss = -(log_p * target[:n_fit, None, :]).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        router.gate.weight.copy_(weight)
+        router.gate.bias.copy_(bias)
+        probs = torch.nn.functional.linear(x, weight, bias).view(shape).softmax(-1).mean(1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(router.top_k, dim=1).indices, 1.0)
+        overlap = (chosen * (labels > 0)).sum(1) / router.top_k  # share of the K picks the labels also pick
+    return {"fit_loss": float(loss.detach()), "fit_overlap": float(overlap[:n_fit].mean()),
+            "heldout_overlap": float(overlap[n_fit:].mean()), "heldout_tokens": int(inputs.shape[0] - n_fit),
+            "chance_overlap": router.top_k / router.n_experts}
