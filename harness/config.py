@@ -89,13 +89,22 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Router/expert training with the PAR teacher-student loss.
 
-    data_budget_tokens: exact number of corpus tokens fed to the model (0 = no training).
+    data_budget_tokens: exact number of corpus tokens the conversion reads, calibration
+        included (0 = no training).
+    calibration_tokens: the first calibration_tokens of those tokens run through the
+        dense model, forward only, before factorizing (factorllm_core/calibration.py);
+        the factor options coact, n_shared, mean_comp and router_init: fit need them.
+        Training gets the remaining data_budget_tokens - calibration_tokens.
     corpus: enwiki-gensim | lee-news | a .txt/.jsonl path | hub:<dataset>[:<config>].
     seq_len, batch_size, grad_accum: packing and batching.
     lr, betas, weight_decay, grad_clip: AdamW, the released code's defaults.
     warmup_ratio: share of optimizer steps spent warming up linearly, then cosine decay
         to min_lr_ratio x lr.
     lambda_pa, lambda_balance: weights of the PA and balance losses beside the LM loss.
+    lambda_lm: weight of the next-token LM loss (0: distillation alone).
+    lambda_kd: weight of next-token distillation, KL(dense || model) per token, the
+        teacher being the dense model the factorized one started from (`defactorize`);
+        0 = off. The teacher's forward pass adds about a third to a training step.
     checkpoint_every: optimizer steps between resumable checkpoints (0 = never).
     churn_points: how many times, evenly spaced over training, routing churn is
         measured (the share of probe tokens whose chosen expert set changed since
@@ -103,6 +112,7 @@ class TrainConfig:
     """
 
     data_budget_tokens: int = 20_000
+    calibration_tokens: int = 0
     corpus: str = "enwiki-gensim"
     seq_len: int = 256
     batch_size: int = 4
@@ -115,12 +125,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.001
     lambda_pa: float = 0.05
     lambda_balance: float = 0.01
+    lambda_lm: float = 1.0
+    lambda_kd: float = 0.0
     checkpoint_every: int = 20
     churn_points: int = 20
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("data_budget_tokens", "checkpoint_every", "churn_points"):
+        for name in ("data_budget_tokens", "calibration_tokens", "checkpoint_every", "churn_points"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         for name in ("batch_size", "grad_accum"):
@@ -132,9 +144,15 @@ class TrainConfig:
             out.append(f"train.lr: {self.lr} must be > 0")
         if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1):
             out.append("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
-        for name in ("lambda_pa", "lambda_balance", "weight_decay", "grad_clip"):
+        for name in ("lambda_pa", "lambda_balance", "lambda_lm", "lambda_kd", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if self.lambda_lm == 0 and self.lambda_kd == 0:
+            out.append("train.lambda_lm and train.lambda_kd are both 0: the experts would learn from nothing; "
+                       "give one of them a weight")
+        if self.calibration_tokens > self.data_budget_tokens:
+            out.append(f"train.calibration_tokens: {self.calibration_tokens} exceeds train.data_budget_tokens="
+                       f"{self.data_budget_tokens}, which counts calibration and training tokens together")
         return out
 
 
@@ -274,7 +292,21 @@ class TrialConfig:
         if self.factor is None:
             return f"{self.model} dense"
         f = self.factor
-        return f"{self.model} {f.name} {f.router_mode} {f.partition} {self.train.data_budget_tokens}tok"
+        return " ".join(filter(None, [self.model, f.name, f.router_mode, f.partition, self.recipe,
+                                      f"{self.train.data_budget_tokens}tok"]))
+
+    @property
+    def recipe(self) -> str:
+        """The conversion options that differ from the paper's, e.g. `mean_comp init=fit
+        min_recon kd=1 cal=4096`; empty for the paper's recipe (and the dense model)."""
+        if self.factor is None:
+            return ""
+        f, t = self.factor, self.train
+        extras = [f.combine if f.combine != "scaled" else "", f"init={f.router_init}" if f.router_init != "random" else "",
+                  f.pseudo_label if f.pseudo_label != "min_mse" else "", f"kd={t.lambda_kd:g}" if t.lambda_kd else "",
+                  f"lm={t.lambda_lm:g}" if t.lambda_lm != 1 else "",
+                  f"cal={t.calibration_tokens}" if t.calibration_tokens else ""]
+        return " ".join(filter(None, extras))
 
     @property
     def trial_id(self) -> str:
@@ -288,6 +320,9 @@ class TrialConfig:
         for name in ("precision", "dispatch"):  # the same, for these two
             if data[name] == "auto" or (name == "dispatch" and self.factor is None):
                 data.pop(name)
+        for (section, name), default in ADDED_AT_DEFAULT.items():  # and for these
+            if data.get(section) is not None and data[section].get(name) == default:
+                data[section].pop(name)
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
         kind = "dense" if self.factor is None else self.factor.name
         return f"{kind}-{digest}"
@@ -314,6 +349,11 @@ class TrialConfig:
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
         return cls.from_dict(data, source=str(path))
 
+
+# Fields added after trial ids were first published: left out of the id at their
+# default, so a trial that does not use them keeps its id (and its stored record).
+ADDED_AT_DEFAULT = {("factor", "n_shared"): 0, ("factor", "router_init"): "random",
+                    ("train", "calibration_tokens"): 0, ("train", "lambda_lm"): 1.0, ("train", "lambda_kd"): 0.0}
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -374,6 +414,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
         problems.append(f"seed: {kwargs['seed']} must be in [0, 2**31)")
     if isinstance(kwargs.get("model"), str) and not kwargs["model"].strip():
         problems.append("model: empty; give a packaged name, a checkpoint folder or a hub id")
+    problems += _calibration_problems(kwargs.get("factor"), kwargs.get("train"))
     if not problems and "train" in kwargs and "eval" in kwargs and kwargs.get("factor") is not None \
             and _same_text(kwargs["train"].corpus, kwargs["eval"].heldout_text):
         problems.append(f"eval.heldout_text: {kwargs['eval'].heldout_text!r} is also train.corpus: held-out "
@@ -381,6 +422,21 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
     if problems:
         return None, problems
     return TrialConfig(**kwargs), []
+
+
+def _calibration_problems(factor: FactorConfig | None, train: TrainConfig | None) -> list[str]:
+    """A factor option that needs calibration without calibration tokens, or the reverse."""
+    if factor is None or train is None:
+        return []
+    if factor.needs_calibration and train.calibration_tokens == 0:
+        return [f"train.calibration_tokens: 0, but factor {factor.name} with partition={factor.partition}, "
+                f"n_shared={factor.n_shared}, combine={factor.combine}, router_init={factor.router_init} needs a "
+                "calibration pass; give it tokens (they count in train.data_budget_tokens), e.g. 4096"]
+    if not factor.needs_calibration and train.calibration_tokens:
+        return [f"train.calibration_tokens: {train.calibration_tokens}, but factor {factor.name} uses no calibrated "
+                "option (partition coact, n_shared, combine mean_comp, router_init fit): those tokens would be "
+                "taken from training for nothing; set it to 0"]
+    return []
 
 
 def _same_text(a: str, b: str) -> bool:

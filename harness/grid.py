@@ -26,6 +26,10 @@ AXES = {  # axis name -> where it lands in a trial config
     "model": ("model",), "n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
     "n_routers": ("factor", "n_routers"), "data_budget_tokens": ("train", "data_budget_tokens"),
     "router_mode": ("factor", "router_mode"), "partition": ("factor", "partition"), "seed": ("seed",),
+    # conversion recipes beyond the paper's (issue 16)
+    "combine": ("factor", "combine"), "pseudo_label": ("factor", "pseudo_label"),
+    "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
+    "calibration_tokens": ("train", "calibration_tokens"), "lambda_kd": ("train", "lambda_kd"),
 }
 REQUIRED_AXES = ("model", "n_experts", "top_k")
 
@@ -137,7 +141,8 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         if config is not None:
             trials.append(config)
     if check_models and complete:
-        problems += _check_models(axes, data.get("include") or [], data.get("trust_remote_code") is True)
+        problems += _check_models(axes, data.get("include") or [], [t for _, t in candidates],
+                                  data.get("trust_remote_code") is True)
     for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
         value = (data.get(section) or {}).get(key, default) if isinstance(data.get(section) or {}, dict) else default
         if isinstance(value, str):  # other types are reported by the section's own check
@@ -177,14 +182,16 @@ def _section(cls, data, prefix):
 
 
 AXIS_TYPES = {"model": str, "n_experts": int, "top_k": int, "n_routers": int, "data_budget_tokens": int,
-              "router_mode": str, "partition": str, "seed": int}
+              "router_mode": str, "partition": str, "seed": int, "combine": str, "pseudo_label": str,
+              "n_shared": int, "router_init": str, "calibration_tokens": int, "lambda_kd": float}
 
 
 def _axis_value_problem(axis: str, value, where: str) -> str | None:
     expected = AXIS_TYPES[axis]
-    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+    accepted = (int, float) if expected is float else expected
+    if isinstance(value, accepted) and not isinstance(value, bool):
         return None
-    return f"{where}: {short(value)} is not {'an integer' if expected is int else 'a string'}"
+    return f"{where}: {short(value)} is not {dict([(int, 'an integer'), (float, 'a number')]).get(expected, 'a string')}"
 
 
 def _axes(raw) -> tuple[dict, list[str], bool]:
@@ -299,22 +306,28 @@ def _skip_reason(point: dict, rules) -> str | None:
     return None
 
 
-def _check_models(axes: dict, includes: list, trust_remote_code: bool) -> list[str]:
-    """Every model must be obtainable, and every expert count must divide its FFN width."""
-    n_values = set(axes.get("n_experts", [])) | {i["n_experts"] for i in includes
-                                                 if isinstance(i, dict) and "n_experts" in i}
+def _check_models(axes: dict, includes: list, trials: list[dict], trust_remote_code: bool) -> list[str]:
+    """Every model must be obtainable, and every trial's expert count (shared experts
+    included) must divide its model's FFN width."""
     models = set(axes.get("model", [])) | {i["model"] for i in includes if isinstance(i, dict) and "model" in i}
-    problems = []
+    problems, widths = [], {}
     for model in sorted(models, key=str):
         try:
-            width = ffn_width(model, trust_remote_code=trust_remote_code)
+            widths[model] = ffn_width(model, trust_remote_code=trust_remote_code)
         except (ModelUnavailable, ValueError, OSError) as error:
             problems.append(f"axes.model: {error}")
+    factors = [(t.get("model"), t["factor"]) for t in trials if isinstance(t.get("factor"), dict)]
+    groups = sorted({(model, f.get("n_experts"), f.get("n_shared", 0)) for model, f in factors
+                     if isinstance(f.get("n_experts"), int) and isinstance(f.get("n_shared", 0), int)
+                     and f.get("n_experts") > 0 and f.get("n_shared", 0) >= 0}, key=str)
+    for model, n, shared in groups:
+        width = widths.get(model)
+        if width is None or width % (n + shared) == 0:
             continue
-        for n in sorted(v for v in n_values if isinstance(v, int) and v > 0 and width % v):
-            divisors = [d for d in range(1, 65) if width % d == 0]
-            problems.append(f"axes.n_experts: {n} does not divide the FFN width {width} of {model}; "
-                            f"allowed (<= 64): {divisors}")
+        divisors = [d for d in range(1, 65) if width % d == 0]
+        what = f"{n}" if not shared else f"{n} with n_shared {shared} ({n + shared} experts in all)"
+        problems.append(f"axes.n_experts: {what} does not divide the FFN width {width} of {model}; "
+                        f"allowed (<= 64): {divisors}")
     return problems
 
 
@@ -328,12 +341,14 @@ def _check_corpus(corpus, field: str) -> list[str]:
 
 def trial_table(sweep: Sweep) -> str:
     """The expanded trials and the skipped combinations, as a markdown table (for --dry-run)."""
-    lines = ["| # | trial_id | model | setting | router_mode | partition | budget | seed |",
-             "|---:|---|---|---|---|---|---:|---:|"]
+    lines = ["| # | trial_id | model | setting | active FFN | router_mode | partition | recipe | budget | seed |",
+             "|---:|---|---|---|---:|---|---|---|---:|---:|"]
     for i, t in enumerate(sweep.trials, 1):
         f = t.factor
         lines.append(f"| {i} | {t.trial_id} | {t.model} | {'dense' if f is None else f.name} | "
+                     f"{'100%' if f is None else f'{f.active_fraction:.1%}'} | "
                      f"{'-' if f is None else f.router_mode} | {'-' if f is None else f.partition} | "
+                     f"{'-' if f is None else t.recipe or 'paper'} | "
                      f"{'-' if f is None else t.train.data_budget_tokens} | {t.seed} |")
     if sweep.skipped:
         lines += ["", f"skipped {len(sweep.skipped)} combination(s):"]

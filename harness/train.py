@@ -1,14 +1,18 @@
 """PAR training of routers and expert slices, resumable from checkpoints.
 
-Frozen: embeddings, attention, norms, lm_head. Trainable: the expert slices, and
-the routers when the router mode trains them. Loss per micro-batch:
-    next-token cross-entropy + lambda_pa x PA loss + lambda_balance x balance loss
-(the PA term only for modes that use it). The teacher runs inside each
-FactorizedFFN on the hidden state the student really sees.
+Frozen: embeddings, attention, norms, lm_head. Trainable: the expert slices (shared
+ones included), and the routers when the router mode trains them. Loss per micro-batch:
+    lambda_lm x next-token cross-entropy + lambda_pa x PA loss + lambda_balance x balance loss
+    + lambda_kd x KL(dense || model) of the next-token distributions
+(the PA term only for modes that use it, the KL term only when lambda_kd > 0). The
+PAR teacher runs inside each FactorizedFFN on the hidden state the student really
+sees; the distillation teacher is the whole dense model, rebuilt exactly from the
+experts before training starts (`defactorize`).
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import shutil
@@ -20,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from factorllm_core import collect_aux, factorized_layers
+from factorllm_core import collect_aux, defactorize, factorized_layers
 
 from .analysis import ChurnMonitor
 from .cache import DISK_FULL_BYTES, write_atomic
@@ -39,7 +43,7 @@ class TrainSummary:
     seconds: float = 0.0
     tokens_per_s: float | None = None
     final: dict = field(default_factory=dict)  # mean loss terms over the last optimizer step
-    history: list = field(default_factory=list)  # [step, lm, pa, balance] per optimizer step
+    history: list = field(default_factory=list)  # [step, lm, pa, balance, kd] per optimizer step
     resumed_from_step: int = 0
     trainable_params: int = 0
     churn: dict | None = None  # {"every": steps, "series": [[step, churn], ...]} (see ChurnMonitor)
@@ -53,6 +57,8 @@ def mark_trainable(model: torch.nn.Module) -> int:
     model.requires_grad_(False)
     for _, layer in factorized_layers(model):
         layer.experts.requires_grad_(True)
+        if layer.shared is not None:
+            layer.shared.requires_grad_(True)
         if layer.down_bias is not None:
             layer.down_bias.requires_grad_(True)
         layer.router.requires_grad_(layer.router.mode.trainable)
@@ -96,6 +102,9 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     its steps (its state is checkpointed with the rest). `bf16`: autocast to bf16
     (default: on CUDA only)."""
     bf16 = device.startswith("cuda") if bf16 is None else bf16
+    # the distillation teacher: the dense model as it is now, before any training (and
+    # before a resume loads trained weights into `model`)
+    teacher = defactorize(copy.deepcopy(model)).requires_grad_(False).eval() if config.lambda_kd else None
     summary = TrainSummary(trainable_params=mark_trainable(model))
     total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,20 +123,20 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     start, start_tokens = time.perf_counter() - summary.seconds, summary.tokens
     for step in range(summary.steps, total_steps):
         micro = batches[step * config.grad_accum:(step + 1) * config.grad_accum]
-        terms = _optimizer_step(model, micro, config, device, optimizer, params, step, bf16)
+        terms = _optimizer_step(model, micro, config, device, optimizer, params, step, bf16, teacher)
         scheduler.step()
         summary.steps, summary.micro_batches = step + 1, summary.micro_batches + len(micro)
         summary.tokens += sum(b["tokens"] for b in micro)
         summary.final = terms
-        summary.history.append([step + 1, terms["lm"], terms["pa"], terms["balance"]])
+        summary.history.append([step + 1, terms["lm"], terms["pa"], terms["balance"], terms["kd"]])
         summary.seconds = time.perf_counter() - start
         rate = (summary.tokens - start_tokens) / max(1e-9, summary.seconds)
         bar.update(sum(b["tokens"] for b in micro))
         bar.set_postfix(lm=f"{terms['lm']:.3f}", pa=_fmt(terms["pa"]), bal=f"{terms['balance']:.4f}",
-                        tok_s=f"{rate:.0f}", refresh=False)
+                        kd=_fmt(terms["kd"]), tok_s=f"{rate:.0f}", refresh=False)
         if log and not show_progress and _crossed_decile(summary.tokens, micro, budget):
             log(f"train {summary.tokens}/{budget} tokens, step {step + 1}/{total_steps}, lm {terms['lm']:.3f}, "
-                f"pa {_fmt(terms['pa'])}, balance {terms['balance']:.4f}, {rate:.0f} tok/s")
+                f"pa {_fmt(terms['pa'])}, balance {terms['balance']:.4f}, kd {_fmt(terms['kd'])}, {rate:.0f} tok/s")
         if churn is not None:
             churn.after_step(step + 1, last=step + 1 == total_steps)
         if state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
@@ -144,29 +153,49 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     return summary
 
 
-def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16):
-    sums = {"lm": 0.0, "pa": None, "balance": 0.0}
+def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16,
+                    teacher=None):
+    sums = {"lm": 0.0, "pa": None, "balance": 0.0, "kd": None}
     for batch in micro:
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         with autocast(device, bf16), collect_aux(model) as aux:
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        labels=batch["labels"].to(device), use_cache=False)
+            out = model(**inputs, labels=batch["labels"].to(device), use_cache=False)
             pa, balance = aux.pa_loss(), aux.balance_loss()
-            loss = out.loss + config.lambda_balance * balance
+            loss = config.lambda_lm * out.loss + config.lambda_balance * balance
             if pa is not None:
                 loss = loss + config.lambda_pa * pa
+            kd = None
+            if teacher is not None:
+                with torch.no_grad():
+                    dense_logits = teacher(**inputs, use_cache=False).logits
+                kd = distillation_kl(dense_logits, out.logits, inputs["attention_mask"])
+                loss = loss + config.lambda_kd * kd
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1}: lm={out.loss.item()}, "
-                                f"pa={None if pa is None else pa.item()}, balance={balance.item()}")
+                                f"pa={None if pa is None else pa.item()}, balance={balance.item()}, "
+                                f"kd={None if kd is None else kd.item()}")
         (loss / len(micro)).backward()
         sums["lm"] += out.loss.item() / len(micro)
         sums["balance"] += balance.item() / len(micro)
         if pa is not None:
             sums["pa"] = (sums["pa"] or 0.0) + pa.item() / len(micro)
+        if kd is not None:
+            sums["kd"] = (sums["kd"] or 0.0) + kd.item() / len(micro)
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def distillation_kl(dense_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(dense || model) of the next-token distributions, mean over unmasked positions
+    (float32). dense_logits, logits: (B, L, V); mask: (B, L), 1 = a real token."""
+    dense = torch.log_softmax(dense_logits.float(), dim=-1)
+    student = torch.log_softmax(logits.float(), dim=-1)
+    per_position = (dense.exp() * (dense - student)).sum(dim=-1)  # (B, L)
+    keep = mask.to(per_position.dtype)
+    return (per_position * keep).sum() / keep.sum()
 
 
 def autocast(device: str, bf16: bool):

@@ -2,7 +2,7 @@
 
     python -m harness.trial experiments/trials/smollm2_1r4e2k_par.yaml [--out runs/trials]
 
-load -> (dense reference FLOPs/latency) -> factorize -> train (PAR) -> evaluate ->
+load -> (dense reference FLOPs/latency) -> (calibrate) -> factorize -> train (PAR) -> evaluate ->
 count FLOPs -> measure latency -> analyse routing -> write <out>/<trial_id>/record.json.
 The record is written atomically and always says `completed` or `failed` (with the
 reason); a failed trial carries no metrics. Training checkpoints let a rerun of
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from factorllm_core import defactorize, factorize, factorized_layers
+from factorllm_core import calibrate, defactorize, factorize, factorized_layers
 
 from .analysis import ChurnMonitor, analyze_routing
 from .benchmarks import evaluate, make_lm
@@ -64,6 +64,7 @@ class Trial:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.record: dict = {"schema": RECORD_SCHEMA, "trial_id": config.trial_id, "label": config.label,
+                             "recipe": config.recipe,
                              "config": config.to_dict(), "status": "running", "error": None,
                              "stage_seconds": {}, "environment": environment(self.device) | (where or {})}
 
@@ -99,8 +100,13 @@ class Trial:
         if not self.config.is_dense:
             with self.stage("dense_reference"):
                 self.record["dense_reference"] = self._dense_reference()
+            calibration = None
+            if self.config.train.calibration_tokens:
+                with self.stage("calibrate"):
+                    calibration = self._calibrate()
             with self.stage("factorize"):
-                self.record["factorization"] = factorize(self.model, self.config.factor).to_dict()
+                self.record["factorization"] = factorize(self.model, self.config.factor, calibration).to_dict()
+                del calibration
                 for _, layer in factorized_layers(self.model):  # training, evaluation, FLOPs, analysis
                     layer.experts.dispatch = self.config.dispatch
                 self.record["routing_at_factorization"] = analyze_routing(
@@ -129,6 +135,7 @@ class Trial:
                                                       ANALYSIS_TOKENS))
         self.heldout = heldout_sequences(self.tokenizer, self.config.eval, self.max_len)
         self.dense_logprobs = None  # the dense model's, for KL(dense || factorized); set before factorizing
+        self._tokens = None  # the data budget's tokens, drawn when first needed
         self.record["model"] = {"name": self.config.model, "kind": loaded.source.kind,
                                 "fingerprint": loaded.source.fingerprint, "architecture": type(self.model).__name__,
                                 "n_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
@@ -174,13 +181,32 @@ class Trial:
     def _eval_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+    def _budget_tokens(self) -> torch.Tensor:
+        """The trial's data budget, drawn once from the corpus with the trial seed: the
+        first train.calibration_tokens calibrate, the rest train (never the same tokens)."""
+        if self._tokens is None:
+            cfg = self.config.train
+            self._tokens = token_budget(resolve_corpus(cfg.corpus), self.tokenizer, cfg.data_budget_tokens,
+                                        seed=self.config.seed, cache_dir=self.cache_dir)
+        return self._tokens
+
+    def _calibrate(self):
+        """The dense model's FFN inputs on the calibration tokens (forward only)."""
+        cfg = self.config.train
+        sequences = pack(self._budget_tokens()[:cfg.calibration_tokens], min(cfg.seq_len, self.max_len))
+        calibration = calibrate(self.model, sequences, self.device)
+        self.record["calibration"] = {"tokens": calibration.tokens, "sequences": len(sequences),
+                                      "corpus": cfg.corpus, "seed": self.config.seed,
+                                      "note": "the first calibration_tokens of the trial's data budget"}
+        return calibration
+
     def _train(self) -> None:
         cfg = self.config.train
-        if cfg.data_budget_tokens == 0:
-            self.record["training"] = {"tokens": 0, "steps": 0, "note": "data budget 0: no training"}
+        train_tokens = cfg.data_budget_tokens - cfg.calibration_tokens
+        if train_tokens == 0:
+            self.record["training"] = {"tokens": 0, "steps": 0, "note": "no training tokens left in the data budget"}
             return
-        tokens = token_budget(resolve_corpus(cfg.corpus), self.tokenizer, cfg.data_budget_tokens,
-                              seed=self.config.seed, cache_dir=self.cache_dir)
+        tokens = self._budget_tokens()[cfg.calibration_tokens:]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batches = make_batches(pack(tokens, min(cfg.seq_len, self.max_len)), cfg.batch_size, pad or 0)
         summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
@@ -188,8 +214,9 @@ class Trial:
                         log=lambda line: self.log(f"[{self.config.trial_id}] {line}"),
                         churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
                         bf16=self.precision == "bf16")
-        if summary.tokens != cfg.data_budget_tokens:
-            raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens}")
+        if summary.tokens != train_tokens:
+            raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens} less "
+                              f"{cfg.calibration_tokens} calibration tokens = {train_tokens}")
         self.record["training"] = summary.to_dict()
 
     def _churn_monitor(self, total_steps: int) -> ChurnMonitor | None:

@@ -51,12 +51,15 @@ def _speed(row) -> str:
 
 def main_table(frame: pd.DataFrame, model: str) -> str:
     rows = frame[frame["model"] == model]
-    header = ["variant", "mode", "partition", "budget", "held-out loss", "KL(dense ‖ model)", "avg acc",
+    header = ["variant", "active FFN %", "mode", "partition", "recipe", "budget (calib.)", "held-out loss",
+              "loss − dense", "KL(dense ‖ model)", "avg acc",
               "maint. %", "chance-norm. maint. %", "FFN GF", "total GF", "FFN red. %", "total red. %", "prefill x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in rows.iterrows():
-        cells = [r["setting"], r["router_mode"], r["partition"], fmt(r["budget"], 0),
-                 with_ci(r, "heldout_loss", 3), with_ci(r, "kl_from_dense", 3), with_ci(r, "average", 3),
+        budget = fmt(r["budget"], 0) + (f" ({r['calibration_tokens']:.0f})" if r["calibration_tokens"] > 0 else "")
+        cells = [r["setting"], fmt(r["active_pct"], 1), r["router_mode"], r["partition"], r["recipe"], budget,
+                 with_ci(r, "heldout_loss", 3), with_ci(r, "delta_loss_vs_dense", 3),
+                 with_ci(r, "kl_from_dense", 3), with_ci(r, "average", 3),
                  with_ci(r, "maintenance_pct", 1), with_ci(r, "cn_maintenance_pct", 1), fmt(r["ffn_gflops"], 4),
                  fmt(r["total_gflops"], 4), fmt(r["ffn_reduction_pct"], 1), fmt(r["total_reduction_pct"], 1),
                  _speed(r)]

@@ -29,7 +29,8 @@ def show(e: Estimate, digits: int = 1, unit: str = "") -> str:
 
 def _variant_name(row) -> str:
     budget = "" if math.isnan(row["budget"]) else f", {int(row['budget']):,} tokens"
-    return f"{row['setting']} {row['router_mode']} ({row['partition']}{budget})"
+    recipe = "" if row.get("recipe", "paper") in ("paper", "-") else f", {row['recipe']}"
+    return f"{row['setting']} {row['router_mode']} ({row['partition']}{recipe}{budget})"
 
 
 def dense_sentence(dense, n_tasks: int) -> str:

@@ -88,7 +88,19 @@ def eval_key(record: dict) -> str:
 
 def _setting(cfg: dict) -> str:
     f = cfg.get("factor")
-    return "dense" if f is None else f"{f['n_routers']}R{f['n_experts']}E{f['top_k']}K"
+    if f is None:
+        return "dense"
+    shared = f.get("n_shared", 0)
+    return f"{f['n_routers']}R{f['n_experts']}E{f['top_k']}K" + (f"{shared}S" if shared else "")
+
+
+def _active_pct(cfg: dict) -> float:
+    """Share of the FFN's neurons active per token, %: (K + shared) / (N + shared)."""
+    f = cfg.get("factor")
+    if f is None:
+        return 100.0
+    shared = f.get("n_shared", 0)
+    return 100 * (f["top_k"] + shared) / (f["n_experts"] + shared)
 
 
 def completed(records: list[dict]) -> list[dict]:
@@ -122,7 +134,11 @@ def _row(record: dict, tasks: list[str]) -> dict:
            "is_dense": not factor, "n_experts": factor.get("n_experts"), "top_k": factor.get("top_k"),
            "n_routers": factor.get("n_routers"), "router_mode": factor.get("router_mode", "-"),
            "partition": factor.get("partition", "-"), "seed": cfg.get("seed"),
-           "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan, "eval_key": eval_key(record),
+           "n_shared": factor.get("n_shared", 0) if factor else math.nan, "active_pct": _active_pct(cfg),
+           "recipe": (record.get("recipe") or "paper") if factor else "-",
+           "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan,
+           "calibration_tokens": cfg["train"].get("calibration_tokens", 0) if factor else math.nan,
+           "eval_key": eval_key(record),
            "tasks": tuple(cfg["eval"]["tasks"]),
            "pretraining_tokens": _number((record.get("model") or {}).get("pretraining_tokens"))}
     for name in tasks:
@@ -260,7 +276,12 @@ FACTORS = {"n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
            "n_routers": ("factor", "n_routers"), "router_mode": ("factor", "router_mode"),
            "partition": ("factor", "partition"), "combine": ("factor", "combine"),
            "pseudo_label": ("factor", "pseudo_label"), "factor_seed": ("factor", "seed"),
+           "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
+           "lambda_kd": ("train", "lambda_kd"), "lambda_lm": ("train", "lambda_lm"),
            "budget": ("train", "data_budget_tokens"), "seed": ("seed",)}
+# Not a factor of its own: calibration tokens come out of the same data budget, and the
+# options that need them (coact, n_shared, mean_comp, router_init fit) are the factors.
+BUDGET_SPLIT = ("calibration_tokens",)
 
 
 def _factor_values(record: dict) -> dict:
@@ -271,7 +292,11 @@ def _factor_values(record: dict) -> dict:
         for key in path:
             value = (value or {}).get(key)
         values[name] = value
-    other_train = {k: v for k, v in cfg["train"].items() if k != "data_budget_tokens"}
+    defaults = {"n_shared": 0, "router_init": "random", "lambda_kd": 0.0, "lambda_lm": 1.0}  # older records
+    for name, default in defaults.items():
+        values[name] = default if values[name] is None else values[name]
+    other_train = {k: v for k, v in cfg["train"].items()
+                   if k != "data_budget_tokens" and k not in BUDGET_SPLIT and ("train", k) not in FACTORS.values()}
     values["other training settings"] = json.dumps(other_train, sort_keys=True)
     return values
 
@@ -298,7 +323,9 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
 
 def _label(record: dict) -> str:
     f = record["config"]["factor"]
-    return f"{_setting(record['config'])} {f['router_mode']} {f['partition']} {record['config']['train']['data_budget_tokens']}tok"
+    recipe = f" {record['recipe']}" if record.get("recipe") else ""
+    return (f"{_setting(record['config'])} {f['router_mode']} {f['partition']}{recipe} "
+            f"{record['config']['train']['data_budget_tokens']}tok")
 
 
 def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | None) -> dict:

@@ -84,3 +84,35 @@ def test_the_scoring_lm_is_checked_and_part_of_the_id():
         TrialConfig.from_dict({"eval": {"lm": "vllm"}})
     assert TrialConfig().eval.lm == "shared"
     assert TrialConfig.from_dict({"eval": {"lm": "hflm"}}).trial_id != TrialConfig().trial_id
+
+
+CALIBRATED = {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
+              "router_init": "fit", "pseudo_label": "min_recon"}
+
+
+def test_calibration_options_and_their_tokens_must_go_together():
+    with pytest.raises(ConfigError, match=r"train.calibration_tokens: 0, but factor 1R3E1K1S .* needs a "
+                                          r"calibration pass"):
+        TrialConfig.from_dict({"factor": CALIBRATED})
+    with pytest.raises(ConfigError, match=r"train.calibration_tokens: 512, but factor 1R4E2K uses no calibrated"):
+        TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "train": {"calibration_tokens": 512}})
+    with pytest.raises(ConfigError, match=r"train.calibration_tokens: 30000 exceeds train.data_budget_tokens=20000"):
+        TrialConfig.from_dict({"factor": CALIBRATED, "train": {"calibration_tokens": 30000}})
+    with pytest.raises(ConfigError, match=r"lambda_lm and train.lambda_kd are both 0"):
+        TrialConfig.from_dict({"train": {"lambda_lm": 0}})
+    with pytest.raises(ConfigError, match=r"train.lambda_kd: -1.0 must be >= 0"):
+        TrialConfig.from_dict({"train": {"lambda_kd": -1}})
+    with pytest.raises(ConfigError, match=r"factor.n_experts \+ n_shared|router_init='fit' fits a router"):
+        TrialConfig.from_dict({"factor": {**CALIBRATED, "router_mode": "random"},
+                               "train": {"calibration_tokens": 512}})
+
+
+def test_recipe_options_change_the_id_and_the_label_but_defaults_do_not():
+    base = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
+    explicit = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2, "n_shared": 0, "router_init": "random"},
+                                      "train": {"calibration_tokens": 0, "lambda_kd": 0, "lambda_lm": 1}})
+    assert explicit.trial_id == base.trial_id == "1R4E2K-dd91613f35" and base.recipe == ""
+    best = TrialConfig.from_dict({"factor": CALIBRATED, "train": {"calibration_tokens": 4096, "lambda_kd": 1}})
+    assert best.trial_id.startswith("1R3E1K1S-") and best.factor.active_fraction == 0.5
+    assert best.recipe == "mean_comp init=fit min_recon kd=1 cal=4096"
+    assert best.label == "smollm2-135m 1R3E1K1S par coact mean_comp init=fit min_recon kd=1 cal=4096 20000tok"

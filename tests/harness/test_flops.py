@@ -80,3 +80,19 @@ def test_every_cpu_dispatch_path_counts_the_same_flops(tiny_model_factory, ids, 
         with use_dispatch(model, path):
             counts[path] = count_flops(model, ids)
     assert counts["reference"] == counts["sorted"] == counts["grouped"]
+
+
+@pytest.mark.parametrize("combine", ["unscaled", "mean_comp"])
+def test_shared_experts_are_counted_in_the_ffn_flops(tiny_model_factory, ids, combine):
+    """1R3E1K1S: one shared quarter of the neurons always runs plus one routed quarter:
+    half the dense FFN plus the (3-way) router; the shared expert's FLOPs must show."""
+    from factorllm_core import calibrate
+
+    model = tiny_model_factory("llama")
+    dense = count_flops(model, ids)["ffn_gflops_per_token"]
+    calibration = calibrate(model, [ids[0]], "cpu")
+    factorize(model, FactorConfig(n_experts=3, top_k=1, n_shared=1, combine=combine), calibration)
+    flops = count_flops(model, ids)["ffn_gflops_per_token"]
+    router = LAYERS * H * 3 / 1e9
+    assert flops == pytest.approx(dense / 2 + router, rel=0.01)
+    assert flops > dense / 4 + router * 1.5  # the routed expert alone would be a quarter

@@ -213,3 +213,32 @@ def test_the_gpu_path_on_cpu_bf16_and_grouped_dispatch(tiny_checkpoint, tiny_cor
 def test_fused_dispatch_is_refused_for_training():
     with pytest.raises(ConfigError, match="dispatch: 'fused' must be one of auto, grouped, reference, sorted"):
         TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "dispatch": "fused"})
+
+
+def test_calibrated_recipe_with_distillation_spends_the_budget_once(tiny_checkpoint, tiny_corpus, cache_dir,
+                                                                     tmp_path):
+    data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0).to_dict()
+    data["train"]["calibration_tokens"] = 200
+    data["factor"] |= {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
+                       "router_init": "fit", "pseudo_label": "min_recon"}
+    _, record = run(TrialConfig.from_dict(data), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    assert record["calibration"]["tokens"] == 200 and record["training"]["tokens"] == 800  # 1000 in all
+    f = record["factorization"]
+    assert f["setting"] == "1R3E1K1S" and f["active_ffn_fraction"] == 0.5 and f["calibration_tokens"] == 200
+    assert 0 <= f["router_fit"]["heldout_overlap"] <= 1 and f["router_fit"]["chance_overlap"] == pytest.approx(1 / 3)
+    assert record["recipe"] == "mean_comp init=fit min_recon kd=1 cal=200"
+    assert all(len(row) == 5 and row[4] > 0 for row in record["training"]["history"])  # [step, lm, pa, bal, kd]
+
+
+def test_the_distillation_teacher_is_the_dense_model(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    """At K = N the factorized model is the dense one, so before the first update the
+    distillation KL is 0; at K < N it is not."""
+    def first_kd(top_k):
+        data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, budget=128).to_dict()
+        data["factor"]["top_k"] = top_k
+        _, record = run(TrialConfig.from_dict(data), tmp_path / str(top_k))
+        return record["training"]["history"][0][4]
+
+    assert first_kd(4) == pytest.approx(0, abs=1e-6)
+    assert first_kd(1) > 1e-4  # a random tiny model: small, but 100x the K = N bound
