@@ -105,6 +105,10 @@ class TrainConfig:
     lambda_kd: weight of next-token distillation, KL(dense || model) per token, the
         teacher being the dense model the factorized one started from (`defactorize`);
         0 = off. The teacher's forward pass adds about a third to a training step.
+    layerwise_steps, layerwise_lr: a layer-wise stage before training (0 = off): each
+        factorized FFN's experts fit its dense output on the cached calibration
+        inputs, Adam, 512 tokens a step (harness/layerwise.py); reads no further
+        tokens, needs calibration_tokens > 0.
     checkpoint_every: optimizer steps between resumable checkpoints (0 = never).
     churn_points: how many times, evenly spaced over training, routing churn is
         measured (the share of probe tokens whose chosen expert set changed since
@@ -127,12 +131,15 @@ class TrainConfig:
     lambda_balance: float = 0.01
     lambda_lm: float = 1.0
     lambda_kd: float = 0.0
+    layerwise_steps: int = 0
+    layerwise_lr: float = 1e-4
     checkpoint_every: int = 20
     churn_points: int = 20
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("data_budget_tokens", "calibration_tokens", "checkpoint_every", "churn_points"):
+        for name in ("data_budget_tokens", "calibration_tokens", "layerwise_steps", "checkpoint_every",
+                     "churn_points"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         for name in ("batch_size", "grad_accum"):
@@ -140,8 +147,9 @@ class TrainConfig:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 1")
         if self.seq_len < 2:
             out.append(f"train.seq_len: {self.seq_len} must be >= 2")
-        if not self.lr > 0:
-            out.append(f"train.lr: {self.lr} must be > 0")
+        for name in ("lr", "layerwise_lr"):
+            if not getattr(self, name) > 0:
+                out.append(f"train.{name}: {getattr(self, name)} must be > 0")
         if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1):
             out.append("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         for name in ("lambda_pa", "lambda_balance", "lambda_lm", "lambda_kd", "weight_decay", "grad_clip"):
@@ -305,6 +313,7 @@ class TrialConfig:
         extras = [f.combine if f.combine != "scaled" else "", f"init={f.router_init}" if f.router_init != "random" else "",
                   f.pseudo_label if f.pseudo_label != "min_mse" else "", f"kd={t.lambda_kd:g}" if t.lambda_kd else "",
                   f"lm={t.lambda_lm:g}" if t.lambda_lm != 1 else "",
+                  f"layerwise={t.layerwise_steps}" if t.layerwise_steps else "",
                   f"cal={t.calibration_tokens}" if t.calibration_tokens else ""]
         return " ".join(filter(None, extras))
 
@@ -353,7 +362,8 @@ class TrialConfig:
 # Fields added after trial ids were first published: left out of the id at their
 # default, so a trial that does not use them keeps its id (and its stored record).
 ADDED_AT_DEFAULT = {("factor", "n_shared"): 0, ("factor", "router_init"): "random",
-                    ("train", "calibration_tokens"): 0, ("train", "lambda_lm"): 1.0, ("train", "lambda_kd"): 0.0}
+                    ("train", "calibration_tokens"): 0, ("train", "lambda_lm"): 1.0, ("train", "lambda_kd"): 0.0,
+                    ("train", "layerwise_steps"): 0, ("train", "layerwise_lr"): 1e-4}
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -432,10 +442,13 @@ def _calibration_problems(factor: FactorConfig | None, train: TrainConfig | None
         return [f"train.calibration_tokens: 0, but factor {factor.name} with partition={factor.partition}, "
                 f"n_shared={factor.n_shared}, combine={factor.combine}, router_init={factor.router_init} needs a "
                 "calibration pass; give it tokens (they count in train.data_budget_tokens), e.g. 4096"]
-    if not factor.needs_calibration and train.calibration_tokens:
+    if train.layerwise_steps and train.calibration_tokens == 0:
+        return [f"train.layerwise_steps: {train.layerwise_steps} fits on the calibration inputs; set "
+                "train.calibration_tokens > 0 (e.g. 4096)"]
+    if not (factor.needs_calibration or train.layerwise_steps) and train.calibration_tokens:
         return [f"train.calibration_tokens: {train.calibration_tokens}, but factor {factor.name} uses no calibrated "
-                "option (partition coact, n_shared, combine mean_comp, router_init fit): those tokens would be "
-                "taken from training for nothing; set it to 0"]
+                "option (partition coact, n_shared, combine mean_comp, router_init fit, train.layerwise_steps): "
+                "those tokens would be taken from training for nothing; set it to 0"]
     return []
 
 

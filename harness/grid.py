@@ -30,6 +30,7 @@ AXES = {  # axis name -> where it lands in a trial config
     "combine": ("factor", "combine"), "pseudo_label": ("factor", "pseudo_label"),
     "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
     "calibration_tokens": ("train", "calibration_tokens"), "lambda_kd": ("train", "lambda_kd"),
+    "layerwise_steps": ("train", "layerwise_steps"),
 }
 REQUIRED_AXES = ("model", "n_experts", "top_k")
 
@@ -183,7 +184,8 @@ def _section(cls, data, prefix):
 
 AXIS_TYPES = {"model": str, "n_experts": int, "top_k": int, "n_routers": int, "data_budget_tokens": int,
               "router_mode": str, "partition": str, "seed": int, "combine": str, "pseudo_label": str,
-              "n_shared": int, "router_init": str, "calibration_tokens": int, "lambda_kd": float}
+              "n_shared": int, "router_init": str, "calibration_tokens": int, "lambda_kd": float,
+              "layerwise_steps": int}
 
 
 def _axis_value_problem(axis: str, value, where: str) -> str | None:

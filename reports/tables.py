@@ -278,6 +278,7 @@ FACTORS = {"n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
            "pseudo_label": ("factor", "pseudo_label"), "factor_seed": ("factor", "seed"),
            "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
            "lambda_kd": ("train", "lambda_kd"), "lambda_lm": ("train", "lambda_lm"),
+           "layerwise_steps": ("train", "layerwise_steps"),
            "budget": ("train", "data_budget_tokens"), "seed": ("seed",)}
 # Not a factor of its own: calibration tokens come out of the same data budget, and the
 # options that need them (coact, n_shared, mean_comp, router_init fit) are the factors.
@@ -292,7 +293,8 @@ def _factor_values(record: dict) -> dict:
         for key in path:
             value = (value or {}).get(key)
         values[name] = value
-    defaults = {"n_shared": 0, "router_init": "random", "lambda_kd": 0.0, "lambda_lm": 1.0}  # older records
+    defaults = {"n_shared": 0, "router_init": "random", "lambda_kd": 0.0, "lambda_lm": 1.0,  # older records
+                "layerwise_steps": 0}
     for name, default in defaults.items():
         values[name] = default if values[name] is None else values[name]
     other_train = {k: v for k, v in cfg["train"].items()

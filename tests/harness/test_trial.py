@@ -242,3 +242,15 @@ def test_the_distillation_teacher_is_the_dense_model(tiny_checkpoint, tiny_corpu
 
     assert first_kd(4) == pytest.approx(0, abs=1e-6)
     assert first_kd(1) > 1e-4  # a random tiny model: small, but 100x the K = N bound
+
+
+def test_layerwise_stage_cuts_the_heldout_reconstruction_error(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    data = config(tiny_checkpoint, tiny_corpus, layerwise_steps=30, layerwise_lr=3e-3,
+                  calibration_tokens=800).to_dict()
+    data["factor"] |= {"n_experts": 4, "top_k": 1, "combine": "unscaled"}
+    _, record = run(TrialConfig.from_dict(data), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    lw = record["layerwise"]
+    assert lw["steps"] == 30 and len(lw["per_layer"]) == 2
+    assert lw["heldout_relative_error_after"] < lw["heldout_relative_error_before"]
+    assert record["training"]["tokens"] == 200  # the stage reads no tokens of its own
