@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_trial.py                 # auto device; TinyLlama widths, 4 layers
     python benchmarks/gpu_trial.py --size tiny --device cpu    # the same path in seconds (CI)
+    python benchmarks/gpu_trial.py --recipe calibrated         # the calibrated conversion's paths
 
 It runs what a sweep's GPU worker runs: load a checkpoint folder, factorize (1R4E2K,
 PAR), train with bf16 autocast (precision auto: bf16 on CUDA), dispatch auto (grouped
@@ -69,12 +70,25 @@ def make_assets(folder: Path, size: str, seed: int = 0) -> tuple[str, str, str]:
     return str(checkpoint), str(folder / "train.txt"), str(folder / "heldout.txt")
 
 
-def trial_config(checkpoint: str, corpus: str, heldout: str, device: str, budget: int) -> TrialConfig:
+# --recipe: the paper's 1R4E2K, or the calibrated conversion of experiments/recovery.yaml
+# (calibration pass, coact split, a shared expert, fitted routers, a layer-wise stage and
+# distillation from the dense model: every CUDA path those options add).
+RECIPES = {
+    "paper": ({"n_experts": 4, "top_k": 2, "router_mode": "par"}, {}),
+    "calibrated": ({"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled", "partition": "coact",
+                    "router_init": "fit", "pseudo_label": "min_recon", "router_mode": "par"},
+                   {"calibration_tokens": 2048, "layerwise_steps": 10, "lambda_kd": 1.0}),
+}
+
+
+def trial_config(checkpoint: str, corpus: str, heldout: str, device: str, budget: int,
+                 recipe: str = "paper") -> TrialConfig:
+    factor, train = RECIPES[recipe]
     return TrialConfig.from_dict({
         "model": checkpoint, "device": device,
-        "factor": {"n_experts": 4, "top_k": 2, "router_mode": "par"},
-        "train": {"data_budget_tokens": budget, "corpus": corpus, "seq_len": 256, "batch_size": 4, "lr": 1e-3,
-                  "checkpoint_every": 0, "churn_points": 5},
+        "factor": factor,
+        "train": {"data_budget_tokens": budget + train.get("calibration_tokens", 0), "corpus": corpus,
+                  "seq_len": 256, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 0, "churn_points": 5, **train},
         "eval": {"benchmarks": False, "heldout_text": heldout, "heldout_tokens": 1024, "heldout_seq_len": 128},
         "flops": {"enabled": False},
         "latency": {"batch_size": 4, "prefill_len": 512, "decode_tokens": 8, "repeats": 3, "warmup": 1},
@@ -96,10 +110,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tinyllama-4l")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--budget", type=int, default=8192, help="training tokens")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                        help="paper: 1R4E2K; calibrated: the recovery recipe (+ layer-wise stage)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, corpus, heldout = make_assets(Path(tmp), args.size)
-        config = trial_config(checkpoint, corpus, heldout, args.device, args.budget)
+        config = trial_config(checkpoint, corpus, heldout, args.device, args.budget, args.recipe)
         trial_module.probe_tokens = probe_from(heldout)
         start = time.perf_counter()
         record = Trial(config, Path(tmp) / "runs", cache_dir=Path(tmp) / "cache", show_progress=False,

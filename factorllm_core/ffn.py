@@ -2,7 +2,8 @@
 
 Forward (per token): router probabilities averaged over R routers -> top-K ->
 only the chosen experts run on their tokens -> combined with the combine rule's
-weights. In training with a PAR router the teacher (all experts on the same
+weights (+ the shared experts, + the unchosen experts' calibration means under
+`mean_comp`). In training with a PAR router the teacher (all experts on the same
 input, i.e. the dense FFN on the hidden state the student really sees) is
 computed too, so the pseudo-labels and PA loss come for free and the student
 output is gathered from the same expert outputs.

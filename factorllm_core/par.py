@@ -1,7 +1,8 @@
 """Prior-Approximate Router (PAR) losses: teacher pseudo-labels, PA loss, balance loss.
 
 The teacher is the dense FFN, which equals the sum of all N experts on the same
-input (the partition changes no weight). A pseudo-label rule turns the experts'
+input (the partition changes no weight); with shared experts, which every token
+runs anyway, the routed experts' part of it, the sum of the N routed experts. A pseudo-label rule turns the experts'
 individual outputs into a multi-hot target over experts per token; the PA loss
 pulls the router distribution towards it. Formulas follow the released FactorLLM
 code (zhenwuweihe/FactorLLM), with the KL reduced to a scalar for any batch shape.

@@ -110,6 +110,9 @@ def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypa
     assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "2048"]) == 0
     out = capsys.readouterr().out
     assert "whole trial: completed" in out and "KL(dense || model)" in out and "precision fp32" in out
+    assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "1024", "--recipe", "calibrated"]) == 0
+    out = capsys.readouterr().out
+    assert "whole trial: completed" in out and "1R3E1K1S" in out and "layerwise" in out
 
 
 def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
