@@ -20,7 +20,8 @@ from . import plots
 from .findings import findings
 from .stats import N_BOOT
 from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, failed_trials, failure_flags,
-                     load_records, pair_differences, pareto_front, router_study, task_order, trial_frame)
+                     load_records, pair_differences, pareto_front, recipe_comparison, router_study, task_order,
+                     trial_frame)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -122,6 +123,14 @@ def pairs_table(pairs: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
+def recipes_table(recipes: pd.DataFrame) -> str:
+    rows = [{"active FFN %": fmt(p["active_pct"], 1), "recipe (a)": p["a"], "paper (b)": p["b"],
+             "held-out loss a − b": with_ci(p, "loss_diff", 3), "KL a − b": with_ci(p, "kl_diff", 3),
+             "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
+             "verdict (95% CI vs 0)": p["verdict"]} for _, p in recipes.iterrows()]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
 def failure_table(frame: pd.DataFrame) -> str:
     variants = frame[~frame["is_dense"]].copy()
     if variants.empty:
@@ -166,6 +175,13 @@ def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
     for model in frame["model"].unique():
         lines += [f"## Main table: {model}", "", main_table(frame, model), "", HOW_TO_READ, "",
                   f"### Per benchmark: {model}", "", benchmark_table(frame, model, tasks), ""]
+    recipes = recipe_comparison(records)
+    if not recipes.empty:
+        lines += ["## Conversion recipes against the paper's (same active width, budget, router mode and count, seed)", "",
+                  recipes_table(recipes), "",
+                  "a − b: the recipe minus the paper's recipe, paired over items (maintenance) and held-out "
+                  "sequences (loss, KL); negative loss and KL differences are better. Calibration tokens come "
+                  "out of the same data budget.", ""]
     lines += ["## Differences between trials that differ in one factor", "", pairs_table(pairs), "",
               "A difference is distinguishable from zero only when its 95% interval excludes 0; "
               "'not distinguishable' means this sample cannot tell the two apart, not that they are equal.", ""]

@@ -346,6 +346,39 @@ def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | N
     return row
 
 
+def recipe_comparison(records: list[dict]) -> pd.DataFrame:
+    """Every conversion recipe against the paper's at the same model, evaluation, active
+    FFN width, data budget (calibration included), router mode, router count and seed: paired
+    differences of maintenance, held-out loss and KL (recipe minus paper) with 95%
+    intervals. The paper's recipe: contiguous split, `scaled`, random router init,
+    `min_mse`, no shared experts, no calibration, no distillation."""
+    done = [r for r in completed(records) if r["config"].get("factor")]
+    dense, rows = dense_baselines(records), []
+
+    def key(r: dict) -> tuple:
+        cfg = r["config"]
+        return (cfg["model"], eval_key(r), round(_active_pct(cfg), 6), cfg["train"]["data_budget_tokens"],
+                cfg["factor"]["router_mode"], cfg["factor"]["n_routers"], cfg["seed"])
+
+    papers = {key(r): r for r in done if _is_paper(r)}
+    for r in done:
+        paper = papers.get(key(r))
+        if paper is None or r is paper:
+            continue
+        rows.append(_pair_row(r, paper, "recipe", {}, {}, dense.get(eval_key(r))) | {"active_pct": key(r)[2]})
+    columns = ["model", "active_pct", "a", "b", "maintenance_diff", "maintenance_diff_lo", "maintenance_diff_hi",
+               "loss_diff", "loss_diff_lo", "loss_diff_hi", "kl_diff", "kl_diff_lo", "kl_diff_hi", "verdict"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["model", "active_pct", "loss_diff"]).reset_index(drop=True)
+
+
+def _is_paper(record: dict) -> bool:
+    f, t = record["config"]["factor"], record["config"]["train"]
+    return (f.get("partition") == "contiguous" and f.get("combine") == "scaled" and f.get("n_shared", 0) == 0
+            and f.get("router_init", "random") == "random" and f.get("pseudo_label") == "min_mse"
+            and not t.get("calibration_tokens") and not t.get("lambda_kd") and t.get("lambda_lm", 1.0) == 1.0
+            and not t.get("layerwise_steps"))
+
+
 def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "maintenance_pct") -> pd.Series:
     """True where no other trial is at least as cheap and as good, and strictly better in one
     (point values: the intervals say how firm each point is)."""

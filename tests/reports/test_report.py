@@ -225,7 +225,7 @@ def test_report_files(records, tmp_path):
     text = path.read_text()
     assert "## What this sweep shows" in text.split("## Main table")[0]
     assert "## Main table: m" in text and "hellaswag (acc_norm, chance 0.25)" in text and "mmlu †" in text
-    assert re.search(r"\| 1R4E1K \| par \| contiguous \| 20000 \| \d\.\d{3} \[\d", text)  # held-out loss with CI
+    assert re.search(r"\| 1R4E1K \| 25.0 \| par \| contiguous \| paper \| 20000 \| \d\.\d{3} \[\d", text)  # loss with CI
     assert "chance-norm. maint. %" in text and "KL(dense ‖ model)" in text
     assert "router conflict: 2R4E2K par routers agree on 55%" in text
     assert "NonFiniteLoss" in text
@@ -281,3 +281,26 @@ def test_a_dense_model_at_chance_everywhere_is_said_plainly(tmp_path):
     assert "On none of them is its accuracy above chance" in text
     k2 = trial_frame(records).set_index("trial_id").loc["k2"]
     assert math.isnan(k2["cn_maintenance_pct"]) and k2["cn_benchmarks"] == ""
+
+
+def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(records, tmp_path):
+    from reports.tables import recipe_comparison
+
+    shared = {"n_experts": 3, "top_k": 1, "n_routers": 1, "router_mode": "par", "partition": "coact",
+              "combine": "unscaled", "pseudo_label": "min_recon", "seed": 0, "n_shared": 1, "router_init": "fit"}
+    best = record("best", shared, scores={n: 0.59 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, loss=3.2, kl=0.3, seed=9)
+    best["config"]["train"]["calibration_tokens"] = 4096
+    best["recipe"] = "unscaled init=fit min_recon cal=4096"
+    other_budget = record("b2", factor(2), loss=3.4, kl=0.4, budget=40000, seed=10)  # no paper trial at 40k
+    rows = recipe_comparison(records + [best, other_budget])
+    assert len(rows) == 1  # only `best` has a paper trial (k2) of the same width, budget, mode and seed
+    row = rows.iloc[0]
+    assert row["a"].startswith("1R3E1K1S par coact unscaled init=fit") and row["b"].startswith("1R4E2K par contiguous")
+    assert row["active_pct"] == 50.0
+    assert row["loss_diff"] == pytest.approx(-0.3, abs=0.05) and row["loss_diff_hi"] < 0
+    assert "held-out loss differs" in row["verdict"]
+    report = build_report(records + [best], tmp_path).read_text()
+    assert "## Conversion recipes against the paper's" in report
+    assert re.search(r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok +\| "
+                     r"1R4E2K par contiguous 20000tok +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]", report)
+    assert "| 1R3E1K1S | 50.0 | par | coact | unscaled init=fit min_recon cal=4096 | 20000 (4096) |" in report
