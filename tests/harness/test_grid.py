@@ -21,8 +21,12 @@ def test_shipped_grids_validate(path):
 def test_default_grid_is_the_embedded_default():
     sweep = load_grid(Path(__file__).parents[2] / "experiments" / "grid.yaml")
     settings = [(t.factor.name, t.factor.router_mode) if t.factor else ("dense", "-") for t in sweep.trials]
-    assert settings == [("dense", "-"), ("1R4E1K", "par"), ("1R4E2K", "par"), ("1R4E3K", "par"),
-                        ("1R4E2K", "random")]
+    assert settings == [("dense", "-"), ("1R4E2K", "par"), ("1R4E3K", "par"), ("1R4E2K", "random"),
+                        ("1R3E1K1S", "par")]
+    best = sweep.trials[-1]
+    assert best.factor.active_fraction == sweep.trials[1].factor.active_fraction == 0.5
+    assert best.train.data_budget_tokens == sweep.trials[1].train.data_budget_tokens  # calibration included
+    assert best.recipe == "unscaled init=fit min_recon kd=1 cal=4096" and sweep.trials[1].recipe == ""
     assert {t.model for t in sweep.trials} == {"smollm2-135m"}
 
 
