@@ -86,11 +86,18 @@ class FactorConfig:
         if self.pseudo_label == "min_recon":
             subset_masks(self.n_experts, self.top_k)  # raises when there are too many subsets to score
 
+    def calibrated_options(self) -> list[str]:
+        """The options of this setting that need a calibration pass, as `field=value`."""
+        options = [f"partition={self.partition}" if self.partition == "coact" else "",
+                   f"n_shared={self.n_shared}" if self.n_shared else "",
+                   f"combine={self.combine}" if COMBINES.get(self.combine).add_unchosen_mean else "",
+                   f"router_init={self.router_init}" if self.router_init != "random" else ""]
+        return [o for o in options if o]
+
     @property
     def needs_calibration(self) -> bool:
         """Whether building this setting needs the dense model's activations on calibration tokens."""
-        return (self.partition == "coact" or self.n_shared > 0 or self.router_init == "fit"
-                or COMBINES.get(self.combine).add_unchosen_mean)
+        return bool(self.calibrated_options())
 
     @property
     def active_fraction(self) -> float:

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .calibration import Calibration
 from .config import FactorConfig
 from .experts import Experts
 from .ffn import FactorizedFFN, factorized_layers
-from .calibration import Calibration
 from .partition import PARTITIONS, shared_neurons
 from .registry import Registry
-from .router import COMBINES, ROUTER_INITS, Router
+from .router import ROUTER_INITS, Router
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def build_factorized_ffn(weights: GatedFFNWeights, config: FactorConfig, layer_s
     ffn_width, hidden = weights.gate_weight.shape
     config.check_ffn_width(ffn_width)
     if config.needs_calibration and calibration_inputs is None and not placeholder:
-        raise ValueError(f"{config.name} ({_calibrated_options(config)}) needs calibration inputs: "
+        raise ValueError(f"{config.name} ({', '.join(config.calibrated_options())}) needs calibration inputs: "
                          "pass a Calibration to factorize (harness: train.calibration_tokens > 0)")
     device = weights.gate_weight.device
     x = None if placeholder or calibration_inputs is None else calibration_inputs.to(device, weights.gate_weight.dtype)
@@ -128,14 +128,6 @@ def _activations(weights: GatedFFNWeights, x: torch.Tensor) -> torch.Tensor:
         gate = torch.nn.functional.linear(x, weights.gate_weight, weights.gate_bias)
         up = torch.nn.functional.linear(x, weights.up_weight, weights.up_bias)
         return (weights.act_fn(gate) * up).float()
-
-
-def _calibrated_options(config: FactorConfig) -> str:
-    options = [f"partition={config.partition}" if config.partition == "coact" else "",
-               f"n_shared={config.n_shared}" if config.n_shared else "",
-               f"combine={config.combine}" if COMBINES.get(config.combine).add_unchosen_mean else "",
-               f"router_init={config.router_init}" if config.router_init != "random" else ""]
-    return ", ".join(o for o in options if o)
 
 
 @dataclass(frozen=True)

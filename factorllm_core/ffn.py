@@ -63,6 +63,7 @@ class FactorizedFFN(nn.Module):
                                                                                experts.down_weight.shape[1]))
         else:
             self.unchosen_mean = None
+        self.fit_report: dict | None = None  # set by the builder when router_init fits the router
         self._collector: tuple[AuxCollector, str] | None = None
 
     def label_context(self) -> LabelContext:

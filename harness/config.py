@@ -439,9 +439,9 @@ def _calibration_problems(factor: FactorConfig | None, train: TrainConfig | None
     if factor is None or train is None:
         return []
     if factor.needs_calibration and train.calibration_tokens == 0:
-        return [f"train.calibration_tokens: 0, but factor {factor.name} with partition={factor.partition}, "
-                f"n_shared={factor.n_shared}, combine={factor.combine}, router_init={factor.router_init} needs a "
-                "calibration pass; give it tokens (they count in train.data_budget_tokens), e.g. 4096"]
+        return [f"train.calibration_tokens: 0, but factor {factor.name} with "
+                f"{', '.join(factor.calibrated_options())} needs a calibration pass; give it tokens (they count "
+                "in train.data_budget_tokens), e.g. 4096"]
     if train.layerwise_steps and train.calibration_tokens == 0:
         return [f"train.layerwise_steps: {train.layerwise_steps} fits on the calibration inputs; set "
                 "train.calibration_tokens > 0 (e.g. 4096)"]

@@ -19,7 +19,7 @@ import pandas as pd
 from . import plots
 from .findings import findings
 from .stats import N_BOOT
-from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, failed_trials, failure_flags,
+from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, eval_key, failed_trials, failure_flags,
                      load_records, pair_differences, pareto_front, recipe_comparison, router_study, task_order,
                      trial_frame)
 
@@ -247,6 +247,18 @@ def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]
     return lines
 
 
+def _one_baseline_each(baselines: list[dict], records: list[dict]) -> list[dict]:
+    """The shared baselines folder holds every sweep's dense trials; the report needs one
+    completed baseline per evaluation setting of this sweep's records (two with the same
+    setting, e.g. made with and without latency timing, score the same items alike)."""
+    wanted = {eval_key(r) for r in completed(records)} or {eval_key(r) for r in completed(baselines)}
+    chosen: dict[str, dict] = {}
+    for r in sorted(completed(baselines), key=lambda r: r.get("finished_at") or ""):
+        if eval_key(r) in wanted:
+            chosen[eval_key(r)] = r  # the latest
+    return list(chosen.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", help="a sweep folder (<storage>/<name>) holding records/")
@@ -256,7 +268,8 @@ def main(argv=None) -> int:
     records = load_records(sweep_dir / "records")
     models = {r["config"]["model"] for r in records}
     baselines = [r for r in load_records(sweep_dir.parent / "baselines") if r["config"]["model"] in models]
-    path = build_report(baselines + records, args.out or sweep_dir / "report", title=f"Sweep {sweep_dir.name}")
+    path = build_report(_one_baseline_each(baselines, records) + records, args.out or sweep_dir / "report",
+                        title=f"Sweep {sweep_dir.name}")
     print(f"report: {path}")
     return 0
 

@@ -254,3 +254,19 @@ def test_layerwise_stage_cuts_the_heldout_reconstruction_error(tiny_checkpoint, 
     assert lw["steps"] == 30 and len(lw["per_layer"]) == 2
     assert lw["heldout_relative_error_after"] < lw["heldout_relative_error_before"]
     assert record["training"]["tokens"] == 200  # the stage reads no tokens of its own
+
+
+def test_the_calibrated_recipe_on_the_gpu_path_on_cpu(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
+    """The calibrated recipe as a CUDA worker runs it, on the CPU: bf16 autocast training
+    with distillation, the forced `grouped` dispatch, mean_comp's means, a shared expert
+    and the layer-wise stage; bf16 evaluation. It completes with finite numbers."""
+    data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, calibration_tokens=200, layerwise_steps=5).to_dict()
+    data["factor"] |= {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
+                       "router_init": "fit", "pseudo_label": "min_recon"}
+    data.update(precision="bf16", dispatch="grouped")
+    trial, record = run(TrialConfig.from_dict(data), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    assert record["eval_dtype"] == "bfloat16" and next(trial.model.parameters()).dtype == torch.bfloat16
+    assert {layer.experts.last_dispatch for _, layer in factorized_layers(trial.model)} == {"grouped"}
+    assert all(math.isfinite(v) for row in record["training"]["history"] for v in (row[1], row[4]))
+    assert all(math.isfinite(v) for v in record["heldout"]["per_sequence_loss"] + record["heldout"]["per_sequence_kl"])

@@ -304,3 +304,30 @@ def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(re
     assert re.search(r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok +\| "
                      r"1R4E2K par contiguous 20000tok +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]", report)
     assert "| 1R3E1K1S | 50.0 | par | coact | unscaled init=fit min_recon cal=4096 | 20000 (4096) |" in report
+
+
+def test_rebuilding_a_report_keeps_one_dense_baseline_per_evaluation(records, tmp_path):
+    """The shared baselines folder holds dense trials of other sweeps too: reports.build
+    must list one per evaluation setting of this sweep, not each of them."""
+    import json
+
+    from reports.build import main as build_main
+
+    def write(folder, rec):
+        (folder / rec["trial_id"]).mkdir(parents=True)
+        (folder / rec["trial_id"] / "record.json").write_text(json.dumps(rec))
+
+    sweep = tmp_path / "sweeps" / "s"
+    dense = [r for r in records if not r["config"]["factor"]][0]
+    twin = json.loads(json.dumps(dense)) | {"trial_id": "dense-twin", "finished_at": "2026-11-30T01:00:00+00:00"}
+    elsewhere = json.loads(json.dumps(dense)) | {"trial_id": "dense-other"}
+    elsewhere["config"]["eval"] = dict(elsewhere["config"]["eval"], limit=999)  # another sweep's setting
+    for rec in (dense, twin, elsewhere):
+        write(tmp_path / "sweeps" / "baselines" / "fp", rec)
+    for rec in records:
+        if rec["config"]["factor"]:
+            write(sweep / "records", rec)
+    assert build_main([str(sweep)]) == 0
+    text = (sweep / "report" / "report.md").read_text()
+    main_table = text.split("## Main table: m")[1].split("###")[0]
+    assert main_table.count("| dense |") == 1
