@@ -95,16 +95,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
 def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
           on_step: Callable[[int], None] | None = None, show_progress: bool = True,
           log: Callable[[str], None] | None = None, churn: ChurnMonitor | None = None,
-          bf16: bool | None = None) -> TrainSummary:
+          bf16: bool | None = None, teacher: torch.nn.Module | None = None) -> TrainSummary:
     """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
     Progress: a tqdm bar, or (show_progress=False, e.g. in Ray workers) a `log` line
     about every 10% of the budget. `churn`, if given, measures routing churn after
     its steps (its state is checkpointed with the rest). `bf16`: autocast to bf16
-    (default: on CUDA only)."""
+    (default: on CUDA only). `teacher` (lambda_kd > 0): the dense model to distil from,
+    by default `dense_teacher(model)` as it is now; pass one built earlier when the
+    experts have changed since factorization (the layer-wise stage)."""
     bf16 = device.startswith("cuda") if bf16 is None else bf16
-    # the distillation teacher: the dense model as it is now, before any training (and
-    # before a resume loads trained weights into `model`)
-    teacher = defactorize(copy.deepcopy(model)).requires_grad_(False).eval() if config.lambda_kd else None
+    # built before a resume loads trained weights into `model`
+    teacher = (teacher or dense_teacher(model)) if config.lambda_kd else None
     summary = TrainSummary(trainable_params=mark_trainable(model))
     total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,6 +152,12 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else None
     return summary
+
+
+def dense_teacher(model) -> torch.nn.Module:
+    """The dense model a factorized one equals with every expert on: a frozen copy with
+    the experts merged back (`defactorize`), the distillation teacher."""
+    return defactorize(copy.deepcopy(model)).requires_grad_(False).eval()
 
 
 def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16,

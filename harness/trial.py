@@ -40,7 +40,7 @@ from .layerwise import layerwise_fit
 from .models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
 from .probe import probe_tokens
 from .record import RECORD_FILE, environment, non_finite_paths, read_record
-from .train import make_batches, train
+from .train import dense_teacher, make_batches, train
 
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
 CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training
@@ -111,6 +111,8 @@ class Trial:
                     layer.experts.dispatch = self.config.dispatch
                 self.record["routing_at_factorization"] = analyze_routing(
                     self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)["summary"]
+            # the distillation teacher: the dense model, taken before the layer-wise stage moves the experts
+            self._teacher = dense_teacher(self.model) if self.config.train.lambda_kd else None
             if self.config.train.layerwise_steps:
                 with self.stage("layerwise"):
                     t = self.config.train
@@ -208,6 +210,7 @@ class Trial:
 
     def _train(self) -> None:
         cfg = self.config.train
+        teacher, self._teacher = self._teacher, None  # held only until training
         train_tokens = cfg.data_budget_tokens - cfg.calibration_tokens
         if train_tokens == 0:
             self.record["training"] = {"tokens": 0, "steps": 0, "note": "no training tokens left in the data budget"}
@@ -219,7 +222,7 @@ class Trial:
                         on_step=self.on_train_step, show_progress=self.show_progress,
                         log=lambda line: self.log(f"[{self.config.trial_id}] {line}"),
                         churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
-                        bf16=self.precision == "bf16")
+                        bf16=self.precision == "bf16", teacher=teacher)
         if summary.tokens != train_tokens:
             raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens} less "
                               f"{cfg.calibration_tokens} calibration tokens = {train_tokens}")

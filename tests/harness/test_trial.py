@@ -270,3 +270,30 @@ def test_the_calibrated_recipe_on_the_gpu_path_on_cpu(tiny_checkpoint, tiny_corp
     assert {layer.experts.last_dispatch for _, layer in factorized_layers(trial.model)} == {"grouped"}
     assert all(math.isfinite(v) for row in record["training"]["history"] for v in (row[1], row[4]))
     assert all(math.isfinite(v) for v in record["heldout"]["per_sequence_loss"] + record["heldout"]["per_sequence_kl"])
+
+
+def test_the_distillation_teacher_stays_dense_after_the_layerwise_stage(tiny_checkpoint, tiny_corpus, cache_dir,
+                                                                        tmp_path, monkeypatch):
+    """The layer-wise stage changes the experts before training: the teacher must be the
+    dense model from before it, not a merge of the fitted experts."""
+    from transformers import AutoModelForCausalLM
+
+    import harness.train
+
+    seen = []
+    original = harness.train._optimizer_step
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1])  # the teacher
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(harness.train, "_optimizer_step", spy)
+    data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, calibration_tokens=400, layerwise_steps=20,
+                  layerwise_lr=1e-2, budget=600).to_dict()
+    data["factor"] |= {"top_k": 1, "combine": "unscaled"}
+    _, record = run(TrialConfig.from_dict(data), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    ids = torch.arange(20)[None]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        assert (seen[0](input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() <= 1e-5
