@@ -140,7 +140,7 @@ class SortedSlots:
 # CPU inference works through the tokens in blocks whose gathered copy (S_block * K
 # rows) is at most this many bytes: small enough to stay in cache between the gather,
 # the GEMMs and the add-back, large enough that each expert's GEMM keeps ~1,000 rows.
-# Tuned on SmolLM2 sizes on a 2-core Xeon VM (see benchmarks/ffn_dispatch.py).
+# Tuned on SmolLM2 sizes on a 2-core Xeon VM (see perf/ffn_dispatch.py).
 CPU_BLOCK_BYTES = 16 << 20
 
 

@@ -18,7 +18,7 @@ FFNs without gate/up biases, bf16/fp16 on CUDA (or CPU tensors under
 TRITON_INTERPRET=1, which the tests use). Triton is imported only when this
 path runs. Not measured on a GPU yet, so `auto` does not pick it: select it
 with `experts.dispatch = "fused"`, or `latency.dispatch: fused` in a trial or
-grid to time it there (see benchmarks/gpu_check.sh).
+grid to time it there (see perf/gpu_check.sh).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FIXED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
 # Each compiles for sm_90 with wgmma and pipelined loads, within its shared memory
-# (benchmarks/fused_compile_check.py, a test): 128x256 fits only with 2 stages, as
+# (perf/fused_compile_check.py, a test): 128x256 fits only with 2 stages, as
 # gate/up loads two weight tiles per step.
 CONFIGS = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=st)
            for m, n, k, w, st in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),

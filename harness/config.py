@@ -21,7 +21,7 @@ import yaml
 
 from factorllm_core import DISPATCH, FactorConfig
 
-from .benchmarks import LM_KINDS, resolve_task_names
+from harness.eval.benchmarks import LM_KINDS, resolve_task_names
 
 
 class _StrictLoader(yaml.SafeLoader):

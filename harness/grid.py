@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import (SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, resolve_precision,
+from harness.config import (SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, resolve_precision,
                      short)
-from .corpora import resolve_corpus
-from .models import ModelUnavailable, ffn_width
+from harness.assets.corpora import resolve_corpus
+from harness.assets.models import ModelUnavailable, ffn_width
 
 AXES = {  # axis name -> where it lands in a trial config
     "model": ("model",), "n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),

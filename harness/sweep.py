@@ -28,11 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .cache import DISK_FULL_BYTES, write_json_atomic
-from .config import ConfigError, TrialConfig
-from .grid import Resources, Sweep, load_grid, trial_table
-from .models import model_fingerprint
-from .record import RECORD_FILE, read_record
+from harness.assets.cache import DISK_FULL_BYTES, write_json_atomic
+from harness.config import ConfigError, TrialConfig
+from harness.grid import Resources, Sweep, load_grid, trial_table
+from harness.assets.models import model_fingerprint
+from harness.record import RECORD_FILE, read_record
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Progress bars garble Ray's log forwarding: workers log one line per stage (and per
@@ -54,8 +54,8 @@ def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | No
     import torch
     from ray import tune
 
-    from .models import use_offline_mode_if_hub_unreachable
-    from .trial import run_trial
+    from harness.assets.models import use_offline_mode_if_hub_unreachable
+    from harness.trial import run_trial
 
     torch.set_num_threads(cpus)
     use_offline_mode_if_hub_unreachable()

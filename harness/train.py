@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from factorllm_core import collect_aux, defactorize, factorized_layers
 
-from .analysis import ChurnMonitor
-from .cache import DISK_FULL_BYTES, write_atomic
-from .config import TrainConfig
+from harness.measure.analysis import ChurnMonitor
+from harness.assets.cache import DISK_FULL_BYTES, write_atomic
+from harness.config import TrainConfig
 
 
 class NonFiniteLoss(RuntimeError):

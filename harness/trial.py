@@ -28,19 +28,19 @@ import torch
 
 from factorllm_core import calibrate, defactorize, factorize, factorized_layers
 
-from .analysis import ChurnMonitor, analyze_routing
-from .benchmarks import evaluate, make_lm
-from .cache import write_json_atomic
-from .config import ConfigError, TrialConfig, resolve_precision
-from .corpora import pack, resolve_corpus, token_budget
-from .flops import count_dense_flops_cached, count_flops
-from .heldout import heldout_measures, heldout_sequences, next_token_logprobs
-from .latency import measure_latency
-from .layerwise import layerwise_fit
-from .models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
-from .probe import probe_tokens
-from .record import RECORD_FILE, environment, non_finite_paths, read_record
-from .train import dense_teacher, make_batches, train
+from harness.measure.analysis import ChurnMonitor, analyze_routing
+from harness.eval.benchmarks import evaluate, make_lm
+from harness.assets.cache import write_json_atomic
+from harness.config import ConfigError, TrialConfig, resolve_precision
+from harness.assets.corpora import pack, resolve_corpus, token_budget
+from harness.measure.flops import count_dense_flops_cached, count_flops
+from harness.eval.heldout import heldout_measures, heldout_sequences, next_token_logprobs
+from harness.measure.latency import measure_latency
+from harness.layerwise import layerwise_fit
+from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
+from harness.measure.probe import probe_tokens
+from harness.record import RECORD_FILE, environment, non_finite_paths, read_record
+from harness.train import dense_teacher, make_batches, train
 
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
 CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training

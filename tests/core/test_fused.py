@@ -1,7 +1,7 @@
 """The opt-in Triton `fused` dispatch: its index logic is checked against the
 reference on CPU through Triton's interpreter (TRITON_INTERPRET=1, fp32: the
 interpreter's bf16 dot is broken); bf16 speed and accuracy need a GPU
-(benchmarks/ffn_dispatch.py checks them before timing)."""
+(perf/ffn_dispatch.py checks them before timing)."""
 
 import importlib.util
 import os

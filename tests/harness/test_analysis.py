@@ -3,8 +3,8 @@
 import torch
 
 from factorllm_core import FactorConfig, factorize
-from harness import analysis
-from harness.analysis import ChurnMonitor, chosen_experts, churn
+from harness.measure import analysis
+from harness.measure.analysis import ChurnMonitor, chosen_experts, churn
 
 
 def picks(*rows):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.benchmarks import (BENCHMARKS, CHANCE_RULES, TASK_SET, item_outcomes, local_sizes, resolve_task_names,
+from harness.eval.benchmarks import (BENCHMARKS, CHANCE_RULES, TASK_SET, item_outcomes, local_sizes, resolve_task_names,
                                 sample_plan, sample_rows, stratified_limits, task_manager, task_specs)
 
 FULL_SIZES = {"hellaswag": 10042, "openbookqa": 500, "winogrande": 1267, "arc_easy": 2376,
@@ -134,7 +134,7 @@ def test_task_set_is_the_eight_benchmarks_with_their_headline_metrics():
 
 
 def test_mmlu_group_aggregate_and_stderr_fallback():
-    from harness.benchmarks import _parse
+    from harness.eval.benchmarks import _parse
 
     out = {"results": {"mmlu_a": {"acc,none": 1.0, "acc_stderr,none": "N/A"},
                        "mmlu_b": {"acc,none": 0.25, "acc_stderr,none": 0.25}},

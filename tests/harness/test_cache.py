@@ -2,7 +2,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from harness.cache import MANIFEST, is_complete, prepare_cached
+from harness.assets.cache import MANIFEST, is_complete, prepare_cached
 
 
 def _slow_build(tmp: Path, log: str) -> None:

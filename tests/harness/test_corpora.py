@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from harness.corpora import pack, resolve_corpus, strip_wiki_markup, token_budget
+from harness.assets.corpora import pack, resolve_corpus, strip_wiki_markup, token_budget
 
 WORDS = "the cat sat on a mat while dogs ran far away from home".split()
 

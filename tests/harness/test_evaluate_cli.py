@@ -1,8 +1,8 @@
-"""`python -m harness.evaluate` checks every argument before it loads a model."""
+"""`python -m harness.eval` checks every argument before it loads a model."""
 
 import pytest
 
-from harness import evaluate
+from harness.eval import cli as evaluate
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness import sweep as sweep_module
-from harness.cache import write_json_atomic
+from harness.assets.cache import write_json_atomic
 from harness.config import TrialConfig
 from harness.record import read_record
 from harness.trial import existing_record

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from factorllm_core import FactorConfig, factorize
-from harness.flops import count_flops
+from harness.measure.flops import count_flops
 
 H, I, LAYERS, HEADS, KV_HEADS, T, VOCAB = 64, 96, 2, 4, 2, 32, 128
 
@@ -38,7 +38,7 @@ def test_ffn_share_is_k_over_n_of_dense_plus_router(tiny_model_factory, ids, top
 def test_a_product_fvcore_cannot_count_stops_the_count(tiny_model_factory, ids, monkeypatch):
     """Without the addmm_ handle the in-place down projections would silently drop out
     of the FFN FLOPs; the count must fail instead, naming the op."""
-    import harness.flops as flops_module
+    import harness.measure.flops as flops_module
 
     model = tiny_model_factory("qwen2")
     factorize(model, FactorConfig(n_experts=4, top_k=2))
@@ -48,7 +48,7 @@ def test_a_product_fvcore_cannot_count_stops_the_count(tiny_model_factory, ids, 
 
 
 def test_dense_counts_are_cached_and_keyed_by_architecture(tiny_model_factory, tmp_path, monkeypatch):
-    from harness import flops as flops_module
+    from harness.measure import flops as flops_module
 
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     model = tiny_model_factory("llama")

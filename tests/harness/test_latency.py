@@ -7,7 +7,7 @@ import torch
 
 from factorllm_core import FactorConfig, defactorize, factorize, factorized_layers
 from harness.config import LatencyConfig
-from harness.latency import measure_latency
+from harness.measure.latency import measure_latency
 
 FAST = dict(prefill_len=8, decode_tokens=2, repeats=1, warmup=0)
 

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from harness.models import MODELS, ModelUnavailable, load_model, resolve_source
+from harness.assets.models import MODELS, ModelUnavailable, load_model, resolve_source
 
 
 def test_unavailable_hub_model_fails_at_once_with_one_clear_line(tmp_path, monkeypatch):

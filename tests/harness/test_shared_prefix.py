@@ -8,10 +8,10 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 from conftest import TINY, make_tiny, make_word_tokenizer
 from factorllm_core import FactorConfig, factorize
-from harness.benchmarks import TASK_SET, evaluate, make_lm
-from harness import packed_scoring
-from harness.packed_scoring import Group, pack
-from harness.shared_prefix import SharedPrefixLM
+from harness.eval.benchmarks import TASK_SET, evaluate, make_lm
+from harness.eval import packed_scoring
+from harness.eval.packed_scoring import Group, pack
+from harness.eval.shared_prefix import SharedPrefixLM
 
 TOLERANCE = 1e-4
 

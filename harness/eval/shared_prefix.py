@@ -24,7 +24,7 @@ from collections import Counter
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .packed_scoring import ROW_TOKENS, Group, Scorer, group_by_context, pack
+from harness.eval.packed_scoring import ROW_TOKENS, Group, Scorer, group_by_context, pack
 
 Request = tuple  # ((context, continuation) | None, context tokens, continuation tokens)
 

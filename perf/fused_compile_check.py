@@ -1,7 +1,7 @@
 """Compile the `fused` dispatch's Triton kernels for a GPU architecture, on any machine.
 
-    python benchmarks/fused_compile_check.py              # Hopper (H100/H200, sm_90), TinyLlama sizes
-    python benchmarks/fused_compile_check.py --arch 80    # Ampere (A100)
+    python perf/fused_compile_check.py              # Hopper (H100/H200, sm_90), TinyLlama sizes
+    python perf/fused_compile_check.py --arch 80    # Ampere (A100)
 
 No GPU is needed: Triton compiles ahead of time down to a cubin with the ptxas it
 ships. Every autotune config of both kernels is compiled with the specialisation

@@ -1,7 +1,7 @@
 """The benchmark scorer's engine (harness/packed_scoring.py) on this device, without lm-eval.
 
-    python benchmarks/packed_scoring_check.py                  # auto device: SmolLM2-135M config, fp32 and bf16
-    python benchmarks/packed_scoring_check.py --size tiny      # seconds on CPU (CI)
+    python perf/packed_scoring_check.py                  # auto device: SmolLM2-135M config, fp32 and bf16
+    python perf/packed_scoring_check.py --size tiny      # seconds on CPU (CI)
 
 Random weights from the model's config, a factorized copy (1R4E2K) beside the dense
 model, and multiple-choice-shaped requests (a 40-120 token context shared by four
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from factorllm_core import FactorConfig, factorize  # noqa: E402
-from harness.packed_scoring import Scorer  # noqa: E402
+from harness.eval.packed_scoring import Scorer  # noqa: E402
 
 SIZES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import torch
 
-from .config import EvalConfig
-from .corpora import resolve_corpus, tokenize_documents
+from harness.config import EvalConfig
+from harness.assets.corpora import resolve_corpus, tokenize_documents
 
 
 def heldout_sequences(tokenizer, config: EvalConfig, max_len: int | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Time a factorized FFN against the dense FFN and the ideal, in one run.
 
-    python benchmarks/ffn_dispatch.py                          # CPU, SmolLM2-135M sizes, fp32, 4,096 tokens
-    python benchmarks/ffn_dispatch.py --preset tinyllama-gpu   # H100/H200: TinyLlama sizes, bf16, 16,384 tokens
-    python benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs   # decode-sized, CUDA graphs
+    python perf/ffn_dispatch.py                          # CPU, SmolLM2-135M sizes, fp32, 4,096 tokens
+    python perf/ffn_dispatch.py --preset tinyllama-gpu   # H100/H200: TinyLlama sizes, bf16, 16,384 tokens
+    python perf/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs   # decode-sized, CUDA graphs
 
 dense: the original SwiGLU FFN on all tokens. ideal: a dense FFN of width
 FFN*K/N on all tokens (what perfect sparse dispatch would cost). Then one

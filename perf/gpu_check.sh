@@ -5,10 +5,10 @@
 # two whole factorized trials through harness.trial (bf16 autocast training, grouped
 # dispatch, held-out loss/KL, latency with CUDA sync, routing analysis, an atomic
 # record; benchmarks and fvcore off: the device image has no lm-eval or fvcore), see
-# benchmarks/gpu_trial.py: the paper's 1R4E2K and the calibrated recipe (calibration,
+# perf/gpu_trial.py: the paper's 1R4E2K and the calibrated recipe (calibration,
 # coact, shared expert, fitted routers, layer-wise stage, distillation), and the benchmark scorer's packed engine in fp32 and bf16 against HFLM-style
-# scoring (benchmarks/packed_scoring_check.py).
-#     bash benchmarks/gpu_check.sh
+# scoring (perf/packed_scoring_check.py).
+#     bash perf/gpu_check.sh
 # Needs torch (CUDA), transformers and, for the `fused` column, triton; not ray,
 # lm-eval or fvcore, and the package need not be installed. Each step has its own
 # time limit so one hang cannot eat the rest; a failed step is reported, the rest run.
@@ -24,7 +24,7 @@
 # need the fused GEMMs at >= 46% / 54% / 53% of peak for K = 1 / 2 / 3 (~0.7-0.8 of
 # cuBLAS's efficiency), routing included. CI compiles both kernels for sm_90 with its
 # Triton (3.9; the device image had 3.6) and checks wgmma, pipelined loads and shared
-# memory (benchmarks/fused_compile_check.py).
+# memory (perf/fused_compile_check.py).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,14 +39,14 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 $PY -c "import triton; print('triton', triton.__version__)" || echo "no triton: the fused column is left out"
-step 60 $PY benchmarks/dispatch_grad_check.py
-step 105 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu
-step 75 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs
-step 60 $PY benchmarks/ffn_dispatch.py --preset tinyllama-gpu-256
+step 60 $PY perf/dispatch_grad_check.py
+step 105 $PY perf/ffn_dispatch.py --preset tinyllama-gpu
+step 75 $PY perf/ffn_dispatch.py --preset tinyllama-gpu-256 --graphs
+step 60 $PY perf/ffn_dispatch.py --preset tinyllama-gpu-256
 fused=$($PY -c "import triton" 2>/dev/null && echo ",fused")
-step 105 $PY benchmarks/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
-step 90 $PY benchmarks/gpu_trial.py
-step 60 $PY benchmarks/gpu_trial.py --recipe calibrated
-step 45 $PY benchmarks/packed_scoring_check.py
+step 105 $PY perf/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
+step 90 $PY perf/gpu_trial.py
+step 60 $PY perf/gpu_trial.py --recipe calibrated
+step 45 $PY perf/packed_scoring_check.py
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "all steps ran"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi

@@ -1,7 +1,7 @@
 """Evaluate a dense model on the benchmarks and print a table.
 
-    python -m harness.evaluate --model smollm2-135m --tasks all --limit 100
-    python -m harness.evaluate --model smollm2-135m --tasks arc_easy,piqa --json out.json
+    python -m harness.eval --model smollm2-135m --tasks all --limit 100
+    python -m harness.eval --model smollm2-135m --tasks arc_easy,piqa --json out.json
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from .benchmarks import LM_KINDS, TASK_SET, BenchmarkResult, evaluate, make_lm, resolve_task_names
-from .cache import write_json_atomic
-from .models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
+from harness.eval.benchmarks import LM_KINDS, TASK_SET, BenchmarkResult, evaluate, make_lm, resolve_task_names
+from harness.assets.cache import write_json_atomic
+from harness.assets.models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
 
 
 def format_table(results: dict[str, BenchmarkResult]) -> str:

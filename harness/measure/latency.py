@@ -16,7 +16,7 @@ import torch
 
 from factorllm_core import factorized_layers, use_dispatch
 
-from .config import LatencyConfig
+from harness.config import LatencyConfig
 
 
 def _sync(device: str) -> None:

@@ -301,14 +301,14 @@ class BenchmarkResult:
         return dict(self.__dict__)
 
 
-LM_KINDS = ("shared", "hflm")  # eval.lm: harness.shared_prefix.SharedPrefixLM | lm-eval's HFLM
+LM_KINDS = ("shared", "hflm")  # eval.lm: harness.eval.shared_prefix.SharedPrefixLM | lm-eval's HFLM
 
 
 def make_lm(kind: str, model, tokenizer, batch_size: int, device: str):
     """The lm-eval LM that scores a model: `shared` runs each shared context once and
     gives HFLM's log-likelihoods (see harness/shared_prefix.py); `hflm` is lm-eval's own."""
     if kind == "shared":
-        from .shared_prefix import SharedPrefixLM as lm_class
+        from harness.eval.shared_prefix import SharedPrefixLM as lm_class
     elif kind == "hflm":
         from lm_eval.models.huggingface import HFLM as lm_class
     else:

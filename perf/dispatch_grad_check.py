@@ -1,7 +1,7 @@
 """Training goes through the dispatch too: check each trainable path's outputs and
 gradients against the reference loop on this device, at realistic sizes.
 
-    python benchmarks/dispatch_grad_check.py            # CUDA bf16 if present, else CPU fp32
+    python perf/dispatch_grad_check.py            # CUDA bf16 if present, else CPU fp32
 
 Relative error limits: 1e-5 in fp32, 1e-2 in bf16 (per tensor: output, grad of
 x, of the combine weights, and of every expert weight). Exit 1 on any failure.

@@ -1,8 +1,8 @@
 """One whole factorized trial through harness.trial, on the GPU when there is one.
 
-    python benchmarks/gpu_trial.py                 # auto device; TinyLlama widths, 4 layers
-    python benchmarks/gpu_trial.py --size tiny --device cpu    # the same path in seconds (CI)
-    python benchmarks/gpu_trial.py --recipe calibrated         # the calibrated conversion's paths
+    python perf/gpu_trial.py                 # auto device; TinyLlama widths, 4 layers
+    python perf/gpu_trial.py --size tiny --device cpu    # the same path in seconds (CI)
+    python perf/gpu_trial.py --recipe calibrated         # the calibrated conversion's paths
 
 It runs what a sweep's GPU worker runs: load a checkpoint folder, factorize (1R4E2K,
 PAR), train with bf16 autocast (precision auto: bf16 on CUDA), dispatch auto (grouped

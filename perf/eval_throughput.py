@@ -1,7 +1,7 @@
 """Benchmark scoring speed: lm-eval's HFLM against SharedPrefixLM, on the same items, in one run.
 
-    python benchmarks/eval_throughput.py                                   # SmolLM2-135M, 6 benchmarks x 100 items
-    python benchmarks/eval_throughput.py --tasks arc_easy,hellaswag --limit 300 --batch-size 8
+    python perf/eval_throughput.py                                   # SmolLM2-135M, 6 benchmarks x 100 items
+    python perf/eval_throughput.py --tasks arc_easy,hellaswag --limit 300 --batch-size 8
 
 For each benchmark both LMs score the same seeded sample of items (HFLM first,
 then SharedPrefixLM; `--order shared-first` swaps them). Time is what each LM's
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.benchmarks import TASK_SET, evaluate, make_lm, resolve_task_names  # noqa: E402
-from harness.models import load_model, use_offline_mode_if_hub_unreachable  # noqa: E402
+from harness.eval.benchmarks import TASK_SET, evaluate, make_lm, resolve_task_names  # noqa: E402
+from harness.assets.models import load_model, use_offline_mode_if_hub_unreachable  # noqa: E402
 
 
 def timed_loglikelihood(lm):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .benchmarks import local_split
+from harness.eval.benchmarks import local_split
 
 
 def probe_text_chunks():

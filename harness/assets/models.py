@@ -25,7 +25,7 @@ import torch
 
 from factorllm_core.registry import Registry
 
-from .cache import default_cache_root, prepare_cached, sha256_file
+from harness.assets.cache import default_cache_root, prepare_cached, sha256_file
 
 
 class ModelUnavailable(RuntimeError):

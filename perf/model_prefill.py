@@ -1,7 +1,7 @@
 """Whole-model prefill: dense vs factorized (1R4E1K, 1R4E2K), timed in one run.
 
-    python benchmarks/model_prefill.py --preset tinyllama-gpu   # H100/H200: 8 x 2,048 tokens, bf16
-    python benchmarks/model_prefill.py                          # CPU: SmolLM2-135M config, 1 x 512 tokens, fp32
+    python perf/model_prefill.py --preset tinyllama-gpu   # H100/H200: 8 x 2,048 tokens, bf16
+    python perf/model_prefill.py                          # CPU: SmolLM2-135M config, 1 x 512 tokens, fp32
 
 Random weights from the model's config (speed does not depend on the values).
 A prefill is one forward pass over the batch that keeps only the last

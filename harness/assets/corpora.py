@@ -37,7 +37,7 @@ import torch
 
 from factorllm_core.registry import Registry
 
-from .cache import default_cache_root, prepare_cached
+from harness.assets.cache import default_cache_root, prepare_cached
 
 GENSIM_HINT = "pip install --no-deps gensim==4.4.0"
 
