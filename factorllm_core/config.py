@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .options import declared, option
 from .par import PSEUDO_LABELS, subset_masks
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_INITS, ROUTER_MODES
@@ -44,25 +45,25 @@ class FactorConfig:
     need a calibration pass (`needs_calibration`).
     """
 
-    n_experts: int
-    top_k: int
-    n_routers: int = 1
-    partition: str = "contiguous"
-    combine: str = "scaled"
-    router_mode: str = "par"
-    pseudo_label: str = "min_mse"
-    seed: int = 0
-    n_shared: int = 0
-    router_init: str = "random"
+    n_experts: int = option()
+    top_k: int = option()
+    n_routers: int = option(1)
+    partition: str = option("contiguous", recipe=True, choices=PARTITIONS, calibrated=lambda v: v == "coact",
+                            calibrated_hint="partition coact")
+    combine: str = option("scaled", recipe=True, tag="{}", choices=COMBINES,
+                          calibrated=lambda v: COMBINES.get(v).add_unchosen_mean, calibrated_hint="combine mean_comp")
+    router_mode: str = option("par", choices=ROUTER_MODES)
+    router_init: str = option("random", recipe=True, tag="init={}", added_later=True, choices=ROUTER_INITS,
+                              calibrated=lambda v: v != "random", calibrated_hint="router_init fit")
+    pseudo_label: str = option("min_mse", recipe=True, tag="{}", choices=PSEUDO_LABELS)
+    seed: int = option(0, axis=False, factor="factor_seed")
+    n_shared: int = option(0, recipe=True, added_later=True, calibrated=lambda v: v > 0, calibrated_hint="n_shared")
 
     def __post_init__(self):
-        for name in ("n_experts", "top_k", "n_routers", "seed", "n_shared"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name}={_short(value)} must be an integer")
-        for name in ("partition", "combine", "router_mode", "pseudo_label", "router_init"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name}={_short(getattr(self, name))} must be a name (a string)")
+        for d in declared(type(self)):  # types and registry names, from the declarations
+            problem = d.option.problem(d.name, getattr(self, d.name), d.type)
+            if problem:
+                raise ValueError(problem)
         if not 1 <= self.n_experts <= MAX_EXPERTS:
             raise ValueError(f"n_experts={self.n_experts} must be in [1, {MAX_EXPERTS}]")
         if not 0 <= self.seed < 2 ** 31:
@@ -73,11 +74,6 @@ class FactorConfig:
             )
         if not 1 <= self.n_routers <= MAX_ROUTERS:
             raise ValueError(f"n_routers={self.n_routers} must be in [1, {MAX_ROUTERS}]")
-        PARTITIONS.get(self.partition, "partition")
-        COMBINES.get(self.combine, "combine")
-        ROUTER_MODES.get(self.router_mode, "router_mode")
-        PSEUDO_LABELS.get(self.pseudo_label, "pseudo_label")
-        ROUTER_INITS.get(self.router_init, "router_init")
         if not 0 <= self.n_shared < MAX_EXPERTS:
             raise ValueError(f"n_shared={self.n_shared} must be in [0, {MAX_EXPERTS})")
         if self.router_init != "random" and ROUTER_MODES.get(self.router_mode).random_choice:
@@ -88,11 +84,8 @@ class FactorConfig:
 
     def calibrated_options(self) -> list[str]:
         """The options of this setting that need a calibration pass, as `field=value`."""
-        options = [f"partition={self.partition}" if self.partition == "coact" else "",
-                   f"n_shared={self.n_shared}" if self.n_shared else "",
-                   f"combine={self.combine}" if COMBINES.get(self.combine).add_unchosen_mean else "",
-                   f"router_init={self.router_init}" if self.router_init != "random" else ""]
-        return [o for o in options if o]
+        return [f"{d.name}={getattr(self, d.name)}" for d in declared(type(self))
+                if d.option.calibrated and d.option.calibrated(getattr(self, d.name))]
 
     @property
     def needs_calibration(self) -> bool:
@@ -113,9 +106,10 @@ class FactorConfig:
         groups = self.n_experts + self.n_shared
         if ffn_width % groups:
             divisors = [d for d in range(1, min(ffn_width, 64) + 1) if ffn_width % d == 0]
-            what = "n_experts" if not self.n_shared else f"n_experts + n_shared = {groups}"
+            what = f"n_experts={groups}" if not self.n_shared else \
+                f"n_experts + n_shared = {self.n_experts} + {self.n_shared} = {groups}"
             raise ValueError(
-                f"{what}={groups} does not divide the FFN width {ffn_width} of "
+                f"{what} does not divide the FFN width {ffn_width} of "
                 f"{where}; allowed (<= 64): {divisors}"
             )
 

@@ -8,6 +8,8 @@ expert: it is added once by the caller, so sum(all experts) + bias == dense FFN.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import Registry
+
+log = logging.getLogger(__name__)
 
 # (experts, x (S, H), indices (S, K), weights (S, K)) -> (S, H)
 DispatchFn = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,11 +89,24 @@ class Experts(nn.Module):
 def auto_dispatch(x: torch.Tensor, weight_dtype: torch.dtype) -> str:
     """The fast path for x's device: `grouped` (no host sync) where the device has a
     grouped GEMM for the dtype (CUDA, compute capability >= 9.0, bf16 inputs and
-    weights, which rules out fp32 weights under autocast), else `sorted`."""
+    weights, which rules out fp32 weights under autocast) and this torch has
+    `torch._grouped_mm`, else `sorted` (with the reason logged once)."""
     if (x.is_cuda and x.dtype == weight_dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device) >= (9, 0)):
-        return "grouped"
+        if has_grouped_mm():
+            return "grouped"
+        _log_once(f"dispatch auto: torch {torch.__version__} has no torch._grouped_mm; using `sorted` "
+                  "(torch >= 2.8 has it)")
     return "sorted"
+
+
+def has_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning(message)
 
 
 @DISPATCH.register("reference")

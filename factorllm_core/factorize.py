@@ -59,7 +59,8 @@ def _data(p: nn.Parameter | None) -> torch.Tensor | None:
 
 
 def match_ffn(module: nn.Module) -> GatedFFNWeights | None:
-    for name in FFN_ADAPTERS:
+    """The weights of the first adapter, in registration order, that recognises `module`."""
+    for name in FFN_ADAPTERS.in_order():
         weights = FFN_ADAPTERS.get(name)(module)
         if weights is not None:
             return weights

@@ -37,10 +37,16 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        """Sorted, for messages."""
         return sorted(self._items)
+
+    def in_order(self) -> list[str]:
+        """In registration order: where the first match wins (FFN adapters), the order is the
+        order of registration, never the alphabet."""
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
+        return iter(self.in_order())

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from factorllm_core import DISPATCH, FactorConfig
+from factorllm_core.options import Declared, declared, option
 
 from harness.eval.benchmarks import LM_KINDS, resolve_task_names
 
@@ -115,8 +116,7 @@ class TrainConfig:
         the previous measurement; the early-instability signal); 0 = never.
     """
 
-    data_budget_tokens: int = 20_000
-    calibration_tokens: int = 0
+    data_budget_tokens: int = option(20_000, factor="budget")
     corpus: str = "enwiki-gensim"
     seq_len: int = 256
     batch_size: int = 4
@@ -129,10 +129,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.001
     lambda_pa: float = 0.05
     lambda_balance: float = 0.01
-    lambda_lm: float = 1.0
-    lambda_kd: float = 0.0
-    layerwise_steps: int = 0
-    layerwise_lr: float = 1e-4
+    lambda_kd: float = option(0.0, recipe=True, tag="kd={:g}", added_later=True)
+    lambda_lm: float = option(1.0, recipe=True, axis=False, tag="lm={:g}", added_later=True)
+    layerwise_steps: int = option(0, recipe=True, tag="layerwise={}", added_later=True)
+    layerwise_lr: float = option(1e-4, axis=False, factor=None, added_later=True)
+    # not a factor of its own: calibration tokens come out of the same budget, and the options
+    # that need them are the factors
+    calibration_tokens: int = option(0, recipe=True, tag="cal={}", factor=None, added_later=True)
     checkpoint_every: int = 20
     churn_points: int = 20
 
@@ -278,13 +281,13 @@ class TrialConfig:
         (fused is inference-only; see latency.dispatch for timing).
     """
 
-    model: str = "smollm2-135m"
+    model: str = option("smollm2-135m", factor=None)
     factor: FactorConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     flops: FlopsConfig = field(default_factory=FlopsConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
-    seed: int = 0
+    seed: int = option(0)
     device: str = "auto"
     trust_remote_code: bool = False
     precision: str = "auto"
@@ -297,25 +300,57 @@ class TrialConfig:
     @property
     def label(self) -> str:
         """Human-readable: model, setting, router mode, budget."""
+        return f"{self.model} {self.variant}"
+
+    @property
+    def variant(self) -> str:
+        """The label without the model: setting, router mode, partition, recipe, budget."""
         if self.factor is None:
-            return f"{self.model} dense"
+            return "dense"
         f = self.factor
-        return " ".join(filter(None, [self.model, f.name, f.router_mode, f.partition, self.recipe,
+        return " ".join(filter(None, [f.name, f.router_mode, f.partition, self.recipe,
                                       f"{self.train.data_budget_tokens}tok"]))
+
+    def _options(self) -> list[tuple[Declared, object]]:
+        """Every declared option with its value in this trial (factor options only when factorized)."""
+        return [(d, self._value(d.path)) for d in options() if d.path[0] != "factor" or self.factor is not None]
+
+    def _value(self, path: tuple[str, ...]):
+        value = self
+        for key in path:
+            value = getattr(value, key)
+        return value
 
     @property
     def recipe(self) -> str:
         """The conversion options that differ from the paper's, e.g. `mean_comp init=fit
-        min_recon kd=1 cal=4096`; empty for the paper's recipe (and the dense model)."""
+        min_recon kd=1 cal=4096` (each option's `tag`); empty for the paper's recipe (and the dense model)."""
         if self.factor is None:
             return ""
-        f, t = self.factor, self.train
-        extras = [f.combine if f.combine != "scaled" else "", f"init={f.router_init}" if f.router_init != "random" else "",
-                  f.pseudo_label if f.pseudo_label != "min_mse" else "", f"kd={t.lambda_kd:g}" if t.lambda_kd else "",
-                  f"lm={t.lambda_lm:g}" if t.lambda_lm != 1 else "",
-                  f"layerwise={t.layerwise_steps}" if t.layerwise_steps else "",
-                  f"cal={t.calibration_tokens}" if t.calibration_tokens else ""]
-        return " ".join(filter(None, extras))
+        return " ".join(d.option.tag.format(v) for d, v in self._options() if d.option.tag and v != d.option.paper)
+
+    @property
+    def paper_recipe(self) -> bool:
+        """Whether every recipe option has the paper's value (False for the dense model)."""
+        return self.factor is not None and all(v == d.option.paper for d, v in self._options() if d.option.in_recipe)
+
+    def factors(self) -> dict:
+        """What defines this variant, for the report's one-factor comparisons: each option with a
+        factor name, and the remaining training settings as one entry."""
+        if self.factor is None:
+            return {}
+        values = {d.factor_name: v for d, v in self._options() if d.factor_name}
+        declared_train = {d.name for d in options() if d.path[0] == "train" and (d.factor_name or d.option.in_recipe)}
+        other = {k: v for k, v in asdict(self.train).items() if k not in declared_train}
+        return values | {"other training settings": json.dumps(other, sort_keys=True)}
+
+    def describe(self) -> dict:
+        """The start of this trial's record: its id, names and config (reports/record.py)."""
+        f = self.factor
+        return {"trial_id": self.trial_id, "label": self.label, "variant": self.variant,
+                "setting": "dense" if f is None else f.name, "recipe": self.recipe,
+                "active_fraction": 1.0 if f is None else f.active_fraction, "paper_recipe": self.paper_recipe,
+                "factors": self.factors(), "config": self.to_dict()}
 
     @property
     def trial_id(self) -> str:
@@ -329,9 +364,11 @@ class TrialConfig:
         for name in ("precision", "dispatch"):  # the same, for these two
             if data[name] == "auto" or (name == "dispatch" and self.factor is None):
                 data.pop(name)
-        for (section, name), default in ADDED_AT_DEFAULT.items():  # and for these
-            if data.get(section) is not None and data[section].get(name) == default:
-                data[section].pop(name)
+        for d in options():  # and for options added later (their declarations say which)
+            *parents, name = d.path
+            section = data[parents[0]] if parents else data
+            if d.option.added_later and section is not None and section.get(name) == d.default:
+                section.pop(name)
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
         kind = "dense" if self.factor is None else self.factor.name
         return f"{kind}-{digest}"
@@ -359,11 +396,22 @@ class TrialConfig:
         return cls.from_dict(data, source=str(path))
 
 
-# Fields added after trial ids were first published: left out of the id at their
-# default, so a trial that does not use them keeps its id (and its stored record).
-ADDED_AT_DEFAULT = {("factor", "n_shared"): 0, ("factor", "router_init"): "random",
-                    ("train", "calibration_tokens"): 0, ("train", "lambda_lm"): 1.0, ("train", "lambda_kd"): 0.0,
-                    ("train", "layerwise_steps"): 0, ("train", "layerwise_lr"): 1e-4}
+# The config classes whose fields declare options (factorllm_core/options.py), by section.
+OPTION_CLASSES = {"factor": FactorConfig, "train": TrainConfig}
+
+
+def options() -> list[Declared]:
+    """Every declared option: the trial's own (model, seed), then the factor's and the training's."""
+    out = declared(TrialConfig)
+    for section, cls in OPTION_CLASSES.items():
+        out += declared(cls, (section,))
+    return out
+
+
+def axis_options() -> dict[str, Declared]:
+    """Grid axes by name: the declared options marked as axes."""
+    return {d.name: d for d in options() if d.option.axis}
+
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -401,7 +449,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
             problems.append(f"factor: must be a mapping or null (dense), got {short(factor)}")
         else:
             try:
-                kwargs["factor"] = FactorConfig.from_dict(factor)
+                kwargs["factor"] = OPTION_CLASSES["factor"].from_dict(factor)
             except (ValueError, TypeError) as error:
                 problems.append(f"factor.{error}")
     for name in ("model", "seed", "device", "trust_remote_code", "precision", "dispatch"):
@@ -446,9 +494,9 @@ def _calibration_problems(factor: FactorConfig | None, train: TrainConfig | None
         return [f"train.layerwise_steps: {train.layerwise_steps} fits on the calibration inputs; set "
                 "train.calibration_tokens > 0 (e.g. 4096)"]
     if not (factor.needs_calibration or train.layerwise_steps) and train.calibration_tokens:
+        hints = [d.option.calibrated_hint for d in options() if d.option.calibrated] + ["train.layerwise_steps"]
         return [f"train.calibration_tokens: {train.calibration_tokens}, but factor {factor.name} uses no calibrated "
-                "option (partition coact, n_shared, combine mean_comp, router_init fit, train.layerwise_steps): "
-                "those tokens would be taken from training for nothing; set it to 0"]
+                f"option ({', '.join(hints)}): those tokens would be taken from training for nothing; set it to 0"]
     return []
 
 

@@ -17,21 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import (SECTIONS, ConfigError, TrialConfig, build_section, load_yaml, parse_trial, resolve_precision,
-                     short)
+from harness.config import (SECTIONS, ConfigError, TrialConfig, axis_options, build_section, load_yaml, parse_trial,
+                            resolve_precision, short)
 from harness.assets.corpora import resolve_corpus
 from harness.assets.models import ModelUnavailable, ffn_width
 
-AXES = {  # axis name -> where it lands in a trial config
-    "model": ("model",), "n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
-    "n_routers": ("factor", "n_routers"), "data_budget_tokens": ("train", "data_budget_tokens"),
-    "router_mode": ("factor", "router_mode"), "partition": ("factor", "partition"), "seed": ("seed",),
-    # conversion recipes beyond the paper's (issue 16)
-    "combine": ("factor", "combine"), "pseudo_label": ("factor", "pseudo_label"),
-    "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
-    "calibration_tokens": ("train", "calibration_tokens"), "lambda_kd": ("train", "lambda_kd"),
-    "layerwise_steps": ("train", "layerwise_steps"),
-}
 REQUIRED_AXES = ("model", "n_experts", "top_k")
 
 
@@ -82,10 +72,6 @@ class Sweep:
     resources: Resources = field(default_factory=Resources)
     failure: Failure = field(default_factory=Failure)
     source: str = ""
-
-    @property
-    def baselines(self) -> list[TrialConfig]:
-        return [t for t in self.trials if t.is_dense]
 
     def with_precision(self, on_gpu: bool) -> "Sweep":
         """Every trial's `precision: auto` fixed for where it runs (GPU workers: bf16, CPU:
@@ -182,14 +168,8 @@ def _section(cls, data, prefix):
     return built, problems
 
 
-AXIS_TYPES = {"model": str, "n_experts": int, "top_k": int, "n_routers": int, "data_budget_tokens": int,
-              "router_mode": str, "partition": str, "seed": int, "combine": str, "pseudo_label": str,
-              "n_shared": int, "router_init": str, "calibration_tokens": int, "lambda_kd": float,
-              "layerwise_steps": int}
-
-
 def _axis_value_problem(axis: str, value, where: str) -> str | None:
-    expected = AXIS_TYPES[axis]
+    expected = axis_options()[axis].type
     accepted = (int, float) if expected is float else expected
     if isinstance(value, accepted) and not isinstance(value, bool):
         return None
@@ -201,12 +181,13 @@ def _axes(raw) -> tuple[dict, list[str], bool]:
     empty, i.e. whether the grid can be expanded to find the remaining problems)."""
     if not isinstance(raw, dict):
         return {}, ["axes: must be a mapping of axis -> list of values"], False
-    problems = [f"axes.{str(k)[:80]}: unknown axis; allowed: {', '.join(AXES)}"
-                for k in sorted(set(raw) - set(AXES), key=str)]
+    known = axis_options()
+    problems = [f"axes.{str(k)[:80]}: unknown axis; allowed: {', '.join(known)}"
+                for k in sorted(set(raw) - set(known), key=str)]
     problems += [f"axes.{k}: required" for k in REQUIRED_AXES if k not in raw]
     axes, usable = {}, True
     for name, values in raw.items():
-        if name not in AXES:
+        if name not in known:
             continue
         values = values if isinstance(values, list) else [values]
         bad = [p for v in values if (p := _axis_value_problem(name, v, f"axes.{name}"))]
@@ -225,8 +206,8 @@ def _include_problems(raw) -> list[str]:
         return [f"include: {short(raw)} must be a list of variants (axis -> value)"]
     problems = []
     for i, extra in enumerate(raw):
-        if not isinstance(extra, dict) or not extra or set(extra) - set(AXES):
-            problems.append(f"include[{i}]: {short(extra)} must map axis names ({', '.join(AXES)}) to single values")
+        if not isinstance(extra, dict) or not extra or set(extra) - set(axis_options()):
+            problems.append(f"include[{i}]: {short(extra)} must map axis names ({', '.join(axis_options())}) to single values")
             continue
         problems += [p for k, v in extra.items() if (p := _axis_value_problem(k, v, f"include[{i}].{k}"))]
     return problems
@@ -234,7 +215,7 @@ def _include_problems(raw) -> list[str]:
 
 def _place(trial: dict, axis: str, value) -> None:
     target = trial
-    *parents, leaf = AXES[axis]
+    *parents, leaf = axis_options()[axis].path
     for parent in parents:
         target = target.setdefault(parent, {})
     target[leaf] = value
@@ -268,8 +249,8 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
         for axis, value in point.items():
             _place(trial, axis, value)
         out.append((label, trial))
-    if data.get("dense_baseline", True):
-        for model in axes.get("model", []):
+    if data.get("dense_baseline", True):  # every model a variant uses, from the axes or an include
+        for model in dict.fromkeys(p["model"] for p in points if "model" in p):
             dense = {k: v for k, v in base.items() if k != "train"}
             dense.update(model=model, factor=None)
             out.append((f"model={model}, dense", dense))
@@ -284,10 +265,10 @@ def _skip_rules(raw) -> tuple[list[tuple[dict, str]], list[str]]:
         if not isinstance(rule, dict) or not isinstance(rule.get("when"), dict) or "reason" not in rule:
             problems.append(f"skip[{i}]: needs `when` (axis -> value or list) and `reason`")
             continue
-        unknown = set(rule["when"]) - set(AXES)
+        unknown = set(rule["when"]) - set(axis_options())
         if unknown:
             problems.append(f"skip[{i}].when: unknown axes {short(sorted(unknown, key=str))}; "
-                            f"allowed: {', '.join(AXES)}")
+                            f"allowed: {', '.join(axis_options())}")
             continue
         values = [v for value in rule["when"].values() for v in (value if isinstance(value, list) else [value])]
         if any(not isinstance(v, (str, int, float, bool)) for v in values):

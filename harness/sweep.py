@@ -28,11 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from harness.assets.cache import DISK_FULL_BYTES, write_json_atomic
+from harness.assets.cache import DISK_FULL_BYTES
 from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Sweep, load_grid, trial_table
 from harness.assets.models import model_fingerprint
-from harness.record import RECORD_FILE, read_record
+from reports.record import RECORD_FILE, new_record, read_record, write_record
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Progress bars garble Ray's log forwarding: workers log one line per stage (and per
@@ -46,6 +46,10 @@ def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
         fingerprint = hashlib.sha256(model_fingerprint(config.model).encode()).hexdigest()[:12]
         return storage / "baselines" / fingerprint
     return storage / name / "records"
+
+
+def record_path(config: TrialConfig, storage: Path, name: str) -> Path:
+    return trial_dir(config, storage, name) / config.trial_id / RECORD_FILE
 
 
 def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int) -> None:
@@ -263,15 +267,14 @@ def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict
             errors[result.config["params"]["id"]] = ANSI.sub("", str(result.error)).strip()
     records = {}
     for config in sweep.trials:
-        path = trial_dir(config, storage, sweep.name) / config.trial_id / RECORD_FILE
+        path = record_path(config, storage, sweep.name)
         record = read_record(path)
         if record is not None:
             records[config.trial_id] = record
         elif config.trial_id in errors:
-            record = {"schema": 1, "trial_id": config.trial_id, "label": config.label,
-                      "config": config.to_dict(), "status": "failed",
-                      "error": "ray: " + errors[config.trial_id].splitlines()[-1][:2000], "stage_seconds": {}}
-            write_json_atomic(path, record)
+            record = new_record(config.describe(), status="failed",
+                                error="ray: " + errors[config.trial_id].splitlines()[-1][:2000])
+            write_record(path, record)
             records[config.trial_id] = record
         else:
             records[config.trial_id] = None  # never finished (interrupted)
@@ -329,13 +332,15 @@ def _expect_gpu(sweep: Sweep) -> bool:
 
 
 def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path: str) -> int:
-    from reports.build import build_report
+    from reports.build import build_sweep_report, write_manifest
 
     unfinished = [tid for tid, r in records.items() if r is None]
     failed = [tid for tid, r in records.items() if r and r["status"] != "completed"]
-    report = build_report([r for r in records.values() if r], storage / sweep.name / "report",
-                          expected=[t.to_dict() | {"trial_id": t.trial_id} for t in sweep.trials],
-                          title=f"Sweep {sweep.name} ({grid_path})", skipped=[s.__dict__ for s in sweep.skipped])
+    sweep_dir = storage / sweep.name
+    write_manifest(sweep_dir, f"Sweep {sweep.name} ({grid_path})",
+                   {t.trial_id: record_path(t, storage, sweep.name) for t in sweep.trials},
+                   [t.describe() for t in sweep.trials], [s.__dict__ for s in sweep.skipped])
+    report = build_sweep_report(sweep_dir)
     print(f"sweep {sweep.name}: {len(records) - len(unfinished) - len(failed)} completed, {len(failed)} failed, "
           f"{len(unfinished)} unfinished in {seconds / 60:.1f} min")
     print(f"report: {report}")

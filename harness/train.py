@@ -27,7 +27,8 @@ from tqdm import tqdm
 from factorllm_core import collect_aux, defactorize, factorized_layers
 
 from harness.measure.analysis import ChurnMonitor
-from harness.assets.cache import DISK_FULL_BYTES, write_atomic
+from harness.assets.cache import DISK_FULL_BYTES
+from reports.record import write_atomic
 from harness.config import TrainConfig
 
 

@@ -30,7 +30,6 @@ from factorllm_core import calibrate, defactorize, factorize, factorized_layers
 
 from harness.measure.analysis import ChurnMonitor, analyze_routing
 from harness.eval.benchmarks import evaluate, make_lm
-from harness.assets.cache import write_json_atomic
 from harness.config import ConfigError, TrialConfig, resolve_precision
 from harness.assets.corpora import pack, resolve_corpus, token_budget
 from harness.measure.flops import count_dense_flops_cached, count_flops
@@ -39,12 +38,12 @@ from harness.measure.latency import measure_latency
 from harness.layerwise import layerwise_fit
 from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
 from harness.measure.probe import probe_tokens
-from harness.record import RECORD_FILE, environment, non_finite_paths, read_record
+from harness.environment import environment
 from harness.train import dense_teacher, make_batches, train
+from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_record
 
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
 CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training
-RECORD_SCHEMA = 2  # 2: per-item benchmark outcomes, chance levels, held-out loss/KL, churn
 
 
 class TrialFailed(RuntimeError):
@@ -64,10 +63,7 @@ class Trial:
         self.show_progress, self.on_train_step = show_progress, on_train_step
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
-        self.record: dict = {"schema": RECORD_SCHEMA, "trial_id": config.trial_id, "label": config.label,
-                             "recipe": config.recipe,
-                             "config": config.to_dict(), "status": "running", "error": None,
-                             "stage_seconds": {}, "environment": environment(self.device) | (where or {})}
+        self.record = new_record(config.describe(), environment=environment(self.device) | (where or {}))
 
     @contextmanager
     def stage(self, name: str):
@@ -91,7 +87,7 @@ class Trial:
             for key in ("metrics", "flops", "latency", "speedup", "routing", "heldout"):
                 self.record.pop(key, None)  # a failed trial never reports numbers as results
         self.record["finished_at"] = _now()
-        write_json_atomic(self.dir / RECORD_FILE, self.record)
+        write_record(self.dir / RECORD_FILE, self.record)
         self.log(f"[{self.config.trial_id}] {self.record['status']}: {self.dir / RECORD_FILE}")
         return self.record
 

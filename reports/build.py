@@ -1,6 +1,6 @@
 """Build the sweep report from stored records alone.
 
-    python -m reports.build runs/sweeps/default            # records + shared baselines
+    python -m reports.build runs/sweeps/default            # the sweep's records, as its manifest lists them
     python -m reports.build runs/sweeps/default --out some/folder
 
 Writes report.md (what the sweep shows, tables with 95% intervals, failure modes,
@@ -10,18 +10,24 @@ embedded PNGs), trials.csv (every number, with per-benchmark maintenance) and th
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from . import plots
 from .findings import findings
+from .record import load_records, read_record, write_json_atomic, write_text_atomic
 from .stats import N_BOOT
 from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, eval_key, failed_trials, failure_flags,
-                     load_records, pair_differences, pareto_front, recipe_comparison, router_study, task_order,
-                     trial_frame)
+                     pair_differences, pareto_front, recipe_comparison, router_study, task_order, trial_frame)
+
+log = logging.getLogger(__name__)
+MANIFEST = "sweep.json"  # written by the sweep: which records make its report
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -158,12 +164,7 @@ def build_report(records: list[dict], out_dir: str | Path, expected: list[dict] 
     if skipped:
         sections += ["## Skipped combinations", ""] + [f"- {s['label']}: {s['reason']}" for s in skipped] + [""]
     path = out_dir / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("\n".join(sections))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "\n".join(sections))
     return path
 
 
@@ -247,10 +248,40 @@ def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]
     return lines
 
 
+def write_manifest(sweep_dir: Path, title: str, records: dict[str, Path], expected: list[dict],
+                   skipped: list[dict]) -> None:
+    """What the sweep's report is made of: each trial's record path (relative to the sweep
+    folder; dense baselines live in the shared baselines folder beside it), the trials it
+    expected (TrialConfig.describe()) and the combinations it skipped."""
+    write_json_atomic(sweep_dir / MANIFEST, {
+        "title": title, "records": {tid: os.path.relpath(path, sweep_dir) for tid, path in records.items()},
+        "expected": expected, "skipped": skipped})
+
+
+def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """The report of a sweep folder, from its manifest: exactly the records the sweep used,
+    so a rebuilt report is the sweep's own. Without a manifest (a sweep from before
+    manifests): the sweep's records and, per evaluation setting, the latest dense baseline."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir else sweep_dir / "report"
+    manifest_path = sweep_dir / MANIFEST
+    if not manifest_path.exists():
+        log.warning("%s has no %s: using its records and the latest dense baseline per evaluation setting",
+                    sweep_dir, MANIFEST)
+        records = load_records(sweep_dir / "records")
+        models = {r["config"]["model"] for r in records}
+        baselines = [r for r in load_records(sweep_dir.parent / "baselines") if r["config"]["model"] in models]
+        return build_report(_one_baseline_each(baselines, records) + records, out_dir,
+                            title=f"Sweep {sweep_dir.name}")
+    manifest = json.loads(manifest_path.read_text())
+    records = [r for rel in manifest["records"].values() if (r := read_record(sweep_dir / rel)) is not None]
+    return build_report(records, out_dir, expected=manifest["expected"], title=manifest["title"],
+                        skipped=manifest["skipped"])
+
+
 def _one_baseline_each(baselines: list[dict], records: list[dict]) -> list[dict]:
     """The shared baselines folder holds every sweep's dense trials; the report needs one
-    completed baseline per evaluation setting of this sweep's records (two with the same
-    setting, e.g. made with and without latency timing, score the same items alike)."""
+    completed baseline per evaluation setting of this sweep's records."""
     wanted = {eval_key(r) for r in completed(records)} or {eval_key(r) for r in completed(baselines)}
     chosen: dict[str, dict] = {}
     for r in sorted(completed(baselines), key=lambda r: r.get("finished_at") or ""):
@@ -264,13 +295,16 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_dir", help="a sweep folder (<storage>/<name>) holding records/")
     parser.add_argument("--out", default=None, help="default: <sweep_dir>/report")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     sweep_dir = Path(args.sweep_dir)
-    records = load_records(sweep_dir / "records")
-    models = {r["config"]["model"] for r in records}
-    baselines = [r for r in load_records(sweep_dir.parent / "baselines") if r["config"]["model"] in models]
-    path = build_report(_one_baseline_each(baselines, records) + records, args.out or sweep_dir / "report",
-                        title=f"Sweep {sweep_dir.name}")
-    print(f"report: {path}")
+    if not sweep_dir.is_dir() or not ((sweep_dir / MANIFEST).is_file() or (sweep_dir / "records").is_dir()):
+        print(f"error: {sweep_dir} is not a sweep folder (no {MANIFEST}, no records/); give <storage>/<name>",
+              file=sys.stderr)
+        return 2
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
+    print(f"report: {build_sweep_report(sweep_dir, args.out)}")
     return 0
 
 

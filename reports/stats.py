@@ -11,6 +11,7 @@ reproducible). Pure numpy: no model, no harness.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,11 @@ def _interval(point: float, replicates: np.ndarray) -> Estimate:
     return Estimate(float(point), float(low), float(high))
 
 
+def benchmark_seed(seed: int, benchmark: str) -> int:
+    """A seed for one benchmark's resampling: the same on every machine and Python."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{benchmark}".encode()).digest()[:8], "little")
+
+
 def mean_ci(values, seed: int = SEED) -> Estimate:
     """The mean of independent units (e.g. held-out sequences) with its interval."""
     values = np.asarray(values, dtype=float)
@@ -76,8 +82,9 @@ def paired_ci(statistic, per_benchmark: dict[str, np.ndarray], seed: int = SEED)
     per_benchmark: benchmark -> (items, k) outcomes of k models on the same items."""
     if not per_benchmark or any(len(cols) == 0 for cols in per_benchmark.values()):
         return Estimate.missing()
-    # each benchmark draws its own items, with its own seed (so adding one changes no other's draws)
-    replicates = {b: resampled_means(cols, seed=seed + i) for i, (b, cols) in enumerate(sorted(per_benchmark.items()))}
+    # each benchmark draws its own items, with a seed derived from its name (so adding or
+    # removing a benchmark changes no other benchmark's draws)
+    replicates = {b: resampled_means(cols, seed=benchmark_seed(seed, b)) for b, cols in per_benchmark.items()}
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero denominator gives NaN: shown as n/a
         point = statistic({b: cols.mean(axis=0) for b, cols in per_benchmark.items()})
         return _interval(float(point), np.asarray(statistic(replicates), dtype=float))
@@ -101,11 +108,6 @@ def chance_normalized(chance: dict[str, float], variant: int = 0, dense: int = 1
         above_d = sum(m[..., dense] - chance[b] for b, m in means.items())
         return 100 * above_v / above_d
     return statistic
-
-
-def average_difference(means: dict[str, np.ndarray], first: int = 0, second: int = 1) -> np.ndarray:
-    """Benchmark-average accuracy of model `first` minus that of `second`, in points."""
-    return 100 * np.mean([m[..., first] - m[..., second] for m in means.values()], axis=0)
 
 
 def maintenance_difference(means: dict[str, np.ndarray]) -> np.ndarray:

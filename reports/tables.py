@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .record import active_pct
 from .stats import Estimate
 
 # Each report metric's better direction, in one place.
@@ -59,21 +60,6 @@ def threshold(name: str) -> float:
     return THRESHOLDS[name][0]
 
 
-def load_records(folder: str | Path) -> list[dict]:
-    """Every record.json below `folder`; an unreadable or corrupt one is skipped with a
-    warning that names it (a report shows what it could read)."""
-    records = []
-    for path in sorted(Path(folder).glob("**/record.json")):
-        try:
-            record = json.loads(path.read_text())
-            if not isinstance(record, dict) or "trial_id" not in record:
-                raise ValueError("not a trial record")
-            records.append(record)
-        except (OSError, ValueError) as error:
-            print(f"warning: skipped unreadable record {path}: {error}", file=sys.stderr)
-    return records
-
-
 def task_order(records: list[dict]) -> list[str]:
     """The benchmarks the records were configured with, in the order they list them."""
     return list(dict.fromkeys(t for r in records for t in r["config"]["eval"]["tasks"]))
@@ -84,23 +70,6 @@ def eval_key(record: dict) -> str:
     cfg = record["config"]
     device = (record.get("environment") or {}).get("device", "?").split(":")[0]
     return json.dumps([cfg["model"], cfg["eval"], record.get("eval_dtype"), device], sort_keys=True)
-
-
-def _setting(cfg: dict) -> str:
-    f = cfg.get("factor")
-    if f is None:
-        return "dense"
-    shared = f.get("n_shared", 0)
-    return f"{f['n_routers']}R{f['n_experts']}E{f['top_k']}K" + (f"{shared}S" if shared else "")
-
-
-def _active_pct(cfg: dict) -> float:
-    """Share of the FFN's neurons active per token, %: (K + shared) / (N + shared)."""
-    f = cfg.get("factor")
-    if f is None:
-        return 100.0
-    shared = f.get("n_shared", 0)
-    return 100 * (f["top_k"] + shared) / (f["n_experts"] + shared)
 
 
 def completed(records: list[dict]) -> list[dict]:
@@ -130,12 +99,12 @@ def trial_frame(records: list[dict]) -> pd.DataFrame:
 def _row(record: dict, tasks: list[str]) -> dict:
     cfg, factor = record["config"], record["config"].get("factor") or {}
     metrics = record.get("metrics") or {}
-    row = {"trial_id": record["trial_id"], "model": cfg["model"], "setting": _setting(cfg),
+    row = {"trial_id": record["trial_id"], "model": cfg["model"], "setting": record["setting"],
            "is_dense": not factor, "n_experts": factor.get("n_experts"), "top_k": factor.get("top_k"),
            "n_routers": factor.get("n_routers"), "router_mode": factor.get("router_mode", "-"),
            "partition": factor.get("partition", "-"), "seed": cfg.get("seed"),
-           "n_shared": factor.get("n_shared", 0) if factor else math.nan, "active_pct": _active_pct(cfg),
-           "recipe": (record.get("recipe") or "paper") if factor else "-",
+           "n_shared": factor.get("n_shared", 0) if factor else math.nan, "active_pct": active_pct(record),
+           "recipe": (record["recipe"] or "paper") if factor else "-",
            "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan,
            "calibration_tokens": cfg["train"].get("calibration_tokens", 0) if factor else math.nan,
            "eval_key": eval_key(record),
@@ -271,38 +240,6 @@ def dense_above_chance(dense: dict, tasks: list[str]) -> tuple[list[str], list[s
     return above, at_chance
 
 
-# Config fields that define a variant; pairs of trials that differ in exactly one are compared.
-FACTORS = {"n_experts": ("factor", "n_experts"), "top_k": ("factor", "top_k"),
-           "n_routers": ("factor", "n_routers"), "router_mode": ("factor", "router_mode"),
-           "partition": ("factor", "partition"), "combine": ("factor", "combine"),
-           "pseudo_label": ("factor", "pseudo_label"), "factor_seed": ("factor", "seed"),
-           "n_shared": ("factor", "n_shared"), "router_init": ("factor", "router_init"),
-           "lambda_kd": ("train", "lambda_kd"), "lambda_lm": ("train", "lambda_lm"),
-           "layerwise_steps": ("train", "layerwise_steps"),
-           "budget": ("train", "data_budget_tokens"), "seed": ("seed",)}
-# Not a factor of its own: calibration tokens come out of the same data budget, and the
-# options that need them (coact, n_shared, mean_comp, router_init fit) are the factors.
-BUDGET_SPLIT = ("calibration_tokens",)
-
-
-def _factor_values(record: dict) -> dict:
-    cfg = record["config"]
-    values = {}
-    for name, path in FACTORS.items():
-        value = cfg
-        for key in path:
-            value = (value or {}).get(key)
-        values[name] = value
-    defaults = {"n_shared": 0, "router_init": "random", "lambda_kd": 0.0, "lambda_lm": 1.0,  # older records
-                "layerwise_steps": 0}
-    for name, default in defaults.items():
-        values[name] = default if values[name] is None else values[name]
-    other_train = {k: v for k, v in cfg["train"].items()
-                   if k != "data_budget_tokens" and k not in BUDGET_SPLIT and ("train", k) not in FACTORS.values()}
-    values["other training settings"] = json.dumps(other_train, sort_keys=True)
-    return values
-
-
 def pair_differences(records: list[dict]) -> pd.DataFrame:
     """Every pair of factorized trials (same model and evaluation) that differ in one
     factor: differences in maintenance (points of %), held-out loss and KL, paired over
@@ -313,7 +250,7 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
         for b in done[i + 1:]:
             if eval_key(a) != eval_key(b):
                 continue
-            va, vb = _factor_values(a), _factor_values(b)
+            va, vb = a["factors"], b["factors"]
             differ = [k for k in va if va[k] != vb[k]]
             if len(differ) != 1:
                 continue
@@ -323,20 +260,13 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _label(record: dict) -> str:
-    f = record["config"]["factor"]
-    recipe = f" {record['recipe']}" if record.get("recipe") else ""
-    return (f"{_setting(record['config'])} {f['router_mode']} {f['partition']}{recipe} "
-            f"{record['config']['train']['data_budget_tokens']}tok")
-
-
 def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | None) -> dict:
     tasks = a["config"]["eval"]["tasks"]
     paired = aligned([a, b, dense], tasks) if dense else None
     maint = stats.paired_ci(stats.maintenance_difference, paired) if paired else Estimate.missing()
     loss = paired_sequences([a, b], "per_sequence_loss")
     kl = paired_sequences([a, b], "per_sequence_kl")
-    row = {"model": a["config"]["model"], "factor": factor, "a": f"{_label(a)}", "b": f"{_label(b)}"}
+    row = {"model": a["config"]["model"], "factor": factor, "a": a["variant"], "b": b["variant"]}
     row |= _columns("maintenance_diff", maint) | _columns("loss_diff", loss) | _columns("kl_diff", kl)
     words = []
     for name, estimate in (("maintenance", maint), ("held-out loss", loss), ("KL", kl)):
@@ -357,10 +287,10 @@ def recipe_comparison(records: list[dict]) -> pd.DataFrame:
 
     def key(r: dict) -> tuple:
         cfg = r["config"]
-        return (cfg["model"], eval_key(r), round(_active_pct(cfg), 6), cfg["train"]["data_budget_tokens"],
+        return (cfg["model"], eval_key(r), round(active_pct(r), 6), cfg["train"]["data_budget_tokens"],
                 cfg["factor"]["router_mode"], cfg["factor"]["n_routers"], cfg["seed"])
 
-    papers = {key(r): r for r in done if _is_paper(r)}
+    papers = {key(r): r for r in done if r["paper_recipe"]}
     for r in done:
         paper = papers.get(key(r))
         if paper is None or r is paper:
@@ -369,14 +299,6 @@ def recipe_comparison(records: list[dict]) -> pd.DataFrame:
     columns = ["model", "active_pct", "a", "b", "maintenance_diff", "maintenance_diff_lo", "maintenance_diff_hi",
                "loss_diff", "loss_diff_lo", "loss_diff_hi", "kl_diff", "kl_diff_lo", "kl_diff_hi", "verdict"]
     return pd.DataFrame(rows, columns=columns).sort_values(["model", "active_pct", "loss_diff"]).reset_index(drop=True)
-
-
-def _is_paper(record: dict) -> bool:
-    f, t = record["config"]["factor"], record["config"]["train"]
-    return (f.get("partition") == "contiguous" and f.get("combine") == "scaled" and f.get("n_shared", 0) == 0
-            and f.get("router_init", "random") == "random" and f.get("pseudo_label") == "min_mse"
-            and not t.get("calibration_tokens") and not t.get("lambda_kd") and t.get("lambda_lm", 1.0) == 1.0
-            and not t.get("layerwise_steps"))
 
 
 def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "maintenance_pct") -> pd.Series:
@@ -452,11 +374,11 @@ def router_study(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def failed_trials(records: list[dict], expected: list[dict] | None = None) -> pd.DataFrame:
-    rows = [{"trial_id": r["trial_id"], "label": r.get("label", ""), "status": r["status"],
+    rows = [{"trial_id": r["trial_id"], "label": r["label"], "status": r["status"],
              "reason": r.get("error") or ""} for r in records if r.get("status") != "completed"]
     seen = {r["trial_id"] for r in records}
-    for cfg in expected or []:
-        if cfg["trial_id"] not in seen:
-            rows.append({"trial_id": cfg["trial_id"], "label": f"{cfg['model']} {_setting(cfg)}",
+    for trial in expected or []:  # TrialConfig.describe() of every trial the sweep expected
+        if trial["trial_id"] not in seen:
+            rows.append({"trial_id": trial["trial_id"], "label": trial["label"],
                          "status": "missing", "reason": "no record (not run yet, or interrupted)"})
     return pd.DataFrame(rows, columns=["trial_id", "label", "status", "reason"])

@@ -1,5 +1,9 @@
 """Tiny random models built from configs: no download, a second or less each."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
@@ -18,6 +22,14 @@ FAMILIES = {
 def make_tiny(family: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     return FAMILIES[family]().eval()
+
+
+def pytest_configure(config):
+    """The whole session, and every process it starts (Ray workers, CLIs), caches models,
+    corpora and FLOP counts in a temporary folder, never in the user's ~/.cache."""
+    folder = tempfile.mkdtemp(prefix="factorllm-test-cache-")
+    os.environ["FACTORLLM_CACHE"] = folder
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -145,12 +145,34 @@ def _convert_gguf(name: str, spec: PackagedGGUF, parts: list[Path], out: Path) -
 
 
 def model_fingerprint(name: str) -> str:
-    """A cheap fingerprint of a model's weights, without converting or downloading anything."""
+    """A cheap fingerprint of a model's weights, without converting or downloading anything.
+    A hub model's names its revision (the commit its files come from), so dense baselines
+    made before the model was updated on the hub are not reused after."""
     if name in MODELS:
         return "gguf-sha256:" + MODELS.get(name).sha256
     if Path(name).expanduser().is_dir():
         return "local:" + _folder_fingerprint(Path(name).expanduser().resolve())
-    return "hub:" + name
+    revision = hub_revision(name)
+    return f"hub:{name}@{revision}" if revision else f"hub:{name}@unresolved"
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit a hub model resolves to: the local hub cache's snapshot of `main`, else
+    the hub's answer when it is reachable; None when neither can tell (the model cannot be
+    loaded then either, and loading says why)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.json"])).name
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass  # not in the local cache: ask the hub
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        return None
+    try:
+        return HfApi().model_info(name).sha
+    except (HfHubHTTPError, OSError, ValueError):
+        return None
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -176,20 +198,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _hub_source(name: str) -> ModelSource:
-    from huggingface_hub import snapshot_download
-
-    try:  # a copy already in the local hub cache works with no network at all
-        folder = snapshot_download(name, local_files_only=True, allow_patterns=["*.json"])
-        return ModelSource(name, name, "hub", "hub:" + Path(folder).name)
-    except Exception:
-        pass
+    revision = hub_revision(name)  # a copy in the local hub cache works with no network at all
+    if revision is not None:
+        return ModelSource(name, name, "hub", f"hub:{name}@{revision}")
     if use_offline_mode_if_hub_unreachable():  # offline from here on: no retry storm later
         raise ModelUnavailable(
             f"model {name!r} is not a packaged model ({', '.join(MODELS.names())}), not a local "
             f"folder, and not in the Hugging Face cache, and the hub ({hub_endpoint()}) is "
             f"unreachable: run `huggingface-cli download {name}` on a machine with network and "
             f"copy the cache (~/.cache/huggingface), or pass the checkpoint folder's path")
-    return ModelSource(name, name, "hub", "hub:" + name)
+    return ModelSource(name, name, "hub", f"hub:{name}@unresolved")
 
 
 @dataclass

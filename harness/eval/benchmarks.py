@@ -18,7 +18,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import logging
 import math
 import time
 from collections import Counter
@@ -41,9 +40,24 @@ class Benchmark:
     lm_eval_task: str  # lm-eval's task (or group) name
     metric: str  # the headline metric in reports
     eval_split: str  # the split lm-eval evaluates for this task
-    local_splits: Callable[[], dict]  # split name -> datasets.Dataset, from local copies
+    local_splits: Callable[..., dict]  # (subtask, if any) -> split name -> datasets.Dataset, from local copies
     fewshot_split: str | None  # a split other than eval_split for few-shot examples, if shipped
     chance_rule: str = "uniform"  # see CHANCE_RULES: what a model that knows nothing scores
+    # A benchmark made of several lm-eval tasks (MMLU's 57 subjects): their suffixes; each is
+    # the task `{lm_eval_task}_{suffix}`, its items are `suffix/row`, and `_parse` pools their
+    # metrics as lm-eval's group would (lm-eval 0.4.13 leaks an inline group's keys into its
+    # member tasks, so the group itself cannot carry the local data source).
+    subtasks: Callable[[], list[str]] | None = None
+
+    def tasks(self) -> dict[str, Callable[[], dict]]:
+        """lm-eval task name -> a function loading its local splits."""
+        if self.subtasks is None:
+            return {self.lm_eval_task: self.local_splits}
+        return {f"{self.lm_eval_task}_{s}": functools.partial(self.local_splits, s) for s in self.subtasks()}
+
+    def item_id(self, task: str, row: int) -> str:
+        """An item's id in records: the split's row, prefixed by the subtask where there are subtasks."""
+        return str(row) if self.subtasks is None else f"{task.removeprefix(self.lm_eval_task + '_')}/{row}"
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -117,18 +131,26 @@ def _mmlu_splits(subject: str) -> dict:
     return {split: local_split(f"{MMLU_ROOT}/{subject}/{split}") for split in ("test", "dev", "validation")}
 
 
-def _register(name, task, metric, split, splits, fewshot, chance_rule="uniform"):
-    BENCHMARKS.register(name)(Benchmark(task, metric, split, splits, fewshot, chance_rule))
+def _register(name: str, **fields) -> None:
+    BENCHMARKS.register(name)(Benchmark(**fields))
 
 
-_register("hellaswag", "hellaswag", "acc_norm", "validation", lambda: {"validation": local_split("hellaswag/none/validation")}, None)
-_register("openbookqa", "openbookqa", "acc_norm", "test", _openbookqa_splits, "validation")
-_register("winogrande", "winogrande", "acc", "validation", lambda: {"validation": local_split("winogrande/winogrande_xl/validation")}, None)
-_register("arc_easy", "arc_easy", "acc_norm", "test", lambda: _arc_splits("ARC-Easy", "arc_easy"), "validation")
-_register("arc_challenge", "arc_challenge", "acc_norm", "test", lambda: _arc_splits("ARC-Challenge", "arc_challenge"), "validation")
-_register("boolq", "boolq", "acc", "validation", _boolq_splits, None, "majority")  # yes/no: "always yes" is a real baseline
-_register("piqa", "piqa", "acc_norm", "validation", lambda: {"validation": local_split("piqa/plain_text/validation")}, None)
-_register("mmlu", "mmlu", "acc", "test", None, "dev")  # per-subject loading below
+_register("hellaswag", lm_eval_task="hellaswag", metric="acc_norm", eval_split="validation",
+          local_splits=lambda: {"validation": local_split("hellaswag/none/validation")}, fewshot_split=None)
+_register("openbookqa", lm_eval_task="openbookqa", metric="acc_norm", eval_split="test",
+          local_splits=_openbookqa_splits, fewshot_split="validation")
+_register("winogrande", lm_eval_task="winogrande", metric="acc", eval_split="validation",
+          local_splits=lambda: {"validation": local_split("winogrande/winogrande_xl/validation")}, fewshot_split=None)
+_register("arc_easy", lm_eval_task="arc_easy", metric="acc_norm", eval_split="test",
+          local_splits=lambda: _arc_splits("ARC-Easy", "arc_easy"), fewshot_split="validation")
+_register("arc_challenge", lm_eval_task="arc_challenge", metric="acc_norm", eval_split="test",
+          local_splits=lambda: _arc_splits("ARC-Challenge", "arc_challenge"), fewshot_split="validation")
+_register("boolq", lm_eval_task="boolq", metric="acc", eval_split="validation", local_splits=_boolq_splits,
+          fewshot_split=None, chance_rule="majority")  # yes/no: "always yes" is a real baseline
+_register("piqa", lm_eval_task="piqa", metric="acc_norm", eval_split="validation",
+          local_splits=lambda: {"validation": local_split("piqa/plain_text/validation")}, fewshot_split=None)
+_register("mmlu", lm_eval_task="mmlu", metric="acc", eval_split="test", local_splits=_mmlu_splits,
+          fewshot_split="dev", subtasks=mmlu_subjects)
 
 
 def resolve_task_names(names: str | list[str]) -> list[str]:
@@ -175,24 +197,13 @@ def task_specs(name: str, source: str = "local", num_fewshot: int = 0,
         raise ValueError(f"num_fewshot={num_fewshot}: the local copy of {name} ships no split besides "
                          f"the evaluated one to draw few-shot examples from; use num_fewshot=0 or source=hub")
     if source == "hub":
-        return [f"mmlu_{s}" for s in mmlu_subjects()] if name == "mmlu" else [bench.lm_eval_task]
+        return list(bench.tasks())
     specs = []
-    for task, splits in _local_split_makers(name).items():
+    for task, splits in bench.tasks().items():
         if rows is None or task in rows:
             hook = functools.partial(_local_dataset, splits, bench.eval_split, None if rows is None else rows[task])
             specs.append(_local_config(task, hook, bench.fewshot_split))
     return specs
-
-
-def _local_split_makers(name: str) -> dict[str, Callable[[], dict]]:
-    """lm-eval task name -> a function loading its local splits. MMLU is its 57 subject
-    tasks; lm-eval's `mmlu` group aggregate is recomputed in `_parse` (lm-eval 0.4.13
-    leaks an inline group's keys into its member tasks, so the group itself cannot
-    carry our data source)."""
-    if name == "mmlu":
-        return {f"mmlu_{s}": functools.partial(_mmlu_splits, s) for s in mmlu_subjects()}
-    bench = BENCHMARKS.get(name, "tasks")
-    return {bench.lm_eval_task: bench.local_splits}
 
 
 def _local_config(task: str, splits: Callable, fewshot_split: str | None) -> dict:
@@ -207,10 +218,8 @@ def _local_config(task: str, splits: Callable, fewshot_split: str | None) -> dic
 
 def local_sizes(name: str) -> dict[str, int]:
     """Rows of the evaluated split per lm-eval task, from the local copies."""
-    if name == "mmlu":
-        return {f"mmlu_{s}": local_split(f"{MMLU_ROOT}/{s}/test").num_rows for s in mmlu_subjects()}
     bench = BENCHMARKS.get(name, "tasks")
-    return {bench.lm_eval_task: bench.local_splits()[bench.eval_split].num_rows}
+    return {task: splits()[bench.eval_split].num_rows for task, splits in bench.tasks().items()}
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -321,8 +330,6 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
              progress: Callable[[BenchmarkResult], None] | None = None) -> dict:
     """Evaluate an lm-eval LM (e.g. HFLM) on each benchmark; returns {name: BenchmarkResult}.
     `limit` rows per benchmark are a seeded random sample (MMLU: stratified over subjects)."""
-    # lm-eval warns once per task that custom datasets may take kwargs: 57 lines for MMLU.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     results = {}
     for name in resolve_task_names(names):
         start = time.perf_counter()
@@ -344,7 +351,8 @@ def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, l
     pred maximises. pred is the choice the headline metric took (acc: highest
     log-likelihood; acc_norm: highest log-likelihood per character of the
     continuation, as lm-eval)."""
-    metric = BENCHMARKS.get(name).metric
+    bench = BENCHMARKS.get(name)
+    metric = bench.metric
     rows = []
     for task, examples in samples.items():
         for ex in examples:
@@ -360,8 +368,7 @@ def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, l
             row = ex["doc_id"] if row_of[task] is None else row_of[task][ex["doc_id"]]
             rows.append(((task, row), correct, pred, gold, len(lls), lls, scores))
     rows.sort()
-    rows = [(f"{task.removeprefix('mmlu_')}/{row}" if name == "mmlu" else str(row), *rest)
-            for (task, row), *rest in rows]
+    rows = [(bench.item_id(task, row), *rest) for (task, row), *rest in rows]
     keys = ("id", "correct", "pred", "gold", "n_choices", "lls", "scores")
     return {key: [row[i] for row in rows] for i, key in enumerate(keys)}
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from harness.eval.benchmarks import LM_KINDS, TASK_SET, BenchmarkResult, evaluate, make_lm, resolve_task_names
-from harness.assets.cache import write_json_atomic
+from reports.record import write_json_atomic
 from harness.assets.models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
 
 

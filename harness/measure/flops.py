@@ -118,7 +118,8 @@ def count_dense_flops_cached(model, input_ids: torch.Tensor, cache_dir=None) -> 
 
     from factorllm_core import factorized_layers
 
-    from harness.assets.cache import default_cache_root, write_json_atomic
+    from harness.assets.cache import default_cache_root
+    from reports.record import write_json_atomic
 
     if factorized_layers(model):
         raise ValueError("count_dense_flops_cached counts dense models only: routing makes a factorized "

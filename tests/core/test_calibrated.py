@@ -110,7 +110,7 @@ def test_new_options_are_validated(kwargs, pattern):
 
 
 def test_shared_width_must_divide_the_ffn(tiny_model_factory):
-    with pytest.raises(ValueError, match=r"n_experts \+ n_shared = 5"):
+    with pytest.raises(ValueError, match=r"n_experts \+ n_shared = 4 \+ 1 = 5 does not divide the FFN width"):
         calibrated(tiny_model_factory("llama"), FactorConfig(n_experts=4, top_k=1, n_shared=1))
 
 

@@ -129,6 +129,19 @@ def test_auto_picks_by_device_and_dtype(monkeypatch):
     assert auto_dispatch(CudaTensor(torch.bfloat16), torch.bfloat16) == "sorted"
 
 
+def test_auto_falls_back_with_a_reason_when_torch_has_no_grouped_gemm(monkeypatch, caplog):
+    from factorllm_core import experts
+
+    class CudaTensor:
+        is_cuda, device, dtype = True, "cuda:0", torch.bfloat16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(experts, "has_grouped_mm", lambda: False)  # an older torch
+    experts._log_once.cache_clear()
+    assert experts.auto_dispatch(CudaTensor(), torch.bfloat16) == "sorted"
+    assert "no torch._grouped_mm; using `sorted`" in caplog.text
+
+
 def test_auto_uses_the_fast_path_and_reference_stays_selectable(monkeypatch):
     experts = make_experts()
     calls = []

@@ -9,24 +9,29 @@ from types import SimpleNamespace
 import pytest
 
 from harness import sweep as sweep_module
-from harness.assets.cache import write_json_atomic
 from harness.config import TrialConfig
-from harness.record import read_record
 from harness.trial import existing_record
+from reports.record import new_record, read_record, write_json_atomic
 
 
-def test_a_corrupt_record_is_named_and_treated_as_missing(tmp_path, capsys):
+def test_a_corrupt_record_is_named_and_treated_as_missing(tmp_path, caplog):
     config = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
     path = tmp_path / config.trial_id / "record.json"
     path.parent.mkdir()
     path.write_text('{"status": "compl')  # a torn write
     assert existing_record(config, tmp_path) is None  # the trial runs again
-    err = capsys.readouterr().err
-    assert str(path) in err and "treated as missing" in err
-    path.write_text(json.dumps({"status": "completed", "trial_id": config.trial_id}))
+    assert str(path) in caplog.text and "treated as missing" in caplog.text
+    record = new_record(config.describe(), status="completed")
+    path.write_text(json.dumps(record))
     assert existing_record(config, tmp_path)["status"] == "completed"
     path.write_text("[1, 2]")
     assert read_record(path) is None
+    caplog.clear()
+    path.write_text(json.dumps(record | {"schema": 2}))  # written by an older harness: read the same way everywhere
+    assert read_record(path) is None and existing_record(config, tmp_path) is None
+    assert "schema 2, this harness reads schema 3" in caplog.text
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "config"}))
+    assert read_record(path) is None and "missing field(s) config" in caplog.text
 
 
 def test_collect_records_treats_a_corrupt_record_as_unfinished(tmp_path):

@@ -48,6 +48,13 @@ def test_expansion_product_includes_dense_first_and_stable_ids():
     assert [t.trial_id for t in sweep.trials] == [t.trial_id for t in again.trials]
 
 
+def test_a_model_only_in_include_gets_its_dense_baseline(tmp_path):
+    other = tmp_path / "other-model"  # a local folder; check_models is off here
+    sweep = expand_grid(grid(include=[{"model": str(other), "top_k": 2}]), check_models=False)
+    dense = [t.model for t in sweep.trials if t.is_dense]
+    assert dense == ["smollm2-135m", str(other)]
+
+
 def test_skips_are_explicit_and_shown():
     sweep = expand_grid(grid(axes={"n_experts": [2, 4], "top_k": [1, 3]},
                              skip=[{"when": {"n_experts": 4, "top_k": 1}, "reason": "done before"}]))

@@ -49,6 +49,18 @@ def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, r
     report = (tmp_path / "runs" / "tiny" / "report" / "report.md").read_text()
     assert "exceeds corpus" in report and "## Main table" in report
 
+    # A later dense baseline of another sweep with the same evaluation lands in the shared folder:
+    # rebuilding this sweep's report must still give the sweep's own report, byte for byte.
+    from reports.build import main as build_main
+
+    dense_path = next((tmp_path / "runs" / "baselines").glob(f"*/{dense.trial_id}/record.json"))
+    later = json.loads(dense_path.read_text()) | {"trial_id": "dense-later", "finished_at": "2999-01-01T00:00:00"}
+    later["heldout"]["loss"] += 1.0
+    (dense_path.parents[1] / "dense-later").mkdir()
+    (dense_path.parents[1] / "dense-later" / "record.json").write_text(json.dumps(later))
+    assert build_main([str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "rebuilt")]) == 0
+    assert (tmp_path / "rebuilt" / "report.md").read_text() == report
+
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp_path, cache_dir):
     grid = sweep_assets.write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150)

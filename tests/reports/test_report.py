@@ -10,8 +10,8 @@ import pytest
 
 from reports import stats
 from reports.build import build_report
-from reports.tables import (dense_above_chance, failed_trials, failure_flags, load_records, pair_differences,
-                            pareto_front, trial_frame)
+from reports.record import SCHEMA, load_records
+from reports.tables import dense_above_chance, failed_trials, failure_flags, pair_differences, pareto_front, trial_frame
 
 TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa", "mmlu"]
 METRIC = {t: "acc_norm" if t in ("hellaswag", "openbookqa", "arc_easy", "arc_challenge", "piqa") else "acc"
@@ -41,16 +41,27 @@ def metrics(scores: dict, seed: int) -> dict:
     return out
 
 
+def names(factor, train: dict) -> dict:
+    """What the harness derives from a config when it writes a record (TrialConfig.describe)."""
+    from factorllm_core import FactorConfig
+    from harness.config import TrainConfig, TrialConfig
+
+    config = TrialConfig(model="m", factor=FactorConfig(**factor) if factor else None, train=TrainConfig(**train))
+    described = config.describe()
+    return {k: described[k] for k in ("variant", "setting", "recipe", "active_fraction", "paper_recipe", "factors")}
+
+
 def record(trial_id, factor=None, scores=0.6, ffn=1.0, attention=0.5, budget=20000, routing=None, speedup=None,
-           status="completed", drop=(), loss=3.0, kl=None, seed=0, churn=None, similarity_at_start=0.2):
+           status="completed", drop=(), loss=3.0, kl=None, seed=0, churn=None, similarity_at_start=0.2, train=None):
     scores = scores if isinstance(scores, dict) else {n: scores for n in TASKS}
     scores = {n: v for n, v in scores.items() if n not in drop}
     sequences = np.random.default_rng(seed + 7).normal(0, 0.05, 16)
-    rec = {"trial_id": trial_id, "label": trial_id, "status": status, "error": None, "schema": 2,
+    train = {"data_budget_tokens": budget, "lr": 1e-3} | (train or {})
+    rec = {"trial_id": trial_id, "label": trial_id, "status": status, "error": None, "schema": SCHEMA,
+           "stage_seconds": {}, **names(factor, train),
            "eval_dtype": "float32", "environment": {"device": "cpu"},
            "model": {"pretraining_tokens": 2e12},
-           "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL,
-                      "train": {"data_budget_tokens": budget, "lr": 1e-3}},
+           "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL, "train": train},
            "metrics": metrics(scores, seed),
            "flops": {"attention_gflops_per_token": attention, "ffn_gflops_per_token": ffn,
                      "total_gflops_per_token": attention + ffn + 0.1},
@@ -214,10 +225,10 @@ def test_failure_mode_flags_are_calibrated(records):
 
 
 def test_failed_and_missing_trials_are_listed_with_reasons(records):
-    expected = [{"trial_id": "never", "model": "m", "factor": factor(2, n=8)}]
+    expected = [{"trial_id": "never", "label": "m 1R8E2K par contiguous 20000tok"}]  # TrialConfig.describe() (part)
     table = failed_trials(records, expected).set_index("trial_id")
     assert table.loc["boom", "reason"].startswith("NonFiniteLoss")
-    assert table.loc["never", "status"] == "missing"
+    assert table.loc["never", "status"] == "missing" and table.loc["never", "label"].startswith("m 1R8E2K")
 
 
 def test_report_files(records, tmp_path):
@@ -254,7 +265,7 @@ def test_what_this_sweep_shows_states_only_supported_differences(records, tmp_pa
     assert "1R4E2K random (contiguous, 20,000 tokens)" in shows and "below guessing" in shows
 
 
-def test_a_corrupt_record_is_skipped_with_a_warning(records, tmp_path, capsys):
+def test_a_corrupt_record_is_skipped_with_a_warning(records, tmp_path, caplog):
     import json
     for r in records[:2]:
         (tmp_path / r["trial_id"]).mkdir()
@@ -263,7 +274,7 @@ def test_a_corrupt_record_is_skipped_with_a_warning(records, tmp_path, capsys):
     (tmp_path / "torn" / "record.json").write_text('{"trial_id": "torn", "sta')
     loaded = load_records(tmp_path)
     assert [r["trial_id"] for r in loaded] == ["dense", "k1"]
-    assert "torn/record.json" in capsys.readouterr().err
+    assert "torn/record.json" in caplog.text
 
 
 def test_reports_need_nothing_from_harness():
@@ -288,9 +299,9 @@ def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(re
 
     shared = {"n_experts": 3, "top_k": 1, "n_routers": 1, "router_mode": "par", "partition": "coact",
               "combine": "unscaled", "pseudo_label": "min_recon", "seed": 0, "n_shared": 1, "router_init": "fit"}
-    best = record("best", shared, scores={n: 0.59 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, loss=3.2, kl=0.3, seed=9)
-    best["config"]["train"]["calibration_tokens"] = 4096
-    best["recipe"] = "unscaled init=fit min_recon cal=4096"
+    best = record("best", shared, scores={n: 0.59 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, loss=3.2, kl=0.3, seed=9,
+                  train={"calibration_tokens": 4096})
+    assert best["recipe"] == "unscaled init=fit min_recon cal=4096"
     other_budget = record("b2", factor(2), loss=3.4, kl=0.4, budget=40000, seed=10)  # no paper trial at 40k
     rows = recipe_comparison(records + [best, other_budget])
     assert len(rows) == 1  # only `best` has a paper trial (k2) of the same width, budget, mode and seed

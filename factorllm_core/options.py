@@ -1,0 +1,110 @@
+"""Options that define a variant, each declared once, on its config field.
+
+A config field written as `option(...)` carries in its metadata what the rest of the
+project needs to know about it: the paper's value, whether it is a grid axis, how a
+non-paper value shows in the recipe string, its name among the report's factors,
+whether it needs a calibration pass. The grid's axes and their types, the recipe
+string, "is this the paper's recipe", the trial-id rule for options added later, the
+report's factor list and the calibration error messages are derived from these
+declarations (`harness/config.py`), never listed again. The field's type annotation
+is the option's type.
+
+    router_init: str = option("random", recipe=True, tag="init={}", added_later=True,
+                              calibrated=lambda v: v != "random", calibrated_hint="router_init fit")
+
+Adding an option is one such line (and the code that uses its value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class _NotRecipe:
+    """The `paper` value of an option that is no part of the recipe (N, K, the router mode: the
+    paper varies them)."""
+
+    def __repr__(self) -> str:
+        return "NOT_RECIPE"
+
+
+NOT_RECIPE: Any = _NotRecipe()
+TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a name (a string)", bool: "true or false"}
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Option:
+    paper: Any = NOT_RECIPE  # the paper's value; NOT_RECIPE: the option is a setting, not a recipe choice
+    axis: bool = True  # a grid axis, named by the field
+    tag: str | None = None  # a non-paper value in the recipe string, e.g. "init={}"; None: not shown there
+    factor: str | None = ""  # its name in the report's one-factor comparisons; "" = the field name; None = none
+    added_later: bool = False  # left out of the trial id at its paper value, so older trial ids still hold
+    calibrated: Callable[[Any], bool] | None = None  # whether a value needs a calibration pass
+    calibrated_hint: str = ""  # how the message that asks for calibration tokens names it, e.g. "partition coact"
+    choices: Any = None  # a Registry (or a collection) of the allowed values
+
+    def problem(self, name: str, value: Any, kind: type) -> str | None:
+        """Why `value` is not a valid value of this option (of type `kind`), or None."""
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            return f"{name}={_short(value)} must be {TYPE_WORDS.get(kind, kind.__name__)}"
+        if self.choices is None or value in self.choices:
+            return None
+        allowed = self.choices.names() if hasattr(self.choices, "names") else sorted(self.choices)
+        kind = getattr(self.choices, "kind", name)
+        return f"{name}={value!r} is not a known {kind}; allowed: {', '.join(map(str, allowed))}"
+
+    @property
+    def in_recipe(self) -> bool:
+        return self.paper is not NOT_RECIPE
+
+
+def option(default: Any = dataclasses.MISSING, *, recipe: bool = False, **metadata) -> Any:
+    """A dataclass field with an `Option` in its metadata; without a default it is required.
+    recipe=True: a recipe choice, whose default is the paper's value."""
+    if recipe:
+        metadata["paper"] = default
+    return dataclasses.field(default=default, metadata={"option": Option(**metadata)})
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One declared option of a config class: where it sits and what it says."""
+
+    path: tuple[str, ...]  # where it lands in a trial config, e.g. ("factor", "router_init")
+    type: type
+    default: Any
+    option: Option
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    @property
+    def factor_name(self) -> str | None:
+        return self.name if self.option.factor == "" else self.option.factor
+
+
+def declared(cls, prefix: tuple[str, ...] = ()) -> list[Declared]:
+    """The options a config dataclass declares, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "option" in f.metadata:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append(Declared((*prefix, f.name), hints[f.name], default, f.metadata["option"]))
+    return out

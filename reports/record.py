@@ -1,0 +1,144 @@
+"""The trial record: its schema, how it is written, and how it is read, in one place.
+
+The harness writes every record through `write_record`; the report and the harness
+read them through `read_record` / `load_records`, with the same validity rule. A
+record is self-describing: besides its config it carries the names derived from it
+when it was written (`harness.config.TrialConfig.describe`): label, variant,
+setting, recipe, active FFN fraction, whether it is the paper's recipe, and the
+values of the options that define the variant (`factors`). Nothing here imports
+torch or the harness: the standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "record.json"
+# 3: the names derived from the config (label, variant, setting, recipe, active_fraction,
+#    paper_recipe, factors); 2: per-item outcomes, chance levels, held-out loss/KL, churn.
+SCHEMA = 3
+REQUIRED = ("schema", "trial_id", "status", "label", "variant", "setting", "recipe", "active_fraction",
+            "paper_recipe", "factors", "config", "stage_seconds")
+STATUSES = ("running", "completed", "failed")
+
+
+def new_record(described: dict, **fields) -> dict:
+    """A record in this schema: `described` is TrialConfig.describe(), `fields` the rest."""
+    return {"schema": SCHEMA, **described, "status": "running", "error": None, "stage_seconds": {}, **fields}
+
+
+def problem(record) -> str | None:
+    """Why `record` is not a readable record of this schema, or None."""
+    if not isinstance(record, dict):
+        return "not a trial record (not a JSON object)"
+    if record.get("schema") != SCHEMA:
+        return (f"schema {record.get('schema')!r}, this harness reads schema {SCHEMA}: rerun the trial "
+                "(its trial id is unchanged, so a sweep reruns it)")
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is none of {', '.join(STATUSES)}"
+    if not isinstance(record["config"], dict) or not isinstance(record["config"].get("train"), dict):
+        return "config is not a trial config"
+    return None
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The record at `path`, or None when there is none. An unreadable, corrupt or
+    other-schema one (a torn write, a full disk, an edit, an older harness) is named in a
+    warning and treated as missing: a sweep runs that trial again, a report skips it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        why = problem(record)
+    except (OSError, ValueError) as error:
+        why = f"{type(error).__name__}: {error}"
+    if why:
+        log.warning("unreadable record %s (%s): treated as missing (a sweep runs the trial again, a report "
+                    "leaves it out)", path, why)
+        return None
+    return record
+
+
+def load_records(folder: str | Path) -> list[dict]:
+    """Every readable record.json below `folder` (see read_record)."""
+    return [r for path in sorted(Path(folder).glob(f"**/{RECORD_FILE}")) if (r := read_record(path)) is not None]
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed over it:
+    a crash mid-write never leaves a torn file, and a failed write (a full disk) leaves
+    no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_fsynced(path: str | Path, fill: Callable) -> None:
+    """Atomically write a file that `fill(handle)` fills, fsynced before the rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    _write_fsynced(path, lambda f: f.write(text))
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """JSON (NaN refused) written atomically and fsynced."""
+    _write_fsynced(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, allow_nan=False))
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    """Write a record atomically; refuses one that this module would not read back."""
+    why = problem(record)
+    if why:
+        raise ValueError(f"refusing to write record {path}: {why}")
+    write_json_atomic(path, record)
+
+
+def non_finite_paths(value, path: str = "") -> list[str]:
+    """Where in a nested structure a float is NaN or infinite."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path or "<root>"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite_paths(v, f"{path}[{i}]")]
+    return []
+
+
+# What a report reads from a record, by name (the config's names were derived when it was written).
+
+def setting(record: dict) -> str:
+    """1R4E2K, 1R3E1K1S or dense."""
+    return record["setting"]
+
+
+def active_pct(record: dict) -> float:
+    """Share of the FFN's neurons active per token, %."""
+    return 100 * record["active_fraction"]
+
+
+def is_dense(record: dict) -> bool:
+    return record["config"].get("factor") is None
