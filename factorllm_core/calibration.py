@@ -58,4 +58,5 @@ def _keep_input(store: list[torch.Tensor]):
     def hook(module, args, output):
         x = args[0]
         store.append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+
     return hook

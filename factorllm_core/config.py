@@ -9,14 +9,13 @@ from .par import PSEUDO_LABELS, subset_masks
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_INITS, ROUTER_MODES
 
-
 MAX_EXPERTS = 4096  # per layer; beyond this an expert is a handful of neurons
 MAX_ROUTERS = 64  # per layer; the paper's settings use 1-4
 
 
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,31 @@ class FactorConfig:
     n_experts: int = option()
     top_k: int = option()
     n_routers: int = option(1)
-    partition: str = option("contiguous", recipe=True, choices=PARTITIONS, calibrated=lambda v: v == "coact",
-                            calibrated_hint="partition coact")
-    combine: str = option("scaled", recipe=True, tag="{}", choices=COMBINES,
-                          calibrated=lambda v: COMBINES.get(v).add_unchosen_mean, calibrated_hint="combine mean_comp")
+    partition: str = option(
+        "contiguous",
+        recipe=True,
+        choices=PARTITIONS,
+        calibrated=lambda v: v == "coact",
+        calibrated_hint="partition coact",
+    )
+    combine: str = option(
+        "scaled",
+        recipe=True,
+        tag="{}",
+        choices=COMBINES,
+        calibrated=lambda v: COMBINES.get(v).add_unchosen_mean,
+        calibrated_hint="combine mean_comp",
+    )
     router_mode: str = option("par", choices=ROUTER_MODES)
-    router_init: str = option("random", recipe=True, tag="init={}", added_later=True, choices=ROUTER_INITS,
-                              calibrated=lambda v: v != "random", calibrated_hint="router_init fit")
+    router_init: str = option(
+        "random",
+        recipe=True,
+        tag="init={}",
+        added_later=True,
+        choices=ROUTER_INITS,
+        calibrated=lambda v: v != "random",
+        calibrated_hint="router_init fit",
+    )
     pseudo_label: str = option("min_mse", recipe=True, tag="{}", choices=PSEUDO_LABELS)
     seed: int = option(0, axis=False, factor="factor_seed")
     n_shared: int = option(0, recipe=True, added_later=True, calibrated=lambda v: v > 0, calibrated_hint="n_shared")
@@ -66,26 +83,29 @@ class FactorConfig:
                 raise ValueError(problem)
         if not 1 <= self.n_experts <= MAX_EXPERTS:
             raise ValueError(f"n_experts={self.n_experts} must be in [1, {MAX_EXPERTS}]")
-        if not 0 <= self.seed < 2 ** 31:
+        if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
         if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(
-                f"top_k={self.top_k} must satisfy 1 <= top_k <= n_experts={self.n_experts}"
-            )
+            raise ValueError(f"top_k={self.top_k} must satisfy 1 <= top_k <= n_experts={self.n_experts}")
         if not 1 <= self.n_routers <= MAX_ROUTERS:
             raise ValueError(f"n_routers={self.n_routers} must be in [1, {MAX_ROUTERS}]")
         if not 0 <= self.n_shared < MAX_EXPERTS:
             raise ValueError(f"n_shared={self.n_shared} must be in [0, {MAX_EXPERTS})")
         if self.router_init != "random" and ROUTER_MODES.get(self.router_mode).random_choice:
-            raise ValueError(f"router_init={self.router_init!r} fits a router that router_mode={self.router_mode!r} "
-                             "never uses (it routes at random); use router_init='random'")
+            raise ValueError(
+                f"router_init={self.router_init!r} fits a router that router_mode={self.router_mode!r} "
+                "never uses (it routes at random); use router_init='random'"
+            )
         if self.pseudo_label == "min_recon":
             subset_masks(self.n_experts, self.top_k)  # raises when there are too many subsets to score
 
     def calibrated_options(self) -> list[str]:
         """The options of this setting that need a calibration pass, as `field=value`."""
-        return [f"{d.name}={getattr(self, d.name)}" for d in declared(type(self))
-                if d.option.calibrated and d.option.calibrated(getattr(self, d.name))]
+        return [
+            f"{d.name}={getattr(self, d.name)}"
+            for d in declared(type(self))
+            if d.option.calibrated and d.option.calibrated(getattr(self, d.name))
+        ]
 
     @property
     def needs_calibration(self) -> bool:
@@ -106,18 +126,20 @@ class FactorConfig:
         groups = self.n_experts + self.n_shared
         if ffn_width % groups:
             divisors = [d for d in range(1, min(ffn_width, 64) + 1) if ffn_width % d == 0]
-            what = f"n_experts={groups}" if not self.n_shared else \
-                f"n_experts + n_shared = {self.n_experts} + {self.n_shared} = {groups}"
+            what = (
+                f"n_experts={groups}"
+                if not self.n_shared
+                else f"n_experts + n_shared = {self.n_experts} + {self.n_shared} = {groups}"
+            )
             raise ValueError(
-                f"{what} does not divide the FFN width {ffn_width} of "
-                f"{where}; allowed (<= 64): {divisors}"
+                f"{what} does not divide the FFN width {ffn_width} of {where}; allowed (<= 64): {divisors}"
             )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FactorConfig":
+    def from_dict(cls, data: dict) -> FactorConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,7 @@ DISPATCH: Registry[DispatchFn] = Registry("dispatch")
 
 
 class Experts(nn.Module):
-    def __init__(self, gate_weight, up_weight, down_weight, neuron_index, act_fn,
-                 gate_bias=None, up_bias=None):
+    def __init__(self, gate_weight, up_weight, down_weight, neuron_index, act_fn, gate_bias=None, up_bias=None):
         """gate_weight, up_weight: (I, H); down_weight: (H, I); neuron_index: (N, I/N)."""
         super().__init__()
         self.n_experts, self.expert_width = neuron_index.shape
@@ -42,8 +41,9 @@ class Experts(nn.Module):
         self.dispatch = "auto"  # a DISPATCH name; "auto" = the fast path for this device
         self.last_dispatch: str | None = None  # the path the latest call ran (`auto` resolved)
 
-    def expert_forward(self, expert: int, x: torch.Tensor, scale: torch.Tensor | float | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+    def expert_forward(
+        self, expert: int, x: torch.Tensor, scale: torch.Tensor | float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run one expert on its tokens. x: (M, H) -> (M, H); `scale` (M, 1) multiplies
         each token's output, applied before the down projection (linear, and narrower).
         `out` (inference only): write the result there, with the activation done in
@@ -91,12 +91,12 @@ def auto_dispatch(x: torch.Tensor, weight_dtype: torch.dtype) -> str:
     grouped GEMM for the dtype (CUDA, compute capability >= 9.0, bf16 inputs and
     weights, which rules out fp32 weights under autocast) and this torch has
     `torch._grouped_mm`, else `sorted` (with the reason logged once)."""
-    if (x.is_cuda and x.dtype == weight_dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+    if x.is_cuda and x.dtype == weight_dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0):
         if has_grouped_mm():
             return "grouped"
-        _log_once(f"dispatch auto: torch {torch.__version__} has no torch._grouped_mm; using `sorted` "
-                  "(torch >= 2.8 has it)")
+        _log_once(
+            f"dispatch auto: torch {torch.__version__} has no torch._grouped_mm; using `sorted` (torch >= 2.8 has it)"
+        )
     return "sorted"
 
 
@@ -136,7 +136,7 @@ class SortedSlots:
     counts: torch.Tensor  # (N,) int64
 
     @classmethod
-    def of(cls, indices: torch.Tensor, weights: torch.Tensor | None, n_experts: int) -> "SortedSlots":
+    def of(cls, indices: torch.Tensor, weights: torch.Tensor | None, n_experts: int) -> SortedSlots:
         """`weights` None: no `scales` (the caller folds one uniform weight in itself)."""
         flat = indices.reshape(-1)
         # At inference each row is computed on its own (the order within an expert's
@@ -147,7 +147,8 @@ class SortedSlots:
         # each expert's rows in token order.
         order = torch.argsort(flat, stable=flat.is_cuda or torch.is_grad_enabled())
         counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))  # bincount would sync on CUDA (it reads the max)
+            0, flat, torch.ones_like(flat)
+        )  # bincount would sync on CUDA (it reads the max)
         top_k = indices.shape[1]
         token_of = order if top_k == 1 else order // top_k
         scales = None if weights is None else weights.reshape(-1)[order].unsqueeze(1)

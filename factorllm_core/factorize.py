@@ -8,9 +8,9 @@ in place (like peft's `_replace_module`) and returns a report of what changed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -50,8 +50,15 @@ def gate_up_down(module: nn.Module) -> GatedFFNWeights | None:
     if not all(isinstance(p, nn.Linear) for p in parts) or not hasattr(module, "act_fn"):
         return None
     gate, up, down = parts
-    return GatedFFNWeights(gate.weight.data, up.weight.data, down.weight.data, module.act_fn,
-                           _data(gate.bias), _data(up.bias), _data(down.bias))
+    return GatedFFNWeights(
+        gate.weight.data,
+        up.weight.data,
+        down.weight.data,
+        module.act_fn,
+        _data(gate.bias),
+        _data(up.bias),
+        _data(down.bias),
+    )
 
 
 def _data(p: nn.Parameter | None) -> torch.Tensor | None:
@@ -67,10 +74,14 @@ def match_ffn(module: nn.Module) -> GatedFFNWeights | None:
     return None
 
 
-def build_factorized_ffn(weights: GatedFFNWeights, config: FactorConfig, layer_seed: int,
-                         neuron_index: torch.Tensor | None = None,
-                         calibration_inputs: torch.Tensor | None = None,
-                         placeholder: bool = False) -> FactorizedFFN:
+def build_factorized_ffn(
+    weights: GatedFFNWeights,
+    config: FactorConfig,
+    layer_seed: int,
+    neuron_index: torch.Tensor | None = None,
+    calibration_inputs: torch.Tensor | None = None,
+    placeholder: bool = False,
+) -> FactorizedFFN:
     """Pure builder: dense gated-FFN weights -> FactorizedFFN on the same device and dtype.
 
     calibration_inputs: (T, H) the dense FFN's inputs on calibration tokens; required
@@ -82,31 +93,62 @@ def build_factorized_ffn(weights: GatedFFNWeights, config: FactorConfig, layer_s
     ffn_width, hidden = weights.gate_weight.shape
     config.check_ffn_width(ffn_width)
     if config.needs_calibration and calibration_inputs is None and not placeholder:
-        raise ValueError(f"{config.name} ({', '.join(config.calibrated_options())}) needs calibration inputs: "
-                         "pass a Calibration to factorize (harness: train.calibration_tokens > 0)")
+        raise ValueError(
+            f"{config.name} ({', '.join(config.calibrated_options())}) needs calibration inputs: "
+            "pass a Calibration to factorize (harness: train.calibration_tokens > 0)"
+        )
     device = weights.gate_weight.device
     x = None if placeholder or calibration_inputs is None else calibration_inputs.to(device, weights.gate_weight.dtype)
     activations = None if x is None else _activations(weights, x)
     width = ffn_width // (config.n_experts + config.n_shared)
     shared_index, routed = None, torch.arange(ffn_width)
     if config.n_shared:
-        shared_index = (torch.arange(config.n_shared * width) if activations is None
-                        else shared_neurons(activations, weights.down_weight, config.n_shared * width))
+        shared_index = (
+            torch.arange(config.n_shared * width)
+            if activations is None
+            else shared_neurons(activations, weights.down_weight, config.n_shared * width)
+        )
         routed = routed[~torch.isin(routed, shared_index)]
     if neuron_index is None:
         partition = PARTITIONS.get("contiguous" if placeholder else config.partition, "partition")
-        rows = lambda w: w[routed.to(device)]
-        groups = partition(rows(weights.gate_weight), rows(weights.up_weight), config.n_experts, layer_seed,
-                           None if activations is None else activations[:, routed.to(device)])
+
+        def rows(w):
+            return w[routed.to(device)]
+
+        groups = partition(
+            rows(weights.gate_weight),
+            rows(weights.up_weight),
+            config.n_experts,
+            layer_seed,
+            None if activations is None else activations[:, routed.to(device)],
+        )
         neuron_index = routed[groups.cpu()]
     neuron_index = neuron_index.to(device)
-    experts = Experts(weights.gate_weight, weights.up_weight, weights.down_weight, neuron_index,
-                      weights.act_fn, weights.gate_bias, weights.up_bias)
-    shared = None if shared_index is None else Experts(
-        weights.gate_weight, weights.up_weight, weights.down_weight, shared_index[None].to(device),
-        weights.act_fn, weights.gate_bias, weights.up_bias)
-    router = Router(hidden, config.n_experts, config.n_routers, config.top_k,
-                    config.router_mode, config.combine, seed=layer_seed)
+    experts = Experts(
+        weights.gate_weight,
+        weights.up_weight,
+        weights.down_weight,
+        neuron_index,
+        weights.act_fn,
+        weights.gate_bias,
+        weights.up_bias,
+    )
+    shared = (
+        None
+        if shared_index is None
+        else Experts(
+            weights.gate_weight,
+            weights.up_weight,
+            weights.down_weight,
+            shared_index[None].to(device),
+            weights.act_fn,
+            weights.gate_bias,
+            weights.up_bias,
+        )
+    )
+    router = Router(
+        hidden, config.n_experts, config.n_routers, config.top_k, config.router_mode, config.combine, seed=layer_seed
+    )
     layer = FactorizedFFN(config, router, experts, weights.down_bias, shared)
     labels = None
     if x is not None:
@@ -117,8 +159,9 @@ def build_factorized_ffn(weights: GatedFFNWeights, config: FactorConfig, layer_s
             if config.router_init != "random":
                 labels = layer.pseudo_label(outputs.float(), config.top_k, layer.label_context())
     init = ROUTER_INITS.get("random" if placeholder else config.router_init, "router_init")
-    layer.fit_report = init(router, None if x is None else x.float().cpu(),
-                            None if labels is None else labels.cpu(), layer_seed)
+    layer.fit_report = init(
+        router, None if x is None else x.float().cpu(), None if labels is None else labels.cpu(), layer_seed
+    )
     router.to(device=device, dtype=weights.gate_weight.dtype)
     return layer
 
@@ -156,25 +199,32 @@ class FactorReport:
         return asdict(self)
 
 
-def factorize(model: nn.Module, config: FactorConfig, calibration: Calibration | None = None, *,
-              _placeholder_partition: bool = False) -> FactorReport:
+def factorize(
+    model: nn.Module,
+    config: FactorConfig,
+    calibration: Calibration | None = None,
+    *,
+    _placeholder_partition: bool = False,
+) -> FactorReport:
     """Replace, in place, every FFN that an adapter recognises. Raises if none is found.
     `calibration` (from `calibrate` on this dense model) is required when
     `config.needs_calibration`."""
     params_before = _count(model)
-    targets = [(name, module, w) for name, module in model.named_modules()
-               if (w := match_ffn(module)) is not None]
+    targets = [(name, module, w) for name, module in model.named_modules() if (w := match_ffn(module)) is not None]
     if not targets:
-        raise ValueError(f"no gated FFN found in {type(model).__name__}; known adapters: "
-                         f"{FFN_ADAPTERS.names()}")
+        raise ValueError(f"no gated FFN found in {type(model).__name__}; known adapters: {FFN_ADAPTERS.names()}")
     if calibration is not None and set(calibration.inputs) != {name for name, _, _ in targets}:
         raise ValueError("the calibration was taken on another model: its FFN names differ from this model's")
     fits = []
     for layer_number, (name, module, weights) in enumerate(targets):
         config.check_ffn_width(weights.gate_weight.shape[0], where=name)
-        new = build_factorized_ffn(weights, config, layer_seed=config.seed + layer_number,
-                                   calibration_inputs=None if calibration is None else calibration.inputs[name],
-                                   placeholder=_placeholder_partition)
+        new = build_factorized_ffn(
+            weights,
+            config,
+            layer_seed=config.seed + layer_number,
+            calibration_inputs=None if calibration is None else calibration.inputs[name],
+            placeholder=_placeholder_partition,
+        )
         new.train(module.training)  # a fresh nn.Module is in training mode; keep the model's
         if new.fit_report:
             fits.append(new.fit_report)
@@ -183,14 +233,29 @@ def factorize(model: nn.Module, config: FactorConfig, calibration: Calibration |
     layers = factorized_layers(model)
     ffn_width, hidden = targets[0][2].gate_weight.shape
     router_params = sum(_count(layer.router) for _, layer in layers)
-    ffn_params = sum(_count(layer.experts) + _count_opt(layer.shared) + _count_opt(layer.down_bias)
-                     for _, layer in layers)
+    ffn_params = sum(
+        _count(layer.experts) + _count_opt(layer.shared) + _count_opt(layer.down_bias) for _, layer in layers
+    )
     active = config.active_fraction
     router_fit = {key: sum(f[key] for f in fits) / len(fits) for key in fits[0]} if fits else None
-    return FactorReport(config.name, [n for n, _ in layers], hidden, ffn_width, config.n_experts,
-                        config.top_k, config.n_routers, params_before, _count(model),
-                        router_params, ffn_params, round(ffn_params * active) + router_params,
-                        config.n_shared, active, 0 if calibration is None else calibration.tokens, router_fit)
+    return FactorReport(
+        config.name,
+        [n for n, _ in layers],
+        hidden,
+        ffn_width,
+        config.n_experts,
+        config.top_k,
+        config.n_routers,
+        params_before,
+        _count(model),
+        router_params,
+        ffn_params,
+        round(ffn_params * active) + router_params,
+        config.n_shared,
+        active,
+        0 if calibration is None else calibration.tokens,
+        router_fit,
+    )
 
 
 def _count(module: nn.Module) -> int:
@@ -217,8 +282,10 @@ def save_factorized(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
-    meta = {"factor_config": factor_config_of(model).to_dict(),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    meta = {
+        "factor_config": factor_config_of(model).to_dict(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
     (directory / FACTOR_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     save_model(model, str(directory / WEIGHTS_FILE))
     return directory
@@ -258,8 +325,9 @@ def merge_experts(layer: FactorizedFFN) -> GatedFFN:
     order = torch.cat([p.neuron_index.flatten() for p in parts]).argsort()  # inverse of the partition
 
     def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+        module = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             module.weight.copy_(weight)
             if bias is not None:
@@ -274,8 +342,9 @@ def merge_experts(layer: FactorizedFFN) -> GatedFFN:
             return None
         return torch.cat([getattr(p, name).detach().flatten() for p in parts])[order]
 
-    down_weight = torch.cat([p.down_weight.detach().permute(1, 0, 2).reshape(p.down_weight.shape[1], -1)
-                             for p in parts], dim=1)[:, order]
+    down_weight = torch.cat(
+        [p.down_weight.detach().permute(1, 0, 2).reshape(p.down_weight.shape[1], -1) for p in parts], dim=1
+    )[:, order]
     gate, up = linear(rows("gate_weight"), bias("gate_bias")), linear(rows("up_weight"), bias("up_bias"))
     down = linear(down_weight, None if layer.down_bias is None else layer.down_bias.detach())
     return GatedFFN(gate, up, down, layer.experts.act_fn)

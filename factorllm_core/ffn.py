@@ -15,9 +15,9 @@ aux to an `AuxCollector` only while one is attached by `collect_aux(model)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -48,8 +48,14 @@ class FactorizedFFN(nn.Module):
         tokens; present only when the combine rule adds it (`mean_comp`).
     """
 
-    def __init__(self, config: FactorConfig, router: Router, experts: Experts,
-                 down_bias: torch.Tensor | None = None, shared: Experts | None = None):
+    def __init__(
+        self,
+        config: FactorConfig,
+        router: Router,
+        experts: Experts,
+        down_bias: torch.Tensor | None = None,
+        shared: Experts | None = None,
+    ):
         super().__init__()
         self.config = config
         self.router = router
@@ -59,8 +65,9 @@ class FactorizedFFN(nn.Module):
         self.pseudo_label = PSEUDO_LABELS.get(config.pseudo_label, "pseudo_label")
         self._chosen_weight = router.combine.uniform_weight(experts.n_experts, router.top_k)
         if router.combine.add_unchosen_mean:
-            self.register_buffer("unchosen_mean", experts.down_weight.new_zeros(experts.n_experts,
-                                                                               experts.down_weight.shape[1]))
+            self.register_buffer(
+                "unchosen_mean", experts.down_weight.new_zeros(experts.n_experts, experts.down_weight.shape[1])
+            )
         else:
             self.unchosen_mean = None
         self.fit_report: dict | None = None  # set by the builder when router_init fits the router

@@ -53,16 +53,18 @@ def fused(experts: Experts, x, indices, weights):
 
 def _check_supported(experts: Experts, x, weights) -> None:
     problems = []
-    if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
-                                    or any(p.requires_grad for p in experts.parameters())):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weights.requires_grad or any(p.requires_grad for p in experts.parameters())
+    ):
         problems.append("it is inference only: run under torch.no_grad() or use dispatch 'grouped' for training")
     if experts.gate_bias is not None or experts.up_bias is not None:
         problems.append("the experts have gate/up biases, which it does not add")
     if not _is_silu(experts.act_fn):
         problems.append(f"activation {type(experts.act_fn).__name__} is not SiLU")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        problems.append(f"it needs a CUDA device, and x is on {x.device} "
-                        "(TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)")
+        problems.append(
+            f"it needs a CUDA device, and x is on {x.device} (TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)"
+        )
     if x.is_cuda and x.dtype == torch.float32:
         problems.append("in fp32 on a GPU its dots would run in TF32: use bf16/fp16, or dispatch 'grouped'")
     if not all(w.is_contiguous() for w in (experts.gate_weight, experts.up_weight, experts.down_weight)):
@@ -76,5 +78,7 @@ def _kernels():
     try:
         from . import fused_kernels
     except ImportError as error:
-        raise RuntimeError("dispatch 'fused' needs Triton (pip install triton; CUDA builds of torch ship it)") from error
+        raise RuntimeError(
+            "dispatch 'fused' needs Triton (pip install triton; CUDA builds of torch ship it)"
+        ) from error
     return fused_kernels

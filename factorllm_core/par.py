@@ -13,13 +13,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .registry import Registry
-
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,10 @@ def subset_masks(n_experts: int, top_k: int) -> torch.Tensor:
     """(C(N, K), N) 0/1 rows, one per K-subset of the N experts."""
     count = math.comb(n_experts, top_k)
     if count > MAX_SUBSETS:
-        raise ValueError(f"pseudo_label='min_recon' scores every K-subset; C({n_experts}, {top_k}) = {count:,} "
-                         f"exceeds {MAX_SUBSETS:,}; use fewer experts or pseudo_label='min_mse'")
+        raise ValueError(
+            f"pseudo_label='min_recon' scores every K-subset; C({n_experts}, {top_k}) = {count:,} "
+            f"exceeds {MAX_SUBSETS:,}; use fewer experts or pseudo_label='min_mse'"
+        )
     rows = torch.zeros(count, n_experts)
     for row, subset in enumerate(itertools.combinations(range(n_experts), top_k)):
         rows[row, list(subset)] = 1.0

@@ -18,7 +18,11 @@ from .registry import Registry
 
 class PartitionFn(Protocol):
     def __call__(
-        self, gate_weight: torch.Tensor, up_weight: torch.Tensor, n_experts: int, seed: int,
+        self,
+        gate_weight: torch.Tensor,
+        up_weight: torch.Tensor,
+        n_experts: int,
+        seed: int,
         activations: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 

@@ -7,7 +7,8 @@ shared loops look variants up by name and never branch on the name themselves.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -31,8 +32,7 @@ class Registry(Generic[T]):
     def get(self, name: str, field: str | None = None) -> T:
         if name not in self._items:
             raise ValueError(
-                f"{field or self.kind}={name!r} is not a known {self.kind}; "
-                f"allowed: {', '.join(sorted(self._items))}"
+                f"{field or self.kind}={name!r} is not a known {self.kind}; allowed: {', '.join(sorted(self._items))}"
             )
         return self._items[name]
 

@@ -8,8 +8,8 @@ indices and weights. Router modes and combine rules are registries.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,8 +41,9 @@ ROUTER_MODES: Registry[RouterMode] = Registry("router mode")
 ROUTER_MODES.register("par")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=True))
 # lm_only: the router learns from the LM loss alone, so it needs the straight-through
 # weights under `scaled` (otherwise only the small balance term would move it).
-ROUTER_MODES.register("lm_only")(RouterMode(trainable=True, random_choice=False, uses_pa_loss=False,
-                                            straight_through=True))
+ROUTER_MODES.register("lm_only")(
+    RouterMode(trainable=True, random_choice=False, uses_pa_loss=False, straight_through=True)
+)
 ROUTER_MODES.register("random")(RouterMode(trainable=False, random_choice=True, uses_pa_loss=False))
 ROUTER_MODES.register("frozen")(RouterMode(trainable=False, random_choice=False, uses_pa_loss=False))
 
@@ -118,8 +119,9 @@ COMBINES.register("mean_comp")(Combine(unscaled, add_unchosen_mean=True))
 class Router(nn.Module):
     """R linear gates (with bias) on the FFN input; their softmaxes are averaged."""
 
-    def __init__(self, hidden_size: int, n_experts: int, n_routers: int, top_k: int,
-                 mode: str, combine: str, seed: int):
+    def __init__(
+        self, hidden_size: int, n_experts: int, n_routers: int, top_k: int, mode: str, combine: str, seed: int
+    ):
         super().__init__()
         self.n_experts, self.n_routers, self.top_k = n_experts, n_routers, top_k
         self.mode = ROUTER_MODES.get(mode, "router_mode")
@@ -145,8 +147,11 @@ class Router(nn.Module):
         else:
             probs_for_weights = probs
             # max (first of equal maxima) along dim 0 is ~2x faster than argmax there
-            indices = (mean_t.max(dim=0).indices.unsqueeze(1) if self.top_k == 1
-                       else mean_t.topk(self.top_k, dim=0).indices.t())  # (S, K)
+            indices = (
+                mean_t.max(dim=0).indices.unsqueeze(1)
+                if self.top_k == 1
+                else mean_t.topk(self.top_k, dim=0).indices.t()
+            )  # (S, K)
         weights = self.combine.weights(probs_for_weights, indices, self.n_experts)
         if self.mode.straight_through and self.training and torch.is_grad_enabled() and not weights.requires_grad:
             chosen = probs.gather(1, indices)  # (S, K), differentiable
@@ -217,6 +222,10 @@ def fitted_init(router: Router, inputs: torch.Tensor | None, labels: torch.Tenso
         probs = torch.nn.functional.linear(x, weight, bias).view(shape).softmax(-1).mean(1)
         chosen = torch.zeros_like(probs).scatter_(1, probs.topk(router.top_k, dim=1).indices, 1.0)
         overlap = (chosen * (labels > 0)).sum(1) / router.top_k  # share of the K picks the labels also pick
-    return {"fit_loss": float(loss.detach()), "fit_overlap": float(overlap[:n_fit].mean()),
-            "heldout_overlap": float(overlap[n_fit:].mean()), "heldout_tokens": int(inputs.shape[0] - n_fit),
-            "chance_overlap": router.top_k / router.n_experts}
+    return {
+        "fit_loss": float(loss.detach()),
+        "fit_overlap": float(overlap[:n_fit].mean()),
+        "heldout_overlap": float(overlap[n_fit:].mean()),
+        "heldout_tokens": int(inputs.shape[0] - n_fit),
+        "chance_overlap": router.top_k / router.n_experts,
+    }

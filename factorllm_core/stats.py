@@ -58,8 +58,7 @@ def router_agreement(router_probs: torch.Tensor, top_k: int) -> torch.Tensor:
         return torch.ones(n_tokens, device=router_probs.device)
     chosen = router_probs.topk(top_k, dim=-1).indices
     multi_hot = torch.zeros_like(router_probs).scatter_(2, chosen, 1.0)  # (S, R, N)
-    pairs = [(multi_hot[:, i] * multi_hot[:, j]).sum(-1) / top_k
-             for i, j in combinations(range(n_routers), 2)]
+    pairs = [(multi_hot[:, i] * multi_hot[:, j]).sum(-1) / top_k for i, j in combinations(range(n_routers), 2)]
     return torch.stack(pairs).mean(dim=0)
 
 

@@ -21,7 +21,6 @@ import yaml
 
 from factorllm_core import DISPATCH, FactorConfig
 from factorllm_core.options import Declared, declared, option
-
 from harness.eval.benchmarks import LM_KINDS, resolve_task_names
 
 
@@ -62,8 +61,10 @@ def _check_size(data) -> None:
         item = stack.pop()
         seen += 1
         if seen > MAX_YAML_NODES:
-            raise ValueError(f"the YAML expands to more than {MAX_YAML_NODES:,} values (nested aliases?); "
-                             "a grid or trial file is far smaller")
+            raise ValueError(
+                f"the YAML expands to more than {MAX_YAML_NODES:,} values (nested aliases?); "
+                "a grid or trial file is far smaller"
+            )
         if isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
@@ -74,7 +75,7 @@ def _check_size(data) -> None:
 def short(value, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters, for error messages."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ConfigError(ValueError):
@@ -82,8 +83,11 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems) if len(problems) == 1
-                         else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+        super().__init__(
+            f"{source}: " + "; ".join(problems)
+            if len(problems) == 1
+            else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+        )
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("data_budget_tokens", "calibration_tokens", "layerwise_steps", "checkpoint_every",
-                     "churn_points"):
+        for name in ("data_budget_tokens", "calibration_tokens", "layerwise_steps", "checkpoint_every", "churn_points"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         for name in ("batch_size", "grad_accum"):
@@ -159,11 +162,15 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         if self.lambda_lm == 0 and self.lambda_kd == 0:
-            out.append("train.lambda_lm and train.lambda_kd are both 0: the experts would learn from nothing; "
-                       "give one of them a weight")
+            out.append(
+                "train.lambda_lm and train.lambda_kd are both 0: the experts would learn from nothing; "
+                "give one of them a weight"
+            )
         if self.calibration_tokens > self.data_budget_tokens:
-            out.append(f"train.calibration_tokens: {self.calibration_tokens} exceeds train.data_budget_tokens="
-                       f"{self.data_budget_tokens}, which counts calibration and training tokens together")
+            out.append(
+                f"train.calibration_tokens: {self.calibration_tokens} exceeds train.data_budget_tokens="
+                f"{self.data_budget_tokens}, which counts calibration and training tokens together"
+            )
         return out
 
 
@@ -219,8 +226,10 @@ class EvalConfig:
         if self.heldout_seq_len < 2:
             out.append(f"eval.heldout_seq_len: {self.heldout_seq_len} must be >= 2 (next-token prediction)")
         elif self.heldout_tokens < 2 * self.heldout_seq_len:
-            out.append(f"eval.heldout_tokens: {self.heldout_tokens} must hold at least 2 sequences of "
-                       f"eval.heldout_seq_len={self.heldout_seq_len} (confidence intervals resample sequences)")
+            out.append(
+                f"eval.heldout_tokens: {self.heldout_tokens} must hold at least 2 sequences of "
+                f"eval.heldout_seq_len={self.heldout_seq_len} (confidence intervals resample sequences)"
+            )
         return out
 
     def task_names(self) -> list[str]:
@@ -308,8 +317,9 @@ class TrialConfig:
         if self.factor is None:
             return "dense"
         f = self.factor
-        return " ".join(filter(None, [f.name, f.router_mode, f.partition, self.recipe,
-                                      f"{self.train.data_budget_tokens}tok"]))
+        return " ".join(
+            filter(None, [f.name, f.router_mode, f.partition, self.recipe, f"{self.train.data_budget_tokens}tok"])
+        )
 
     def _options(self) -> list[tuple[Declared, object]]:
         """Every declared option with its value in this trial (factor options only when factorized)."""
@@ -347,10 +357,17 @@ class TrialConfig:
     def describe(self) -> dict:
         """The start of this trial's record: its id, names and config (reports/record.py)."""
         f = self.factor
-        return {"trial_id": self.trial_id, "label": self.label, "variant": self.variant,
-                "setting": "dense" if f is None else f.name, "recipe": self.recipe,
-                "active_fraction": 1.0 if f is None else f.active_fraction, "paper_recipe": self.paper_recipe,
-                "factors": self.factors(), "config": self.to_dict()}
+        return {
+            "trial_id": self.trial_id,
+            "label": self.label,
+            "variant": self.variant,
+            "setting": "dense" if f is None else f.name,
+            "recipe": self.recipe,
+            "active_fraction": 1.0 if f is None else f.active_fraction,
+            "paper_recipe": self.paper_recipe,
+            "factors": self.factors(),
+            "config": self.to_dict(),
+        }
 
     @property
     def trial_id(self) -> str:
@@ -379,14 +396,14 @@ class TrialConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "TrialConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> TrialConfig:
         config, problems = parse_trial(data)
         if problems:
             raise ConfigError(problems, source)
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrialConfig":
+    def from_yaml(cls, path: str | Path) -> TrialConfig:
         try:
             data = load_yaml(Path(path).read_text()) or {}
         except (yaml.YAMLError, ValueError) as error:
@@ -426,6 +443,8 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "bf16" if device.startswith("cuda") else "fp32"
     return precision
+
+
 SECTIONS = {"train": TrainConfig, "eval": EvalConfig, "flops": FlopsConfig, "latency": LatencyConfig}
 
 
@@ -454,8 +473,14 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 problems.append(f"factor.{error}")
     for name in ("model", "seed", "device", "trust_remote_code", "precision", "dispatch"):
         if name in data:
-            expected = {"model": str, "seed": int, "device": str, "trust_remote_code": bool, "precision": str,
-                        "dispatch": str}[name]
+            expected = {
+                "model": str,
+                "seed": int,
+                "device": str,
+                "trust_remote_code": bool,
+                "precision": str,
+                "dispatch": str,
+            }[name]
             coerced, ok = _coerce(data[name], expected)
             if not ok:
                 problems.append(f"{name}: {short(data[name])} must be {_type_name(expected)}")
@@ -466,17 +491,26 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
     if isinstance(kwargs.get("precision"), str) and kwargs["precision"] not in PRECISIONS:
         problems.append(f"precision: {short(kwargs['precision'])} must be one of {', '.join(PRECISIONS)}")
     if isinstance(kwargs.get("dispatch"), str) and kwargs["dispatch"] not in trainable_dispatch():
-        problems.append(f"dispatch: {short(kwargs['dispatch'])} must be one of {', '.join(trainable_dispatch())} "
-                        "(fused is inference-only: time it with latency.dispatch)")
-    if isinstance(kwargs.get("seed"), int) and not 0 <= kwargs["seed"] < 2 ** 31:
+        problems.append(
+            f"dispatch: {short(kwargs['dispatch'])} must be one of {', '.join(trainable_dispatch())} "
+            "(fused is inference-only: time it with latency.dispatch)"
+        )
+    if isinstance(kwargs.get("seed"), int) and not 0 <= kwargs["seed"] < 2**31:
         problems.append(f"seed: {kwargs['seed']} must be in [0, 2**31)")
     if isinstance(kwargs.get("model"), str) and not kwargs["model"].strip():
         problems.append("model: empty; give a packaged name, a checkpoint folder or a hub id")
     problems += _calibration_problems(kwargs.get("factor"), kwargs.get("train"))
-    if not problems and "train" in kwargs and "eval" in kwargs and kwargs.get("factor") is not None \
-            and _same_text(kwargs["train"].corpus, kwargs["eval"].heldout_text):
-        problems.append(f"eval.heldout_text: {kwargs['eval'].heldout_text!r} is also train.corpus: held-out "
-                        "loss must be measured on text the model was not trained on; pick another text")
+    if (
+        not problems
+        and "train" in kwargs
+        and "eval" in kwargs
+        and kwargs.get("factor") is not None
+        and _same_text(kwargs["train"].corpus, kwargs["eval"].heldout_text)
+    ):
+        problems.append(
+            f"eval.heldout_text: {kwargs['eval'].heldout_text!r} is also train.corpus: held-out "
+            "loss must be measured on text the model was not trained on; pick another text"
+        )
     if problems:
         return None, problems
     return TrialConfig(**kwargs), []
@@ -487,22 +521,30 @@ def _calibration_problems(factor: FactorConfig | None, train: TrainConfig | None
     if factor is None or train is None:
         return []
     if factor.needs_calibration and train.calibration_tokens == 0:
-        return [f"train.calibration_tokens: 0, but factor {factor.name} with "
-                f"{', '.join(factor.calibrated_options())} needs a calibration pass; give it tokens (they count "
-                "in train.data_budget_tokens), e.g. 4096"]
+        return [
+            f"train.calibration_tokens: 0, but factor {factor.name} with "
+            f"{', '.join(factor.calibrated_options())} needs a calibration pass; give it tokens (they count "
+            "in train.data_budget_tokens), e.g. 4096"
+        ]
     if train.layerwise_steps and train.calibration_tokens == 0:
-        return [f"train.layerwise_steps: {train.layerwise_steps} fits on the calibration inputs; set "
-                "train.calibration_tokens > 0 (e.g. 4096)"]
+        return [
+            f"train.layerwise_steps: {train.layerwise_steps} fits on the calibration inputs; set "
+            "train.calibration_tokens > 0 (e.g. 4096)"
+        ]
     if not (factor.needs_calibration or train.layerwise_steps) and train.calibration_tokens:
         hints = [d.option.calibrated_hint for d in options() if d.option.calibrated] + ["train.layerwise_steps"]
-        return [f"train.calibration_tokens: {train.calibration_tokens}, but factor {factor.name} uses no calibrated "
-                f"option ({', '.join(hints)}): those tokens would be taken from training for nothing; set it to 0"]
+        return [
+            f"train.calibration_tokens: {train.calibration_tokens}, but factor {factor.name} uses no calibrated "
+            f"option ({', '.join(hints)}): those tokens would be taken from training for nothing; set it to 0"
+        ]
     return []
 
 
 def _same_text(a: str, b: str) -> bool:
     """The same corpus name, or the same file or folder by two spellings."""
-    return a == b or (Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+    return a == b or (
+        Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    )
 
 
 def build_section(cls, data, prefix: str):
@@ -510,8 +552,10 @@ def build_section(cls, data, prefix: str):
     if not isinstance(data, dict):
         return None, [f"{prefix}: must be a mapping, got {data!r}"]
     known = {f.name: f for f in fields(cls)}
-    problems = [f"{prefix}.{str(k)[:80]}: unknown key; allowed: {', '.join(known)}"
-                for k in sorted(set(data) - set(known), key=str)]
+    problems = [
+        f"{prefix}.{str(k)[:80]}: unknown key; allowed: {', '.join(known)}"
+        for k in sorted(set(data) - set(known), key=str)
+    ]
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
@@ -557,7 +601,7 @@ def _coerce(value, hint):
     return value, isinstance(value, hint)
 
 
-MAX_NUMBER = 2 ** 53  # larger numbers in a config are typos (and lose precision as floats)
+MAX_NUMBER = 2**53  # larger numbers in a config are typos (and lose precision as floats)
 
 
 def _type_name(hint) -> str:

@@ -17,10 +17,19 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import (SECTIONS, ConfigError, TrialConfig, axis_options, build_section, load_yaml, parse_trial,
-                            resolve_precision, short)
 from harness.assets.corpora import resolve_corpus
 from harness.assets.models import ModelUnavailable, ffn_width
+from harness.config import (
+    SECTIONS,
+    ConfigError,
+    TrialConfig,
+    axis_options,
+    build_section,
+    load_yaml,
+    parse_trial,
+    resolve_precision,
+    short,
+)
 
 REQUIRED_AXES = ("model", "n_experts", "top_k")
 
@@ -73,18 +82,37 @@ class Sweep:
     failure: Failure = field(default_factory=Failure)
     source: str = ""
 
-    def with_precision(self, on_gpu: bool) -> "Sweep":
+    def with_precision(self, on_gpu: bool) -> Sweep:
         """Every trial's `precision: auto` fixed for where it runs (GPU workers: bf16, CPU:
         fp32), so records made on another device or dtype never share a trial id, and a
         variant is never paired with, nor reuses, a dense baseline made in another dtype."""
+
         def fixed(t: TrialConfig) -> TrialConfig:
             device = t.device if t.device != "auto" else ("cuda" if on_gpu else "cpu")
             return replace(t, precision=resolve_precision(t.precision, device))
+
         return replace(self, trials=[fixed(t) for t in self.trials])
 
 
-TOP_KEYS = ("name", "storage", "axes", "include", "skip", "dense_baseline", "factor", "train", "eval",
-            "flops", "latency", "resources", "failure", "device", "trust_remote_code", "precision", "dispatch")
+TOP_KEYS = (
+    "name",
+    "storage",
+    "axes",
+    "include",
+    "skip",
+    "dense_baseline",
+    "factor",
+    "train",
+    "eval",
+    "flops",
+    "latency",
+    "resources",
+    "failure",
+    "device",
+    "trust_remote_code",
+    "precision",
+    "dispatch",
+)
 
 
 def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
@@ -102,11 +130,16 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
     """Validate everything, then expand; raises ConfigError listing every problem.
     Types are checked before any value is compared or used, so a wrong type is a
     problem in the list, never a traceback."""
-    problems = [f"{str(k)[:80]}: unknown key; allowed: {', '.join(TOP_KEYS)}"
-                for k in sorted(set(data) - set(TOP_KEYS), key=str)]
+    problems = [
+        f"{str(k)[:80]}: unknown key; allowed: {', '.join(TOP_KEYS)}"
+        for k in sorted(set(data) - set(TOP_KEYS), key=str)
+    ]
     sections_ok = all(isinstance(data.get(s) or {}, dict) for s in (*SECTIONS, "factor"))
-    problems += [f"{s}: {short(data[s])} must be a mapping" for s in (*SECTIONS, "factor")
-                 if not isinstance(data.get(s) or {}, dict)]
+    problems += [
+        f"{s}: {short(data[s])} must be a mapping"
+        for s in (*SECTIONS, "factor")
+        if not isinstance(data.get(s) or {}, dict)
+    ]
     name, storage, naming_problems = _name_and_storage(data, source)
     problems += naming_problems
     if not isinstance(data.get("dense_baseline", True), bool):
@@ -128,8 +161,9 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         if config is not None:
             trials.append(config)
     if check_models and complete:
-        problems += _check_models(axes, data.get("include") or [], [t for _, t in candidates],
-                                  data.get("trust_remote_code") is True)
+        problems += _check_models(
+            axes, data.get("include") or [], [t for _, t in candidates], data.get("trust_remote_code") is True
+        )
     for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
         value = (data.get(section) or {}).get(key, default) if isinstance(data.get(section) or {}, dict) else default
         if isinstance(value, str):  # other types are reported by the section's own check
@@ -153,8 +187,10 @@ def _name_and_storage(data: dict, source: str) -> tuple[str, str, list[str]]:
     name = data.get("name", Path(source).stem)
     where = "name" if "name" in data else f"name (from the file name {Path(source).name!r}; set name:)"
     if not isinstance(name, str) or not NAME.match(name) or name in RESERVED_NAMES:
-        problems.append(f"{where}: {short(name)} must be a plain name (letters, digits, '_', '.', '-'; "
-                        f"no path separators; at most 64 characters; not {', '.join(RESERVED_NAMES)})")
+        problems.append(
+            f"{where}: {short(name)} must be a plain name (letters, digits, '_', '.', '-'; "
+            f"no path separators; at most 64 characters; not {', '.join(RESERVED_NAMES)})"
+        )
     storage = data.get("storage", "runs/sweeps")
     if not isinstance(storage, str) or not storage.strip():
         problems.append(f"storage: {short(storage)} must be a folder path (a string)")
@@ -173,7 +209,9 @@ def _axis_value_problem(axis: str, value, where: str) -> str | None:
     accepted = (int, float) if expected is float else expected
     if isinstance(value, accepted) and not isinstance(value, bool):
         return None
-    return f"{where}: {short(value)} is not {dict([(int, 'an integer'), (float, 'a number')]).get(expected, 'a string')}"
+    return (
+        f"{where}: {short(value)} is not {dict([(int, 'an integer'), (float, 'a number')]).get(expected, 'a string')}"
+    )
 
 
 def _axes(raw) -> tuple[dict, list[str], bool]:
@@ -182,8 +220,9 @@ def _axes(raw) -> tuple[dict, list[str], bool]:
     if not isinstance(raw, dict):
         return {}, ["axes: must be a mapping of axis -> list of values"], False
     known = axis_options()
-    problems = [f"axes.{str(k)[:80]}: unknown axis; allowed: {', '.join(known)}"
-                for k in sorted(set(raw) - set(known), key=str)]
+    problems = [
+        f"axes.{str(k)[:80]}: unknown axis; allowed: {', '.join(known)}" for k in sorted(set(raw) - set(known), key=str)
+    ]
     problems += [f"axes.{k}: required" for k in REQUIRED_AXES if k not in raw]
     axes, usable = {}, True
     for name, values in raw.items():
@@ -207,7 +246,9 @@ def _include_problems(raw) -> list[str]:
     problems = []
     for i, extra in enumerate(raw):
         if not isinstance(extra, dict) or not extra or set(extra) - set(axis_options()):
-            problems.append(f"include[{i}]: {short(extra)} must map axis names ({', '.join(axis_options())}) to single values")
+            problems.append(
+                f"include[{i}]: {short(extra)} must map axis names ({', '.join(axis_options())}) to single values"
+            )
             continue
         problems += [p for k, v in extra.items() if (p := _axis_value_problem(k, v, f"include[{i}].{k}"))]
     return problems
@@ -267,8 +308,9 @@ def _skip_rules(raw) -> tuple[list[tuple[dict, str]], list[str]]:
             continue
         unknown = set(rule["when"]) - set(axis_options())
         if unknown:
-            problems.append(f"skip[{i}].when: unknown axes {short(sorted(unknown, key=str))}; "
-                            f"allowed: {', '.join(axis_options())}")
+            problems.append(
+                f"skip[{i}].when: unknown axes {short(sorted(unknown, key=str))}; allowed: {', '.join(axis_options())}"
+            )
             continue
         values = [v for value in rule["when"].values() for v in (value if isinstance(value, list) else [value])]
         if any(not isinstance(v, (str, int, float, bool)) for v in values):
@@ -300,17 +342,26 @@ def _check_models(axes: dict, includes: list, trials: list[dict], trust_remote_c
         except (ModelUnavailable, ValueError, OSError) as error:
             problems.append(f"axes.model: {error}")
     factors = [(t.get("model"), t["factor"]) for t in trials if isinstance(t.get("factor"), dict)]
-    groups = sorted({(model, f.get("n_experts"), f.get("n_shared", 0)) for model, f in factors
-                     if isinstance(f.get("n_experts"), int) and isinstance(f.get("n_shared", 0), int)
-                     and f.get("n_experts") > 0 and f.get("n_shared", 0) >= 0}, key=str)
+    groups = sorted(
+        {
+            (model, f.get("n_experts"), f.get("n_shared", 0))
+            for model, f in factors
+            if isinstance(f.get("n_experts"), int)
+            and isinstance(f.get("n_shared", 0), int)
+            and f.get("n_experts") > 0
+            and f.get("n_shared", 0) >= 0
+        },
+        key=str,
+    )
     for model, n, shared in groups:
         width = widths.get(model)
         if width is None or width % (n + shared) == 0:
             continue
         divisors = [d for d in range(1, 65) if width % d == 0]
         what = f"{n}" if not shared else f"{n} with n_shared {shared} ({n + shared} experts in all)"
-        problems.append(f"axes.n_experts: {what} does not divide the FFN width {width} of {model}; "
-                        f"allowed (<= 64): {divisors}")
+        problems.append(
+            f"axes.n_experts: {what} does not divide the FFN width {width} of {model}; allowed (<= 64): {divisors}"
+        )
     return problems
 
 
@@ -324,15 +375,19 @@ def _check_corpus(corpus, field: str) -> list[str]:
 
 def trial_table(sweep: Sweep) -> str:
     """The expanded trials and the skipped combinations, as a markdown table (for --dry-run)."""
-    lines = ["| # | trial_id | model | setting | active FFN | router_mode | partition | recipe | budget | seed |",
-             "|---:|---|---|---|---:|---|---|---|---:|---:|"]
+    lines = [
+        "| # | trial_id | model | setting | active FFN | router_mode | partition | recipe | budget | seed |",
+        "|---:|---|---|---|---:|---|---|---|---:|---:|",
+    ]
     for i, t in enumerate(sweep.trials, 1):
         f = t.factor
-        lines.append(f"| {i} | {t.trial_id} | {t.model} | {'dense' if f is None else f.name} | "
-                     f"{'100%' if f is None else f'{f.active_fraction:.1%}'} | "
-                     f"{'-' if f is None else f.router_mode} | {'-' if f is None else f.partition} | "
-                     f"{'-' if f is None else t.recipe or 'paper'} | "
-                     f"{'-' if f is None else t.train.data_budget_tokens} | {t.seed} |")
+        lines.append(
+            f"| {i} | {t.trial_id} | {t.model} | {'dense' if f is None else f.name} | "
+            f"{'100%' if f is None else f'{f.active_fraction:.1%}'} | "
+            f"{'-' if f is None else f.router_mode} | {'-' if f is None else f.partition} | "
+            f"{'-' if f is None else t.recipe or 'paper'} | "
+            f"{'-' if f is None else t.train.data_budget_tokens} | {t.seed} |"
+        )
     if sweep.skipped:
         lines += ["", f"skipped {len(sweep.skipped)} combination(s):"]
         lines += [f"- {s.label}: {s.reason}" for s in sweep.skipped]

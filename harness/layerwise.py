@@ -44,10 +44,15 @@ def layerwise_fit(model, calibration: Calibration, steps: int, lr: float, device
                 optimizer.step()
         with torch.no_grad():
             after.append(_relative_error(layer, x[n_fit:], target[n_fit:]))
-    return {"steps": steps, "lr": lr, "batch_tokens": BATCH_TOKENS, "layers": len(layers),
-            "heldout_relative_error_before": sum(before) / len(before),
-            "heldout_relative_error_after": sum(after) / len(after),
-            "per_layer": [[b, a] for b, a in zip(before, after)]}
+    return {
+        "steps": steps,
+        "lr": lr,
+        "batch_tokens": BATCH_TOKENS,
+        "layers": len(layers),
+        "heldout_relative_error_before": sum(before) / len(before),
+        "heldout_relative_error_after": sum(after) / len(after),
+        "per_layer": [[b, a] for b, a in zip(before, after)],
+    }
 
 
 def _dense_output(layer, x: torch.Tensor) -> torch.Tensor:

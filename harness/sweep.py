@@ -18,26 +18,26 @@ import argparse
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from harness.assets.cache import DISK_FULL_BYTES
+from harness.assets.models import model_fingerprint
 from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Sweep, load_grid, trial_table
-from harness.assets.models import model_fingerprint
+from harness.logs import setup_console
 from reports.record import RECORD_FILE, new_record, read_record, write_record
 
+log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Progress bars garble Ray's log forwarding: workers log one line per stage (and per
-# ~10% of training) instead.
-WORKER_ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
@@ -65,8 +65,8 @@ def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | No
     use_offline_mode_if_hub_unreachable()
     config = TrialConfig.from_dict(tune_config["params"]["config"])
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
-    record = run_trial(config, trial_dir(config, Path(storage), name), cache_dir=cache_dir,
-                       show_progress=False, log=lambda line: print(line, flush=True), where=where)
+    setup_console()  # in the worker: its stdout is what Ray forwards to the driver's console
+    record = run_trial(config, trial_dir(config, Path(storage), name), cache_dir=cache_dir, where=where)
     tune.report(tune_metrics(record))
 
 
@@ -87,7 +87,7 @@ def tune_metrics(record: dict) -> dict:
 
 def short_text(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_resources(resources: Resources, cluster: dict) -> dict:
@@ -107,20 +107,37 @@ def progress_callback(total: int, max_failures: int = 0):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.done += 1
-            numbers = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
-                                if k in ("avg_score", "ffn_gflops", "prefill_speedup"))
+            numbers = ", ".join(
+                f"{k}={v:.3f}" for k, v in result.items() if k in ("avg_score", "ffn_gflops", "prefill_speedup")
+            )
             error = f"({result['error']})" if result.get("error") else ""
-            print(f"[sweep {self.done}/{total}, {time.perf_counter() - self.start:.0f} s] "
-                  f"{result.get('trial')}: {result.get('status')} {numbers}{error}", flush=True)
+            log.info(
+                "[sweep %d/%d, %.0f s] %s: %s %s%s",
+                self.done,
+                total,
+                time.perf_counter() - self.start,
+                result.get("trial"),
+                result.get("status"),
+                numbers,
+                error,
+            )
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            print(f"[sweep] {trial.config['params']['id']}: its worker failed; Ray retries it "
-                  f"(failure {trial.num_failures} of at most {max_failures + 1}), resuming from its checkpoint",
-                  flush=True)
+            log.info(
+                "[sweep] %s: its worker failed; Ray retries it (failure %d of at most %d), resuming from its "
+                "checkpoint",
+                trial.config["params"]["id"],
+                trial.num_failures,
+                max_failures + 1,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[sweep] {trial.config['params']['id']}: failed {trial.num_failures} time(s) in Ray; "
-                  f"no retries left (failure.max_failures = {max_failures})", flush=True)
+            log.info(
+                "[sweep] %s: failed %d time(s) in Ray; no retries left (failure.max_failures = %d)",
+                trial.config["params"]["id"],
+                trial.num_failures,
+                max_failures,
+            )
 
     return Progress()
 
@@ -146,10 +163,12 @@ def restore_tuner(tune, experiment: Path, trainable):
     try:
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     except Exception as error:  # Ray raises whatever its damaged files trigger (EOFError, KeyError, ...)
-        raise DamagedState(f"Ray's experiment state in {experiment} cannot be restored "
-                           f"({type(error).__name__}: {error}). Completed trials are safe in their records: "
-                           f"run the same command without --resume, and only the unfinished trials run "
-                           f"again (their training checkpoints are reused)") from None
+        raise DamagedState(
+            f"Ray's experiment state in {experiment} cannot be restored "
+            f"({type(error).__name__}: {error}). Completed trials are safe in their records: "
+            f"run the same command without --resume, and only the unfinished trials run "
+            f"again (their training checkpoints are reused)"
+        ) from None
 
 
 class ClusterUnreachable(RuntimeError):
@@ -185,8 +204,10 @@ def sweep_lock(storage: Path, name: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise SweepRunning(f"sweep {name!r} is already running on {storage} ({holder}); wait for it to "
-                               f"finish, or give this one another name or storage") from None
+            raise SweepRunning(
+                f"sweep {name!r} is already running on {storage} ({holder}); wait for it to "
+                f"finish, or give this one another name or storage"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -197,8 +218,9 @@ def sweep_lock(storage: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None,
-              cache_dir: str | None = None) -> tuple[Sweep, dict[str, dict | None]]:
+def run_sweep(
+    sweep: Sweep, storage: Path, *, resume: bool = False, address: str | None = None, cache_dir: str | None = None
+) -> tuple[Sweep, dict[str, dict | None]]:
     """Dispatch every trial with Ray Tune; returns the sweep with its precision fixed for
     the cluster's workers and {trial_id: record or None if unfinished (Ctrl-C)}."""
     quiet_ray()
@@ -209,8 +231,13 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
     if not ray.is_initialized():
         try:
             _check_reachable(address)  # before Ray: it retries an unreachable head for minutes
-            ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="ERROR",
-                     log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                configure_logging=True,
+                logging_level="ERROR",
+                log_to_driver=True,
+            )
         except (ConnectionError, RuntimeError, ValueError) as error:
             if not address:
                 raise
@@ -218,26 +245,42 @@ def run_sweep(sweep: Sweep, storage: Path, *, resume: bool = False, address: str
                 f"could not join the Ray cluster at {address!r} ({type(error).__name__}: {str(error)[:300]}). "
                 "Check that `ray start --head` runs there and its port (default 6379) is reachable from this "
                 "machine, that this driver and every node run the same Ray and Python versions, and that "
-                "RAY_AUTH_MODE is set the same way on the head, every worker node and this driver") from None
+                "RAY_AUTH_MODE is set the same way on the head, every worker node and this driver"
+            ) from None
     resources = resolve_resources(sweep.resources, ray.cluster_resources())
     sweep = sweep.with_precision(on_gpu=resources["gpu"] > 0)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_worker, storage=str(storage), name=sweep.name, cache_dir=cache_dir,
-                             cpus=sweep.resources.cpus_per_trial), resources)
+        tune.with_parameters(
+            trial_worker,
+            storage=str(storage),
+            name=sweep.name,
+            cache_dir=cache_dir,
+            cpus=sweep.resources.cpus_per_trial,
+        ),
+        resources,
+    )
     experiment = storage / sweep.name
     if resume and tune.Tuner.can_restore(str(experiment)):
         tuner = restore_tuner(tune, experiment, trainable)
     else:
         params = [{"id": t.trial_id, "config": t.to_dict()} for t in sweep.trials]
         tuner = tune.Tuner(
-            trainable, param_space={"params": tune.grid_search(params)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources.max_concurrent_trials or None,
-                                        reuse_actors=True,  # keeps imports and the lm-eval task index warm
-                                        trial_name_creator=lambda t: t.config["params"]["id"],
-                                        trial_dirname_creator=lambda t: t.config["params"]["id"]),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
-                                      callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)]))
+            trainable,
+            param_space={"params": tune.grid_search(params)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=sweep.resources.max_concurrent_trials or None,
+                reuse_actors=True,  # keeps imports and the lm-eval task index warm
+                trial_name_creator=lambda t: t.config["params"]["id"],
+                trial_dirname_creator=lambda t: t.config["params"]["id"],
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=str(storage),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
+                callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)],
+            ),
+        )
     try:
         results = fit(tuner, storage)
     except KeyboardInterrupt:
@@ -254,8 +297,9 @@ def fit(tuner, storage: Path):
     except Exception as error:
         free = shutil.disk_usage(storage).free
         if free < DISK_FULL_BYTES:
-            raise OSError(errno.ENOSPC, f"Ray stopped ({type(error).__name__}: {error}) with "
-                                        f"{free // 1024} KiB free on the disk") from error
+            raise OSError(
+                errno.ENOSPC, f"Ray stopped ({type(error).__name__}: {error}) with {free // 1024} KiB free on the disk"
+            ) from error
         raise
 
 
@@ -272,8 +316,9 @@ def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict
         if record is not None:
             records[config.trial_id] = record
         elif config.trial_id in errors:
-            record = new_record(config.describe(), status="failed",
-                                error="ray: " + errors[config.trial_id].splitlines()[-1][:2000])
+            record = new_record(
+                config.describe(), status="failed", error="ray: " + errors[config.trial_id].splitlines()[-1][:2000]
+            )
             write_record(path, record)
             records[config.trial_id] = record
         else:
@@ -286,38 +331,45 @@ def main(argv=None) -> int:
     parser.add_argument("grid", help="grid YAML (see experiments/)")
     parser.add_argument("--dry-run", action="store_true", help="print the expanded trial table and exit")
     parser.add_argument("--resume", action="store_true", help="restore an interrupted sweep of the same name")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                        help="join a Ray cluster (e.g. auto or host:6379); default: start Ray locally")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="join a Ray cluster (e.g. auto or host:6379); default: start Ray locally",
+    )
     parser.add_argument("--storage", default=None, help="override the grid's storage path")
     parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
     args = parser.parse_args(argv)
+    setup_console()
     try:
         sweep = load_grid(args.grid)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     sweep = sweep.with_precision(on_gpu=_expect_gpu(sweep))
-    print(trial_table(sweep))
+    log.info(trial_table(sweep))
     if args.dry_run:
-        print("(precision auto is fixed by where trials run: fp32 on CPU workers, bf16 on GPU workers; "
-              f"shown for {'GPU' if _expect_gpu(sweep) else 'CPU'} workers)")
+        log.info(
+            "(precision auto is fixed by where trials run: fp32 on CPU workers, bf16 on GPU workers; "
+            "shown for %s workers)",
+            "GPU" if _expect_gpu(sweep) else "CPU",
+        )
         return 0
     storage = Path(args.storage or sweep.storage).expanduser().resolve()
     start = time.perf_counter()
     try:
         with sweep_lock(storage, sweep.name):
             try:
-                sweep, records = run_sweep(sweep, storage, resume=args.resume, address=args.address,
-                                           cache_dir=args.cache_dir)
+                sweep, records = run_sweep(
+                    sweep, storage, resume=args.resume, address=args.address, cache_dir=args.cache_dir
+                )
             except KeyboardInterrupt:  # before Ray started dispatching
                 records = collect_records(sweep, storage)
             return finish(sweep, storage, records, time.perf_counter() - start, args.grid)
     except (SweepRunning, DamagedState, ClusterUnreachable) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     except OSError as error:  # e.g. a full disk under storage: one line, not a traceback
-        print(f"error: {type(error).__name__}: {error} (storage {storage}); records already written are kept",
-              file=sys.stderr)
+        log.error("%s: %s (storage %s); records already written are kept", type(error).__name__, error, storage)
         return 1
 
 
@@ -337,15 +389,25 @@ def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path
     unfinished = [tid for tid, r in records.items() if r is None]
     failed = [tid for tid, r in records.items() if r and r["status"] != "completed"]
     sweep_dir = storage / sweep.name
-    write_manifest(sweep_dir, f"Sweep {sweep.name} ({grid_path})",
-                   {t.trial_id: record_path(t, storage, sweep.name) for t in sweep.trials},
-                   [t.describe() for t in sweep.trials], [s.__dict__ for s in sweep.skipped])
+    write_manifest(
+        sweep_dir,
+        f"Sweep {sweep.name} ({grid_path})",
+        {t.trial_id: record_path(t, storage, sweep.name) for t in sweep.trials},
+        [t.describe() for t in sweep.trials],
+        [s.__dict__ for s in sweep.skipped],
+    )
     report = build_sweep_report(sweep_dir)
-    print(f"sweep {sweep.name}: {len(records) - len(unfinished) - len(failed)} completed, {len(failed)} failed, "
-          f"{len(unfinished)} unfinished in {seconds / 60:.1f} min")
-    print(f"report: {report}")
+    log.info(
+        "sweep %s: %d completed, %d failed, %d unfinished in %.1f min",
+        sweep.name,
+        len(records) - len(unfinished) - len(failed),
+        len(failed),
+        len(unfinished),
+        seconds / 60,
+    )
+    log.info("report: %s", report)
     if unfinished:
-        print(f"interrupted: resume with  python -m harness.sweep {grid_path} --resume")
+        log.info("interrupted: resume with  python -m harness.sweep %s --resume", grid_path)
         return 130
     return 1 if failed else 0
 

@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import copy
 import errno
+import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from factorllm_core import collect_aux, defactorize, factorized_layers
-
-from harness.measure.analysis import ChurnMonitor
 from harness.assets.cache import DISK_FULL_BYTES
-from reports.record import write_atomic
 from harness.config import TrainConfig
+from harness.measure.analysis import ChurnMonitor
+from reports.record import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,12 +71,12 @@ def make_batches(sequences: list[torch.Tensor], batch_size: int, pad_id: int) ->
     """Consecutive sequences -> padded batches; padding is masked and ignored by the loss."""
     batches = []
     for start in range(0, len(sequences), batch_size):
-        group = sequences[start:start + batch_size]
+        group = sequences[start : start + batch_size]
         length = max(len(s) for s in group)
         ids = torch.full((len(group), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), length), dtype=torch.long)
         for row, seq in enumerate(group):
-            ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+            ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
         labels = ids.masked_fill(mask == 0, -100)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": int(mask.sum())})
     return batches
@@ -93,13 +94,19 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
     return factor
 
 
-def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoint_dir: Path | None,
-          on_step: Callable[[int], None] | None = None, show_progress: bool = True,
-          log: Callable[[str], None] | None = None, churn: ChurnMonitor | None = None,
-          bf16: bool | None = None, teacher: torch.nn.Module | None = None) -> TrainSummary:
+def train(
+    model,
+    batches: list[dict],
+    config: TrainConfig,
+    device: str,
+    checkpoint_dir: Path | None,
+    on_step: Callable[[int], None] | None = None,
+    churn: ChurnMonitor | None = None,
+    bf16: bool | None = None,
+    teacher: torch.nn.Module | None = None,
+) -> TrainSummary:
     """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
-    Progress: a tqdm bar, or (show_progress=False, e.g. in Ray workers) a `log` line
-    about every 10% of the budget. `churn`, if given, measures routing churn after
+    Progress: a log line about every 10% of the budget. `churn`, if given, measures routing churn after
     its steps (its state is checkpointed with the rest). `bf16`: autocast to bf16
     (default: on CUDA only). `teacher` (lambda_kd > 0): the dense model to distil from,
     by default `dense_teacher(model)` as it is now; pass one built earlier when the
@@ -112,7 +119,8 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio))
+        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio)
+    )
     state_path = checkpoint_dir / "train_state.pt" if checkpoint_dir else None
     if state_path and state_path.exists():
         _load_state(model, optimizer, scheduler, summary, state_path, churn)
@@ -120,11 +128,9 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
         churn.start()
     model.train()
     budget = sum(b["tokens"] for b in batches)
-    bar = tqdm(total=budget, initial=summary.tokens, unit="tok", desc="train", disable=not show_progress,
-               dynamic_ncols=True, mininterval=1.0)
     start, start_tokens = time.perf_counter() - summary.seconds, summary.tokens
     for step in range(summary.steps, total_steps):
-        micro = batches[step * config.grad_accum:(step + 1) * config.grad_accum]
+        micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
         terms = _optimizer_step(model, micro, config, device, optimizer, params, step, bf16, teacher)
         scheduler.step()
         summary.steps, summary.micro_batches = step + 1, summary.micro_batches + len(micro)
@@ -133,20 +139,30 @@ def train(model, batches: list[dict], config: TrainConfig, device: str, checkpoi
         summary.history.append([step + 1, terms["lm"], terms["pa"], terms["balance"], terms["kd"]])
         summary.seconds = time.perf_counter() - start
         rate = (summary.tokens - start_tokens) / max(1e-9, summary.seconds)
-        bar.update(sum(b["tokens"] for b in micro))
-        bar.set_postfix(lm=f"{terms['lm']:.3f}", pa=_fmt(terms["pa"]), bal=f"{terms['balance']:.4f}",
-                        kd=_fmt(terms["kd"]), tok_s=f"{rate:.0f}", refresh=False)
-        if log and not show_progress and _crossed_decile(summary.tokens, micro, budget):
-            log(f"train {summary.tokens}/{budget} tokens, step {step + 1}/{total_steps}, lm {terms['lm']:.3f}, "
-                f"pa {_fmt(terms['pa'])}, balance {terms['balance']:.4f}, kd {_fmt(terms['kd'])}, {rate:.0f} tok/s")
+        if _crossed_decile(summary.tokens, micro, budget):
+            log.info(
+                "train %d/%d tokens, step %d/%d, lm %.3f, pa %s, balance %.4f, kd %s, %.0f tok/s",
+                summary.tokens,
+                budget,
+                step + 1,
+                total_steps,
+                terms["lm"],
+                _fmt(terms["pa"]),
+                terms["balance"],
+                _fmt(terms["kd"]),
+                rate,
+            )
         if churn is not None:
             churn.after_step(step + 1, last=step + 1 == total_steps)
-        if state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
-                and step + 1 < total_steps:
+        if (
+            state_path
+            and config.checkpoint_every
+            and (step + 1) % config.checkpoint_every == 0
+            and step + 1 < total_steps
+        ):
             _save_state(model, optimizer, scheduler, summary, state_path, churn)
         if on_step:
             on_step(step + 1)
-    bar.close()
     model.eval()
     if churn is not None:
         summary.churn = {"every": churn.every, "series": churn.series}
@@ -161,8 +177,9 @@ def dense_teacher(model) -> torch.nn.Module:
     return defactorize(copy.deepcopy(model)).requires_grad_(False).eval()
 
 
-def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16,
-                    teacher=None):
+def _optimizer_step(
+    model, micro: list[dict], config: TrainConfig, device: str, optimizer, params, step, bf16, teacher=None
+):
     sums = {"lm": 0.0, "pa": None, "balance": 0.0, "kd": None}
     for batch in micro:
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
@@ -179,9 +196,11 @@ def _optimizer_step(model, micro: list[dict], config: TrainConfig, device: str, 
                 kd = distillation_kl(dense_logits, out.logits, inputs["attention_mask"])
                 loss = loss + config.lambda_kd * kd
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1}: lm={out.loss.item()}, "
-                                f"pa={None if pa is None else pa.item()}, balance={balance.item()}, "
-                                f"kd={None if kd is None else kd.item()}")
+            raise NonFiniteLoss(
+                f"non-finite loss at optimizer step {step + 1}: lm={out.loss.item()}, "
+                f"pa={None if pa is None else pa.item()}, balance={balance.item()}, "
+                f"kd={None if kd is None else kd.item()}"
+            )
         (loss / len(micro)).backward()
         sums["lm"] += out.loss.item() / len(micro)
         sums["balance"] += balance.item() / len(micro)
@@ -224,24 +243,28 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
-                churn: ChurnMonitor | None) -> None:
-    state = {"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "summary": summary.to_dict(),
-             "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)},
-             "churn": None if churn is None else churn.state()}
+def _save_state(model, optimizer, scheduler, summary: TrainSummary, path: Path, churn: ChurnMonitor | None) -> None:
+    state = {
+        "params": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "summary": summary.to_dict(),
+        "router_rng": {name: layer.router.rng_state() for name, layer in factorized_layers(model)},
+        "churn": None if churn is None else churn.state(),
+    }
     try:
         write_atomic(path, lambda tmp: torch.save(state, tmp))
     except RuntimeError as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
         free = shutil.disk_usage(path.parent).free
         if free >= DISK_FULL_BYTES:
             raise
-        raise OSError(errno.ENOSPC, f"could not write the training checkpoint {path} ({free // 1024} KiB "
-                                    f"free on its disk): {error}") from error
+        raise OSError(
+            errno.ENOSPC,
+            f"could not write the training checkpoint {path} ({free // 1024} KiB free on its disk): {error}",
+        ) from error
 
 
-def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
-                churn: ChurnMonitor | None) -> None:
+def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path, churn: ChurnMonitor | None) -> None:
     state = torch.load(path, weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -257,4 +280,4 @@ def _load_state(model, optimizer, scheduler, summary: TrainSummary, path: Path,
         layers[name].router.set_rng_state(rng)
     if churn is not None and state.get("churn") is not None:
         churn.load_state(state["churn"])
-    print(f"[train] resumed from step {summary.steps} ({summary.tokens} tokens) at {path}", flush=True)
+    log.info("resumed from step %d (%d tokens) at %s", summary.steps, summary.tokens, path)

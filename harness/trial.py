@@ -13,35 +13,40 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import math
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from factorllm_core import calibrate, defactorize, factorize, factorized_layers
-
-from harness.measure.analysis import ChurnMonitor, analyze_routing
-from harness.eval.benchmarks import evaluate, make_lm
-from harness.config import ConfigError, TrialConfig, resolve_precision
 from harness.assets.corpora import pack, resolve_corpus, token_budget
-from harness.measure.flops import count_dense_flops_cached, count_flops
-from harness.eval.heldout import heldout_measures, heldout_sequences, next_token_logprobs
-from harness.measure.latency import measure_latency
-from harness.layerwise import layerwise_fit
 from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
-from harness.measure.probe import probe_tokens
+from harness.config import ConfigError, TrialConfig, resolve_precision
 from harness.environment import environment
+from harness.eval.benchmarks import evaluate, make_lm
+from harness.eval.heldout import heldout_measures, heldout_sequences, next_token_logprobs
+from harness.layerwise import layerwise_fit
+from harness.logs import setup_console, trial_log
+from harness.measure.analysis import ChurnMonitor, analyze_routing
+from harness.measure.flops import count_dense_flops_cached, count_flops
+from harness.measure.latency import measure_latency
+from harness.measure.probe import probe_tokens
 from harness.train import dense_teacher, make_batches, train
 from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_record
 
+# by name, not __name__: this module also runs as __main__
+log = logging.getLogger("harness.trial")  # the console's: one line per stage and per finished trial
+detail = logging.getLogger("harness.trial.detail")  # the trial log's only
+LOG_FILE = "trial.log"
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
 CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training
 
@@ -53,27 +58,40 @@ class TrialFailed(RuntimeError):
 class Trial:
     """Holds one trial's state between stages; `run` drives them and writes the record."""
 
-    def __init__(self, config: TrialConfig, out_dir: Path, cache_dir: str | Path | None = None,
-                 log: Callable[[str], None] = print, show_progress: bool = True,
-                 on_train_step: Callable[[int], None] | None = None, where: dict | None = None):
+    def __init__(
+        self,
+        config: TrialConfig,
+        out_dir: Path,
+        cache_dir: str | Path | None = None,
+        on_train_step: Callable[[int], None] | None = None,
+        where: dict | None = None,
+        console_loggers: tuple[str, ...] = ("harness.trial",),
+    ):
         """`where`: facts about the place it runs that the record should carry (a Ray
-        worker adds its node id and IP)."""
-        self.config, self.cache_dir, self.log = config, cache_dir, log
+        worker adds its node id and IP). `console_loggers`: whose progress shows on the
+        console while the trial runs (everything goes to <trial dir>/trial.log)."""
+        self.config, self.cache_dir = config, cache_dir
         self.dir = Path(out_dir) / config.trial_id
-        self.show_progress, self.on_train_step = show_progress, on_train_step
+        self.on_train_step, self.console_loggers = on_train_step, console_loggers
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.record = new_record(config.describe(), environment=environment(self.device) | (where or {}))
 
     @contextmanager
     def stage(self, name: str):
-        self.log(f"[{self.config.trial_id}] {name} ...")
+        detail.info("[%s] %s ...", self.config.trial_id, name)
         start = time.perf_counter()
         yield
         self.record["stage_seconds"][name] = round(time.perf_counter() - start, 3)
-        self.log(f"[{self.config.trial_id}] {name} done in {self.record['stage_seconds'][name]:.1f} s")
+        log.info("[%s] %s done in %.1f s", self.config.trial_id, name, self.record["stage_seconds"][name])
 
     def run(self) -> dict:
+        """Run every stage, logging to <trial dir>/trial.log, and write the record."""
+        with trial_log(self.dir / LOG_FILE, self.console_loggers):
+            detail.info("trial %s (%s)", self.config.trial_id, self.config.label)
+            return self._run()
+
+    def _run(self) -> dict:
         self.record["started_at"] = _now()
         try:
             self._run_stages()
@@ -82,13 +100,20 @@ class Trial:
         except KeyboardInterrupt:
             raise  # leave checkpoints for a resume; an interrupted trial writes no record
         except Exception as error:  # every failure is recorded with its reason
-            self.record.update(status="failed", error=f"{type(error).__name__}: {error}",
-                               traceback=traceback.format_exc(limit=8))
+            self.record.update(
+                status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8)
+            )
             for key in ("metrics", "flops", "latency", "speedup", "routing", "heldout"):
                 self.record.pop(key, None)  # a failed trial never reports numbers as results
         self.record["finished_at"] = _now()
         write_record(self.dir / RECORD_FILE, self.record)
-        self.log(f"[{self.config.trial_id}] {self.record['status']}: {self.dir / RECORD_FILE}")
+        log.info(
+            "[%s] %s%s: %s",
+            self.config.trial_id,
+            self.record["status"],
+            f" ({self.record['error']})" if self.record["error"] else "",
+            self.dir / RECORD_FILE,
+        )
         return self.record
 
     def _run_stages(self) -> None:
@@ -106,14 +131,16 @@ class Trial:
                 for _, layer in factorized_layers(self.model):  # training, evaluation, FLOPs, analysis
                     layer.experts.dispatch = self.config.dispatch
                 self.record["routing_at_factorization"] = analyze_routing(
-                    self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)["summary"]
+                    self.model, self.probe[:, :ANALYSIS_TOKENS], self.device
+                )["summary"]
             # the distillation teacher: the dense model, taken before the layer-wise stage moves the experts
             self._teacher = dense_teacher(self.model) if self.config.train.lambda_kd else None
             if self.config.train.layerwise_steps:
                 with self.stage("layerwise"):
                     t = self.config.train
-                    self.record["layerwise"] = layerwise_fit(self.model, calibration, t.layerwise_steps,
-                                                             t.layerwise_lr, self.device, self.config.seed)
+                    self.record["layerwise"] = layerwise_fit(
+                        self.model, calibration, t.layerwise_steps, t.layerwise_lr, self.device, self.config.seed
+                    )
             del calibration  # 283 MB on SmolLM2 at 4,096 tokens
             with self.stage("train"):
                 self._train()
@@ -129,23 +156,32 @@ class Trial:
                 self.record["routing"] = analyze_routing(self.model, self.probe[:, :ANALYSIS_TOKENS], self.device)
 
     def _load(self) -> None:
-        loaded = load_model(self.config.model, dtype=torch.float32, device=self.device,
-                            cache_dir=self.cache_dir, trust_remote_code=self.config.trust_remote_code)
+        loaded = load_model(
+            self.config.model,
+            dtype=torch.float32,
+            device=self.device,
+            cache_dir=self.cache_dir,
+            trust_remote_code=self.config.trust_remote_code,
+        )
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         cfg = self.model.config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or self.config.flops.seq_len
         self.flops_len = min(self.config.flops.seq_len, self.max_len)
-        self.probe = probe_tokens(self.tokenizer, max(self.flops_len, self.config.latency.prefill_len,
-                                                      ANALYSIS_TOKENS))
+        self.probe = probe_tokens(self.tokenizer, max(self.flops_len, self.config.latency.prefill_len, ANALYSIS_TOKENS))
         self.heldout = heldout_sequences(self.tokenizer, self.config.eval, self.max_len)
         self.dense_logprobs = None  # the dense model's, for KL(dense || factorized); set before factorizing
         self._tokens = None  # the data budget's tokens, drawn when first needed
-        self.record["model"] = {"name": self.config.model, "kind": loaded.source.kind,
-                                "fingerprint": loaded.source.fingerprint, "architecture": type(self.model).__name__,
-                                "n_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-                                "ffn_width": cfg.intermediate_size,
-                                "params": sum(p.numel() for p in self.model.parameters()),
-                                "pretraining_tokens": pretraining_tokens(self.config.model)}
+        self.record["model"] = {
+            "name": self.config.model,
+            "kind": loaded.source.kind,
+            "fingerprint": loaded.source.fingerprint,
+            "architecture": type(self.model).__name__,
+            "n_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "ffn_width": cfg.intermediate_size,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "pretraining_tokens": pretraining_tokens(self.config.model),
+        }
         self.record["eval_dtype"] = str(self._eval_dtype()).removeprefix("torch.")
         self.record["precision"] = self.precision  # bf16: evaluation in bf16 and bf16 autocast in training
 
@@ -157,16 +193,18 @@ class Trial:
         self.dense_logprobs = next_token_logprobs(dense, self.heldout, self.device)
         if not self.config.flops.enabled:
             return {}
-        return {"flops": count_dense_flops_cached(dense, self.probe[:, :self.flops_len].to(self.device),
-                                                  self.cache_dir)}
+        return {
+            "flops": count_dense_flops_cached(dense, self.probe[:, : self.flops_len].to(self.device), self.cache_dir)
+        }
 
     def _measure(self) -> None:
         """FLOPs of this model; latency of this model and, for a factorized one, of its
         merged dense equivalent, timed interleaved so that the speedup is fair."""
         if self.config.flops.enabled:
-            count = count_flops if not self.config.is_dense else partial(count_dense_flops_cached,
-                                                                         cache_dir=self.cache_dir)
-            self.record["flops"] = count(self.model, self.probe[:, :self.flops_len].to(self.device))
+            count = (
+                count_flops if not self.config.is_dense else partial(count_dense_flops_cached, cache_dir=self.cache_dir)
+            )
+            self.record["flops"] = count(self.model, self.probe[:, : self.flops_len].to(self.device))
         if not self.config.latency.enabled:
             return
         models = {"model": self.model}
@@ -190,18 +228,27 @@ class Trial:
         first train.calibration_tokens calibrate, the rest train (never the same tokens)."""
         if self._tokens is None:
             cfg = self.config.train
-            self._tokens = token_budget(resolve_corpus(cfg.corpus), self.tokenizer, cfg.data_budget_tokens,
-                                        seed=self.config.seed, cache_dir=self.cache_dir)
+            self._tokens = token_budget(
+                resolve_corpus(cfg.corpus),
+                self.tokenizer,
+                cfg.data_budget_tokens,
+                seed=self.config.seed,
+                cache_dir=self.cache_dir,
+            )
         return self._tokens
 
     def _calibrate(self):
         """The dense model's FFN inputs on the calibration tokens (forward only)."""
         cfg = self.config.train
-        sequences = pack(self._budget_tokens()[:cfg.calibration_tokens], min(cfg.seq_len, self.max_len))
+        sequences = pack(self._budget_tokens()[: cfg.calibration_tokens], min(cfg.seq_len, self.max_len))
         calibration = calibrate(self.model, sequences, self.device)
-        self.record["calibration"] = {"tokens": calibration.tokens, "sequences": len(sequences),
-                                      "corpus": cfg.corpus, "seed": self.config.seed,
-                                      "note": "the first calibration_tokens of the trial's data budget"}
+        self.record["calibration"] = {
+            "tokens": calibration.tokens,
+            "sequences": len(sequences),
+            "corpus": cfg.corpus,
+            "seed": self.config.seed,
+            "note": "the first calibration_tokens of the trial's data budget",
+        }
         return calibration
 
     def _train(self) -> None:
@@ -211,17 +258,25 @@ class Trial:
         if train_tokens == 0:
             self.record["training"] = {"tokens": 0, "steps": 0, "note": "no training tokens left in the data budget"}
             return
-        tokens = self._budget_tokens()[cfg.calibration_tokens:]
+        tokens = self._budget_tokens()[cfg.calibration_tokens :]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batches = make_batches(pack(tokens, min(cfg.seq_len, self.max_len)), cfg.batch_size, pad or 0)
-        summary = train(self.model, batches, cfg, self.device, self.dir / "checkpoint",
-                        on_step=self.on_train_step, show_progress=self.show_progress,
-                        log=lambda line: self.log(f"[{self.config.trial_id}] {line}"),
-                        churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
-                        bf16=self.precision == "bf16", teacher=teacher)
+        summary = train(
+            self.model,
+            batches,
+            cfg,
+            self.device,
+            self.dir / "checkpoint",
+            on_step=self.on_train_step,
+            churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
+            bf16=self.precision == "bf16",
+            teacher=teacher,
+        )
         if summary.tokens != train_tokens:
-            raise TrialFailed(f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens} less "
-                              f"{cfg.calibration_tokens} calibration tokens = {train_tokens}")
+            raise TrialFailed(
+                f"trained on {summary.tokens} tokens, budget {cfg.data_budget_tokens} less "
+                f"{cfg.calibration_tokens} calibration tokens = {train_tokens}"
+            )
         self.record["training"] = summary.to_dict()
 
     def _churn_monitor(self, total_steps: int) -> ChurnMonitor | None:
@@ -238,20 +293,28 @@ class Trial:
         ev = self.config.eval
         self.model.to(self._eval_dtype()).eval()
         if not ev.benchmarks:
-            self.log(f"[{self.config.trial_id}] benchmarks off (eval.benchmarks: false)")
+            detail.info("benchmarks off (eval.benchmarks: false)")
             return
         lm = make_lm(ev.lm, self.model, self.tokenizer, ev.batch_size, self.device)
-        results = evaluate(lm, ev.task_names(), limit=ev.limit, source=ev.source, num_fewshot=ev.num_fewshot,
-                           sample_seed=ev.sample_seed,
-                           progress=lambda r: self.log(f"  {r.name}: {r.metric}={r.value:.4f} (n={r.n}, "
-                                                       f"{r.seconds:.0f} s)"))
+        results = evaluate(
+            lm,
+            ev.task_names(),
+            limit=ev.limit,
+            source=ev.source,
+            num_fewshot=ev.num_fewshot,
+            sample_seed=ev.sample_seed,
+        )
         self.record["metrics"] = {name: r.to_dict() for name, r in results.items()}
-        self.record["eval_lm"] = {"lm": ev.lm, "requests": dict(getattr(lm, "paths", {})),
-                                  "hflm_reason": getattr(lm, "hflm_reason", None)}
+        self.record["eval_lm"] = {
+            "lm": ev.lm,
+            "requests": dict(getattr(lm, "paths", {})),
+            "hflm_reason": getattr(lm, "hflm_reason", None),
+        }
 
     def _check_finite(self) -> None:
-        bad = non_finite_paths({k: self.record.get(k) for k in ("metrics", "flops", "latency", "training", "heldout",
-                                                               "layerwise")})
+        bad = non_finite_paths(
+            {k: self.record.get(k) for k in ("metrics", "flops", "latency", "training", "heldout", "layerwise")}
+        )
         if bad:
             raise TrialFailed(f"non-finite values at {', '.join(bad[:5])}")
 
@@ -259,17 +322,20 @@ class Trial:
 def _speedup(dense: dict | None, factored: dict | None) -> dict | None:
     if not dense or not factored:
         return None
-    return {"prefill": factored["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
-            "decode": dense["decode_ms_per_token"] / factored["decode_ms_per_token"],
-            # per interleaved round: dense time / factorized time (the spread behind the medians)
-            "prefill_rounds": [d / f for d, f in zip(dense["prefill_ms_rounds"], factored["prefill_ms_rounds"])],
-            "decode_rounds": [d / f for d, f in zip(dense["decode_ms_per_token_rounds"],
-                                                    factored["decode_ms_per_token_rounds"])],
-            "device": factored["device"]}
+    return {
+        "prefill": factored["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+        "decode": dense["decode_ms_per_token"] / factored["decode_ms_per_token"],
+        # per interleaved round: dense time / factorized time (the spread behind the medians)
+        "prefill_rounds": [d / f for d, f in zip(dense["prefill_ms_rounds"], factored["prefill_ms_rounds"])],
+        "decode_rounds": [
+            d / f for d, f in zip(dense["decode_ms_per_token_rounds"], factored["decode_ms_per_token_rounds"])
+        ],
+        "device": factored["device"],
+    }
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def existing_record(config: TrialConfig, out_dir: Path) -> dict | None:
@@ -299,11 +365,15 @@ def summary_lines(record: dict) -> list[str]:
         lines.append(f"  held-out LM loss {h['loss']:.4f} (ppl {h['perplexity']:.1f}, {h['tokens']} tokens){kl}")
     if "flops" in record:
         f = record["flops"]
-        lines.append(f"  GFLOPs/token: attention {f['attention_gflops_per_token']:.4f}, ffn "
-                     f"{f['ffn_gflops_per_token']:.4f}, total {f['total_gflops_per_token']:.4f}")
+        lines.append(
+            f"  GFLOPs/token: attention {f['attention_gflops_per_token']:.4f}, ffn "
+            f"{f['ffn_gflops_per_token']:.4f}, total {f['total_gflops_per_token']:.4f}"
+        )
     if record.get("speedup"):
-        lines.append(f"  speedup vs dense: prefill {record['speedup']['prefill']:.2f}x, "
-                     f"decode {record['speedup']['decode']:.2f}x")
+        lines.append(
+            f"  speedup vs dense: prefill {record['speedup']['prefill']:.2f}x, "
+            f"decode {record['speedup']['decode']:.2f}x"
+        )
     return lines
 
 
@@ -314,21 +384,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda)")
     parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
     args = parser.parse_args(argv)
+    setup_console()
     try:
         config = TrialConfig.from_yaml(args.config)
         if args.device:
             config = replace(config, device=args.device)
         resolve_device(config.device)
     except (ConfigError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     use_offline_mode_if_hub_unreachable()
-    try:
-        record = run_trial(config, args.out, cache_dir=args.cache_dir)
+    try:  # one trial in a terminal: training progress shows too
+        record = run_trial(
+            config, args.out, cache_dir=args.cache_dir, console_loggers=("harness.trial", "harness.train")
+        )
     except OSError as error:  # the record itself could not be written (a full disk): one line
-        print(f"error: {type(error).__name__}: {error} (under {args.out})", file=sys.stderr)
+        log.error("%s: %s (under %s)", type(error).__name__, error, args.out)
         return 1
-    print("\n".join(summary_lines(record)))
+    log.info("\n".join(summary_lines(record)))
     return 0 if record["status"] == "completed" else 1
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_checks import relative_error, tolerance  # beside this script
 
 from factorllm_core import DISPATCH, FactorConfig, build_factorized_ffn
 from factorllm_core.factorize import GatedFFNWeights
 
-from bench_checks import relative_error, tolerance  # beside this script
-
-SIZES = {"cuda": dict(hidden=2048, ffn=5632, tokens=4096, dtype=torch.bfloat16),
-         "cpu": dict(hidden=576, ffn=1536, tokens=1024, dtype=torch.float32)}
+SIZES = {
+    "cuda": dict(hidden=2048, ffn=5632, tokens=4096, dtype=torch.bfloat16),
+    "cpu": dict(hidden=576, ffn=1536, tokens=1024, dtype=torch.float32),
+}
 
 
 def grads(name, weights, config, x, indices, combine, probe):
@@ -29,7 +30,8 @@ def grads(name, weights, config, x, indices, combine, probe):
     out = DISPATCH.get(name)(experts, x, indices, combine)
     (out.float() * probe).sum().backward()
     return [("output", out.detach()), ("grad x", x.grad), ("grad weights", combine.grad)] + [
-        (f"grad {n}", p.grad) for n, p in experts.named_parameters()]
+        (f"grad {n}", p.grad) for n, p in experts.named_parameters()
+    ]
 
 
 def main(argv=None):
@@ -41,9 +43,12 @@ def main(argv=None):
     torch.manual_seed(0)
     dev, dtype = args.device, size["dtype"]
     h, f, s = size["hidden"], size["ffn"], size["tokens"]
-    weights = GatedFFNWeights((torch.randn(f, h, device=dev) / h**0.5).to(dtype),
-                              (torch.randn(f, h, device=dev) / h**0.5).to(dtype),
-                              (torch.randn(h, f, device=dev) / f**0.5).to(dtype), torch.nn.SiLU())
+    weights = GatedFFNWeights(
+        (torch.randn(f, h, device=dev) / h**0.5).to(dtype),
+        (torch.randn(f, h, device=dev) / h**0.5).to(dtype),
+        (torch.randn(h, f, device=dev) / f**0.5).to(dtype),
+        torch.nn.SiLU(),
+    )
     x = torch.randn(s, h, device=dev, dtype=dtype)
     probe = torch.randn(s, h, device=dev)
     limit = tolerance(dtype)
@@ -59,7 +64,9 @@ def main(argv=None):
             worst = max(relative_error(e, g) for (_, e), (_, g) in zip(expected, got))
             ok = worst <= limit
             failures += not ok
-            print(f"K={top_k} {path}: worst relative error {worst:.1e} over {len(got)} tensors {'ok' if ok else 'FAIL'}")
+            print(
+                f"K={top_k} {path}: worst relative error {worst:.1e} over {len(got)} tensors {'ok' if ok else 'FAIL'}"
+            )
     raise SystemExit(1 if failures else 0)
 
 

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.eval.benchmarks import TASK_SET, evaluate, make_lm, resolve_task_names  # noqa: E402
 from harness.assets.models import load_model, use_offline_mode_if_hub_unreachable  # noqa: E402
+from harness.eval.benchmarks import TASK_SET, evaluate, make_lm, resolve_task_names  # noqa: E402
 
 
 def timed_loglikelihood(lm):
@@ -43,6 +43,7 @@ def timed_loglikelihood(lm):
             return inner(requests, *args, **kwargs)
         finally:
             lm.seconds += time.perf_counter() - start
+
     lm.loglikelihood = wrapper
     return lm
 
@@ -59,6 +60,7 @@ def hflm_work(lm):
         lm.work["body_tokens"] += tokens
         lm.work["head_positions"] += tokens
         return inner(requests, *args, **kwargs)
+
     lm._loglikelihood_tokens = wrapper
     return lm
 
@@ -84,8 +86,9 @@ def compare(a, b) -> tuple[float, int, float]:
     the gap between the two chosen answers' log-likelihoods, under either LM)."""
     assert a.items["id"] == b.items["id"], "the two LMs scored different items"
     largest, differ, margin = 0.0, 0, 0.0
-    for lls_a, lls_b, sa, sb, pa, pb in zip(a.items["lls"], b.items["lls"], a.items["scores"], b.items["scores"],
-                                            a.items["pred"], b.items["pred"]):
+    for lls_a, lls_b, sa, sb, pa, pb in zip(
+        a.items["lls"], b.items["lls"], a.items["scores"], b.items["scores"], a.items["pred"], b.items["pred"]
+    ):
         largest = max(largest, *(abs(x - y) for x, y in zip(lls_a, lls_b)))
         if pa != pb:
             differ += 1
@@ -96,8 +99,11 @@ def compare(a, b) -> tuple[float, int, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default="arc_easy,hellaswag,piqa,openbookqa,winogrande,boolq",
-                        help=f"comma list of {', '.join(TASK_SET)}, or 'all'")
+    parser.add_argument(
+        "--tasks",
+        default="arc_easy,hellaswag,piqa,openbookqa,winogrande,boolq",
+        help=f"comma list of {', '.join(TASK_SET)}, or 'all'",
+    )
     parser.add_argument("--limit", type=int, default=100, help="items per benchmark (0: full sets)")
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="the same for both LMs")
@@ -109,18 +115,25 @@ def main(argv=None) -> int:
     use_offline_mode_if_hub_unreachable()
     loaded = load_model(args.model, dtype=torch.float32, device=args.device)
     kinds = ["hflm", "shared"] if args.order == "hflm-first" else ["shared", "hflm"]
-    print(f"{args.model}, {args.device}, fp32, batch size {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"items per benchmark: {args.limit or 'all'} (seed {args.sample_seed}), order {args.order}")
-    print("| benchmark | items | HFLM s | shared s | speedup | end-to-end speedup | arithmetic ratio | "
-          "max abs Δll | choices differ (max margin) | accuracy HFLM / shared |")
+    print(
+        f"{args.model}, {args.device}, fp32, batch size {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"items per benchmark: {args.limit or 'all'} (seed {args.sample_seed}), order {args.order}"
+    )
+    print(
+        "| benchmark | items | HFLM s | shared s | speedup | end-to-end speedup | arithmetic ratio | "
+        "max abs Δll | choices differ (max margin) | accuracy HFLM / shared |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name in names:
         runs = {kind: run(kind, loaded, name, args) for kind in kinds}
         (a, a_s, a_total, a_flops), (b, b_s, b_total, b_flops) = runs["hflm"], runs["shared"]
         largest, differ, margin = compare(a, b)
         differs = f"{differ} ({margin:.2e})" if differ else "0"
-        print(f"| {name} | {a.n} | {a_s:.1f} | {b_s:.1f} | {a_s / b_s:.2f}x | {a_total / b_total:.2f}x | "
-              f"{a_flops / b_flops:.2f}x | {largest:.1e} | {differs} | {a.value:.4f} / {b.value:.4f} |", flush=True)
+        print(
+            f"| {name} | {a.n} | {a_s:.1f} | {b_s:.1f} | {a_s / b_s:.2f}x | {a_total / b_total:.2f}x | "
+            f"{a_flops / b_flops:.2f}x | {largest:.1e} | {differs} | {a.value:.4f} / {b.value:.4f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -29,11 +29,10 @@ import importlib.util
 import statistics
 import time
 
+import bench_checks  # beside this script
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-
-import bench_checks  # beside this script
 
 from factorllm_core import FactorConfig, build_factorized_ffn
 from factorllm_core.factorize import GatedFFNWeights
@@ -70,6 +69,7 @@ class DenseFFN(nn.Module):
 def timer(device: str, inner: int):
     """Seconds per call, averaged over `inner` back-to-back calls (short calls on a
     GPU would otherwise measure the launch and the synchronisation)."""
+
     def measure(fn) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -79,6 +79,7 @@ def timer(device: str, inner: int):
         if device == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / inner
+
     return measure
 
 
@@ -102,8 +103,9 @@ def build(hidden, ffn, tokens, device, dtype, dispatches, n_experts=4):
     dtype = getattr(torch, dtype)
     dense = DenseFFN(hidden, ffn).to(device, dtype).eval()
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    weights = GatedFFNWeights(dense.gate_proj.weight.data, dense.up_proj.weight.data,
-                              dense.down_proj.weight.data, dense.act_fn)
+    weights = GatedFFNWeights(
+        dense.gate_proj.weight.data, dense.up_proj.weight.data, dense.down_proj.weight.data, dense.act_fn
+    )
     candidates = {"dense": dense}
     for top_k in range(1, n_experts):
         candidates[f"ideal K={top_k}"] = DenseFFN(hidden, ffn * top_k // n_experts).to(device, dtype).eval()
@@ -127,6 +129,7 @@ def with_dispatch(module, name):
             return module(x)
         finally:
             module.experts.dispatch = saved
+
     return run
 
 
@@ -195,16 +198,20 @@ def spread(times: dict, name: str, base: str) -> str:
 def table(times: dict, n_experts: int = 4) -> str:
     """times: seconds per round for each candidate (rounds aligned)."""
     ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    lines = ["| variant | ms (median) | x dense | x ideal | x ideal, middle half of rounds |",
-             "|---|---:|---:|---:|---:|",
-             f"| dense | {ms['dense']:.3f} | 1.00 | | |"]
+    lines = [
+        "| variant | ms (median) | x dense | x ideal | x ideal, middle half of rounds |",
+        "|---|---:|---:|---:|---:|",
+        f"| dense | {ms['dense']:.3f} | 1.00 | | |",
+    ]
     for top_k in range(1, n_experts):
         ideal = f"ideal K={top_k}"
         lines.append(f"| {ideal} | {ms[ideal]:.3f} | {ratio(times, ideal, 'dense'):.2f} | 1.00 | |")
         for name in times:
             if name.endswith(f"E{top_k}K"):  # one row per dispatch path
-                lines.append(f"| {name} | {ms[name]:.3f} | {ratio(times, name, 'dense'):.2f} | "
-                             f"{ratio(times, name, ideal):.2f} | {spread(times, name, ideal)} |")
+                lines.append(
+                    f"| {name} | {ms[name]:.3f} | {ratio(times, name, 'dense'):.2f} | "
+                    f"{ratio(times, name, ideal):.2f} | {spread(times, name, ideal)} |"
+                )
     return "\n".join(lines)
 
 
@@ -212,8 +219,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-cpu")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (after 3 warm-up rounds)")
-    parser.add_argument("--inner", type=int, default=None,
-                        help="calls per timed sample (default: 1, or 50 below 1,024 tokens)")
+    parser.add_argument(
+        "--inner", type=int, default=None, help="calls per timed sample (default: 1, or 50 below 1,024 tokens)"
+    )
     parser.add_argument("--graphs", action="store_true", help="CUDA only: time CUDA-graph replays")
     parser.add_argument("--dispatch", help="comma-separated dispatch paths to time (default: all that run here)")
     args = parser.parse_args(argv)
@@ -223,8 +231,10 @@ def main(argv=None):
     if args.graphs and preset["device"] != "cuda":
         raise SystemExit("--graphs needs a CUDA preset")
     inner = args.inner or (50 if preset["tokens"] < 1024 else 1)
-    print(f"preset {args.preset}: {preset}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"inner {inner}, graphs {args.graphs}")
+    print(
+        f"preset {args.preset}: {preset}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"inner {inner}, graphs {args.graphs}"
+    )
     dispatches = tuple(args.dispatch.split(",")) if args.dispatch else default_dispatches(preset["device"])
     candidates, x = build(**preset, dispatches=dispatches)
     print(table(run(candidates, x, repeats=args.repeats, inner=inner, graphs=args.graphs)))

@@ -31,20 +31,25 @@ import torch  # noqa: E402
 
 from harness import trial as trial_module  # noqa: E402
 from harness.config import TrialConfig  # noqa: E402
+from harness.logs import setup_console  # noqa: E402
 from harness.trial import Trial, summary_lines  # noqa: E402
 
 SIZES = {  # LlamaConfig fields
-    "tinyllama-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
-                         num_key_value_heads=4),
-    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "tinyllama-4l": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there one all we their been has when who will more no if out so said what up its "
-         "about into than them can only other new some could time these two may then do first any my now such like "
-         "our over man me even most made after also did many before must through back years where much your way "
-         "well down should because each just those people how too little state good very make world still own see "
-         "men work long get here between both life being under never day same another know while last might us").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there one all we their been has when who will more no if out so said what up its "
+    "about into than them can only other new some could time these two may then do first any my now such like "
+    "our over man me even most made after also did many before must through back years where much your way "
+    "well down should because each just those people how too little state good very make world still own see "
+    "men work long get here between both life being under never day same another know while last might us"
+).split()
 
 
 def make_assets(folder: Path, size: str, seed: int = 0) -> tuple[str, str, str]:
@@ -60,8 +65,9 @@ def make_assets(folder: Path, size: str, seed: int = 0) -> tuple[str, str, str]:
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>", "<pad>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **SIZES[size]))
     checkpoint = folder / "checkpoint"
@@ -75,33 +81,57 @@ def make_assets(folder: Path, size: str, seed: int = 0) -> tuple[str, str, str]:
 # distillation from the dense model: every CUDA path those options add).
 RECIPES = {
     "paper": ({"n_experts": 4, "top_k": 2, "router_mode": "par"}, {}),
-    "calibrated": ({"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled", "partition": "coact",
-                    "router_init": "fit", "pseudo_label": "min_recon", "router_mode": "par"},
-                   {"calibration_tokens": 2048, "layerwise_steps": 10, "lambda_kd": 1.0}),
+    "calibrated": (
+        {
+            "n_experts": 3,
+            "top_k": 1,
+            "n_shared": 1,
+            "combine": "unscaled",
+            "partition": "coact",
+            "router_init": "fit",
+            "pseudo_label": "min_recon",
+            "router_mode": "par",
+        },
+        {"calibration_tokens": 2048, "layerwise_steps": 10, "lambda_kd": 1.0},
+    ),
 }
 
 
-def trial_config(checkpoint: str, corpus: str, heldout: str, device: str, budget: int,
-                 recipe: str = "paper") -> TrialConfig:
+def trial_config(
+    checkpoint: str, corpus: str, heldout: str, device: str, budget: int, recipe: str = "paper"
+) -> TrialConfig:
     factor, train = RECIPES[recipe]
-    return TrialConfig.from_dict({
-        "model": checkpoint, "device": device,
-        "factor": factor,
-        "train": {"data_budget_tokens": budget + train.get("calibration_tokens", 0), "corpus": corpus,
-                  "seq_len": 256, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 0, "churn_points": 5, **train},
-        "eval": {"benchmarks": False, "heldout_text": heldout, "heldout_tokens": 1024, "heldout_seq_len": 128},
-        "flops": {"enabled": False},
-        "latency": {"batch_size": 4, "prefill_len": 512, "decode_tokens": 8, "repeats": 3, "warmup": 1},
-    })
+    return TrialConfig.from_dict(
+        {
+            "model": checkpoint,
+            "device": device,
+            "factor": factor,
+            "train": {
+                "data_budget_tokens": budget + train.get("calibration_tokens", 0),
+                "corpus": corpus,
+                "seq_len": 256,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "checkpoint_every": 0,
+                "churn_points": 5,
+                **train,
+            },
+            "eval": {"benchmarks": False, "heldout_text": heldout, "heldout_tokens": 1024, "heldout_seq_len": 128},
+            "flops": {"enabled": False},
+            "latency": {"batch_size": 4, "prefill_len": 512, "decode_tokens": 8, "repeats": 3, "warmup": 1},
+        }
+    )
 
 
 def probe_from(path: str):
     """The probe text for this check: the training text's tokenizer applied to held-out docs."""
+
     def probe_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
         ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
         if len(ids) < n_tokens:
-            ids = (ids * (n_tokens // len(ids) + 1))
+            ids = ids * (n_tokens // len(ids) + 1)
         return torch.tensor([ids[:n_tokens]], dtype=torch.long)
+
     return probe_tokens
 
 
@@ -110,22 +140,33 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tinyllama-4l")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--budget", type=int, default=8192, help="training tokens")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                        help="paper: 1R4E2K; calibrated: the recovery recipe (+ layer-wise stage)")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="paper",
+        help="paper: 1R4E2K; calibrated: the recovery recipe (+ layer-wise stage)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, corpus, heldout = make_assets(Path(tmp), args.size)
         config = trial_config(checkpoint, corpus, heldout, args.device, args.budget, args.recipe)
         trial_module.probe_tokens = probe_from(heldout)
         start = time.perf_counter()
-        record = Trial(config, Path(tmp) / "runs", cache_dir=Path(tmp) / "cache", show_progress=False,
-                       log=lambda line: print(line, flush=True)).run()
+        setup_console()
+        record = Trial(
+            config,
+            Path(tmp) / "runs",
+            cache_dir=Path(tmp) / "cache",
+            console_loggers=("harness.trial", "harness.train"),
+        ).run()
         print("\n".join(summary_lines(record)))
         if record["status"] == "completed":
             dispatch = (record.get("latency") or {}).get("dispatch")
-            print(f"  device {record['environment']['device']} ({record['environment'].get('gpu', 'no GPU')}), "
-                  f"precision {record['precision']}, latency dispatch {dispatch}, "
-                  f"train {record['training']['tokens_per_s']:.0f} tok/s, churn {record['training']['churn']['series']}")
+            print(
+                f"  device {record['environment']['device']} ({record['environment'].get('gpu', 'no GPU')}), "
+                f"precision {record['precision']}, latency dispatch {dispatch}, "
+                f"train {record['training']['tokens_per_s']:.0f} tok/s, churn {record['training']['churn']['series']}"
+            )
         print(f"whole trial: {record['status']} in {time.perf_counter() - start:.1f} s")
     return 0 if record["status"] == "completed" else 1
 

@@ -22,28 +22,64 @@ import statistics
 import time
 
 import torch
+from bench_checks import check_close  # beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from factorllm_core import FactorConfig, factorize, factorized_layers
 
-from bench_checks import check_close  # beside this script
-
 PRESETS = {
     # TinyLlama-1.1B's architecture
-    "tinyllama-gpu": dict(config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                      max_position_embeddings=2048),
-                          batch=8, seq=2048, device="cuda", dtype="bfloat16", repeats=10),
+    "tinyllama-gpu": dict(
+        config=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+        batch=8,
+        seq=2048,
+        device="cuda",
+        dtype="bfloat16",
+        repeats=10,
+    ),
     # SmolLM2-135M's architecture
-    "smollm2-cpu": dict(config=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                    max_position_embeddings=2048, tie_word_embeddings=True),
-                        batch=1, seq=512, device="cpu", dtype="float32", repeats=7),
+    "smollm2-cpu": dict(
+        config=dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        batch=1,
+        seq=512,
+        device="cpu",
+        dtype="float32",
+        repeats=7,
+    ),
     # for the test suite: seconds on a CPU
-    "tiny-cpu": dict(config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                 max_position_embeddings=256),
-                     batch=2, seq=64, device="cpu", dtype="float32", repeats=3),
+    "tiny-cpu": dict(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=256,
+        ),
+        batch=2,
+        seq=64,
+        device="cpu",
+        dtype="float32",
+        repeats=3,
+    ),
 }
 VARIANTS = {"1R4E1K": FactorConfig(4, 1), "1R4E2K": FactorConfig(4, 2)}
 
@@ -127,14 +163,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-cpu")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--dispatch", default="auto",
-                        help="comma-separated dispatch paths for the factorized models (default: auto)")
+    parser.add_argument(
+        "--dispatch", default="auto", help="comma-separated dispatch paths for the factorized models (default: auto)"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} needs a CUDA device; none is available")
-    print(f"preset {args.preset}: batch {preset['batch']} x {preset['seq']} tokens, {preset['dtype']}, "
-          f"{preset['device']}, torch {torch.__version__}")
+    print(
+        f"preset {args.preset}: batch {preset['batch']} x {preset['seq']} tokens, {preset['dtype']}, "
+        f"{preset['device']}, torch {torch.__version__}"
+    )
     models = build(preset["config"], preset["device"], preset["dtype"])
     ids = torch.randint(0, preset["config"]["vocab_size"], (preset["batch"], preset["seq"]), device=preset["device"])
     check(models, ids, args.dispatch.split(","))

@@ -32,11 +32,25 @@ from factorllm_core import FactorConfig, factorize  # noqa: E402
 from harness.eval.packed_scoring import Scorer  # noqa: E402
 
 SIZES = {
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
-                    tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+    ),
 }
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.02}  # per answer; per answer token for bf16
 
@@ -58,15 +72,15 @@ def score_like_hflm(model, pairs, batch_size: int, device) -> list[tuple[float, 
     """Every pair as its own right-padded row, logits and log-softmax at every position."""
     out = []
     for start in range(0, len(pairs), batch_size):
-        batch = pairs[start:start + batch_size]
+        batch = pairs[start : start + batch_size]
         rows = [c + k[:-1] for c, k in batch]
         ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
         for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
+            ids[r, : len(row)] = torch.tensor(row)
         with torch.no_grad():
             logprobs = torch.log_softmax(model(ids.to(device)).logits, -1)
         for r, (context, continuation) in enumerate(batch):
-            span = logprobs[r, len(context) - 1:len(context) - 1 + len(continuation)]
+            span = logprobs[r, len(context) - 1 : len(context) - 1 + len(continuation)]
             target = torch.tensor(continuation, device=device)
             out.append((float(span.gather(1, target[:, None]).sum()), bool((span.argmax(-1) == target).all())))
     return out
@@ -95,10 +109,12 @@ def check(name: str, model, pairs, dtype, device, batch_size: int) -> bool:
     per_token = max(abs(a[0] - b[0]) / len(k) for a, b, (_, k) in zip(packed, reference, pairs))
     greedy = sum(a[1] != b[1] for a, b in zip(packed, reference))
     ok = (per_token if dtype == torch.bfloat16 else largest) <= TOLERANCE[dtype]
-    print(f"| {name} | {str(dtype).removeprefix('torch.')} | {len(pairs)} | {largest:.1e} | {per_token:.1e} | "
-          f"{greedy} | "
-          f"{reference_s:.2f} | {packed_s:.2f} | {reference_s / packed_s:.2f}x | {'ok' if ok else 'FAILED'} |",
-          flush=True)
+    print(
+        f"| {name} | {str(dtype).removeprefix('torch.')} | {len(pairs)} | {largest:.1e} | {per_token:.1e} | "
+        f"{greedy} | "
+        f"{reference_s:.2f} | {packed_s:.2f} | {reference_s / packed_s:.2f}x | {'ok' if ok else 'FAILED'} |",
+        flush=True,
+    )
     return ok
 
 
@@ -109,8 +125,13 @@ def main(argv=None) -> int:
     parser.add_argument("--questions", type=int, default=None, help="default: 200 on CUDA, 16 on CPU")
     parser.add_argument("--batch-size", type=int, default=16, help="packed rows of 256 tokens per pass")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     questions = args.questions or (200 if device.type == "cuda" else 16)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**SIZES[args.size]))
@@ -119,11 +140,16 @@ def main(argv=None) -> int:
     pairs = requests(dense.config.vocab_size, questions)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     print(f"{args.size}, {device}, {questions} questions x 4 answers; time ratio = HFLM-style / packed")
-    print("| model | dtype | requests | max abs Δll | per token | greedy flags differ | HFLM-style s | packed s | "
-          "ratio | check |")
+    print(
+        "| model | dtype | requests | max abs Δll | per token | greedy flags differ | HFLM-style s | packed s | "
+        "ratio | check |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    ok = [check(name, model, pairs, dtype, device, args.batch_size)
-          for dtype in dtypes for name, model in (("dense", dense), ("1R4E2K", factorized))]
+    ok = [
+        check(name, model, pairs, dtype, device, args.batch_size)
+        for dtype in dtypes
+        for name, model in (("dense", dense), ("1R4E2K", factorized))
+    ]
     return 0 if all(ok) else 1
 
 

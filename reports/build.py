@@ -23,10 +23,23 @@ from . import plots
 from .findings import findings
 from .record import load_records, read_record, write_json_atomic, write_text_atomic
 from .stats import N_BOOT
-from .tables import (DIRECTIONS, THRESHOLDS, completed, data_efficiency, eval_key, failed_trials, failure_flags,
-                     pair_differences, pareto_front, recipe_comparison, router_study, task_order, trial_frame)
+from .tables import (
+    DIRECTIONS,
+    THRESHOLDS,
+    completed,
+    data_efficiency,
+    eval_key,
+    failed_trials,
+    failure_flags,
+    pair_differences,
+    pareto_front,
+    recipe_comparison,
+    router_study,
+    task_order,
+    trial_frame,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("reports.build")  # by name: this module also runs as __main__
 MANIFEST = "sweep.json"  # written by the sweep: which records make its report
 
 
@@ -58,18 +71,47 @@ def _speed(row) -> str:
 
 def main_table(frame: pd.DataFrame, model: str) -> str:
     rows = frame[frame["model"] == model]
-    header = ["variant", "active FFN %", "mode", "partition", "recipe", "budget (calib.)", "held-out loss",
-              "loss − dense", "KL(dense ‖ model)", "avg acc",
-              "maint. %", "chance-norm. maint. %", "FFN GF", "total GF", "FFN red. %", "total red. %", "prefill x"]
+    header = [
+        "variant",
+        "active FFN %",
+        "mode",
+        "partition",
+        "recipe",
+        "budget (calib.)",
+        "held-out loss",
+        "loss − dense",
+        "KL(dense ‖ model)",
+        "avg acc",
+        "maint. %",
+        "chance-norm. maint. %",
+        "FFN GF",
+        "total GF",
+        "FFN red. %",
+        "total red. %",
+        "prefill x",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in rows.iterrows():
         budget = fmt(r["budget"], 0) + (f" ({r['calibration_tokens']:.0f})" if r["calibration_tokens"] > 0 else "")
-        cells = [r["setting"], fmt(r["active_pct"], 1), r["router_mode"], r["partition"], r["recipe"], budget,
-                 with_ci(r, "heldout_loss", 3), with_ci(r, "delta_loss_vs_dense", 3),
-                 with_ci(r, "kl_from_dense", 3), with_ci(r, "average", 3),
-                 with_ci(r, "maintenance_pct", 1), with_ci(r, "cn_maintenance_pct", 1), fmt(r["ffn_gflops"], 4),
-                 fmt(r["total_gflops"], 4), fmt(r["ffn_reduction_pct"], 1), fmt(r["total_reduction_pct"], 1),
-                 _speed(r)]
+        cells = [
+            r["setting"],
+            fmt(r["active_pct"], 1),
+            r["router_mode"],
+            r["partition"],
+            r["recipe"],
+            budget,
+            with_ci(r, "heldout_loss", 3),
+            with_ci(r, "delta_loss_vs_dense", 3),
+            with_ci(r, "kl_from_dense", 3),
+            with_ci(r, "average", 3),
+            with_ci(r, "maintenance_pct", 1),
+            with_ci(r, "cn_maintenance_pct", 1),
+            fmt(r["ffn_gflops"], 4),
+            fmt(r["total_gflops"], 4),
+            fmt(r["ffn_reduction_pct"], 1),
+            fmt(r["total_reduction_pct"], 1),
+            _speed(r),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -122,18 +164,34 @@ def _markdown(frame: pd.DataFrame) -> str:
 def pairs_table(pairs: pd.DataFrame) -> str:
     if pairs.empty:
         return "_no two trials differ in exactly one factor_"
-    rows = [{"factor": p["factor"], "a": p["a"], "b": p["b"],
-             "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
-             "held-out loss a − b": with_ci(p, "loss_diff", 3), "KL a − b": with_ci(p, "kl_diff", 3),
-             "verdict (95% CI vs 0)": p["verdict"]} for _, p in pairs.iterrows()]
+    rows = [
+        {
+            "factor": p["factor"],
+            "a": p["a"],
+            "b": p["b"],
+            "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
+            "held-out loss a − b": with_ci(p, "loss_diff", 3),
+            "KL a − b": with_ci(p, "kl_diff", 3),
+            "verdict (95% CI vs 0)": p["verdict"],
+        }
+        for _, p in pairs.iterrows()
+    ]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def recipes_table(recipes: pd.DataFrame) -> str:
-    rows = [{"active FFN %": fmt(p["active_pct"], 1), "recipe (a)": p["a"], "paper (b)": p["b"],
-             "held-out loss a − b": with_ci(p, "loss_diff", 3), "KL a − b": with_ci(p, "kl_diff", 3),
-             "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
-             "verdict (95% CI vs 0)": p["verdict"]} for _, p in recipes.iterrows()]
+    rows = [
+        {
+            "active FFN %": fmt(p["active_pct"], 1),
+            "recipe (a)": p["a"],
+            "paper (b)": p["b"],
+            "held-out loss a − b": with_ci(p, "loss_diff", 3),
+            "KL a − b": with_ci(p, "kl_diff", 3),
+            "maint. a − b (points)": with_ci(p, "maintenance_diff", 1),
+            "verdict (95% CI vs 0)": p["verdict"],
+        }
+        for _, p in recipes.iterrows()
+    ]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
@@ -141,15 +199,34 @@ def failure_table(frame: pd.DataFrame) -> str:
     variants = frame[~frame["is_dense"]].copy()
     if variants.empty:
         return "_no factorized trials_"
-    columns = ["model", "setting", "router_mode", "n_routers", "router_agreement", "chance_agreement",
-               "expert_similarity_at_factorization", "expert_similarity", "load_max_over_mean",
-               "dense_attention_share", "attention_share", "total_reduction_pct", "prefill_speedup_min",
-               "prefill_speedup_max", "churn_early", "churn_late"]
+    columns = [
+        "model",
+        "setting",
+        "router_mode",
+        "n_routers",
+        "router_agreement",
+        "chance_agreement",
+        "expert_similarity_at_factorization",
+        "expert_similarity",
+        "load_max_over_mean",
+        "dense_attention_share",
+        "attention_share",
+        "total_reduction_pct",
+        "prefill_speedup_min",
+        "prefill_speedup_max",
+        "churn_early",
+        "churn_late",
+    ]
     return _markdown(variants[columns])
 
 
-def build_report(records: list[dict], out_dir: str | Path, expected: list[dict] | None = None,
-                 title: str = "FactorLLM sweep", skipped: list[dict] | None = None) -> Path:
+def build_report(
+    records: list[dict],
+    out_dir: str | Path,
+    expected: list[dict] | None = None,
+    title: str = "FactorLLM sweep",
+    skipped: list[dict] | None = None,
+) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = trial_frame(records)
@@ -174,43 +251,74 @@ def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
     lines = ["## What this sweep shows", ""] + [f"- {s}" for s in findings(frame, pairs)] + [""]
     lines += [_setup_note(records), ""]
     for model in frame["model"].unique():
-        lines += [f"## Main table: {model}", "", main_table(frame, model), "", HOW_TO_READ, "",
-                  f"### Per benchmark: {model}", "", benchmark_table(frame, model, tasks), ""]
+        lines += [
+            f"## Main table: {model}",
+            "",
+            main_table(frame, model),
+            "",
+            HOW_TO_READ,
+            "",
+            f"### Per benchmark: {model}",
+            "",
+            benchmark_table(frame, model, tasks),
+            "",
+        ]
     recipes = recipe_comparison(records)
     if not recipes.empty:
-        lines += ["## Conversion recipes against the paper's (same active width, budget, router mode and count, seed)", "",
-                  recipes_table(recipes), "",
-                  "a − b: the recipe minus the paper's recipe, paired over items (maintenance) and held-out "
-                  "sequences (loss, KL); negative loss and KL differences are better. Calibration tokens come "
-                  "out of the same data budget.", ""]
-    lines += ["## Differences between trials that differ in one factor", "", pairs_table(pairs), "",
-              "A difference is distinguishable from zero only when its 95% interval excludes 0; "
-              "'not distinguishable' means this sample cannot tell the two apart, not that they are equal.", ""]
-    lines += ["## Router study (relative maintenance %, by router mode)", "", _markdown(router_study(frame)), "",
-              "The paper reports a trained router keeping 85.6% vs 73.9% for random expert selection "
-              "(TinyLlama, 1R4E2K, full benchmark sets). Point values here: see the main table for intervals.", ""]
+        lines += [
+            "## Conversion recipes against the paper's (same active width, budget, router mode and count, seed)",
+            "",
+            recipes_table(recipes),
+            "",
+            "a − b: the recipe minus the paper's recipe, paired over items (maintenance) and held-out "
+            "sequences (loss, KL); negative loss and KL differences are better. Calibration tokens come "
+            "out of the same data budget.",
+            "",
+        ]
+    lines += [
+        "## Differences between trials that differ in one factor",
+        "",
+        pairs_table(pairs),
+        "",
+        "A difference is distinguishable from zero only when its 95% interval excludes 0; "
+        "'not distinguishable' means this sample cannot tell the two apart, not that they are equal.",
+        "",
+    ]
+    lines += [
+        "## Router study (relative maintenance %, by router mode)",
+        "",
+        _markdown(router_study(frame)),
+        "",
+        "The paper reports a trained router keeping 85.6% vs 73.9% for random expert selection "
+        "(TinyLlama, 1R4E2K, full benchmark sets). Point values here: see the main table for intervals.",
+        "",
+    ]
     lines += ["## Data efficiency", "", _markdown(data_efficiency(frame)), ""]
     lines += ["## Scaling and failure modes", "", failure_table(frame), ""]
     variants = frame[~frame["is_dense"]]
     flags = [f for _, row in variants.iterrows() for f in failure_flags(row, frame)]
     lines += [f"- {f}" for f in flags] or ["- no failure mode crossed its threshold"]
     lines += ["", "Thresholds, and why:", ""]
-    lines += [f"- {name} = {value}: {reason}" for name, (value, reason) in THRESHOLDS.items()
-              if name != "attention_share_rise"]
+    lines += [
+        f"- {name} = {value}: {reason}"
+        for name, (value, reason) in THRESHOLDS.items()
+        if name != "attention_share_rise"
+    ]
     lines += ["", "Better direction per metric: " + ", ".join(f"{k} {v}" for k, v in DIRECTIONS.items()), ""]
     lines += ["## Plots", ""] + _plots(frame, records, out_dir)
     return lines
 
 
 HOW_TO_READ = (
-    "Brackets: 95% paired bootstrap intervals ({} replicates). Held-out loss: mean next-token loss (nats) on "
+    f"Brackets: 95% paired bootstrap intervals ({N_BOOT} replicates). Held-out loss: mean next-token loss (nats) on "
     "the held-out text, interval over its sequences; KL(dense ‖ model): mean next-token KL from the dense "
     "model's distribution on the same text (0 = unchanged). maint. % = benchmark average as % of the dense "
     "model's (items resampled jointly for both); chance-norm. maint. % = share of the dense model's "
     "above-chance accuracy kept, 100 x sum(acc - chance) / sum(dense - chance), over the benchmarks where the "
     "dense model is above chance (0 = guessing, 100 = dense). GF = GFLOPs per token counted by fvcore "
     "(1 FLOP = 1 multiply-add) on a fixed real text; prefill x = measured prefill speed vs dense on the "
-    "trial's device, median (and range) over interleaved rounds.").format(N_BOOT)
+    "trial's device, median (and range) over interleaved rounds."
+)
 
 
 def _setup_note(records: list[dict]) -> str:
@@ -220,42 +328,70 @@ def _setup_note(records: list[dict]) -> str:
     ev = done[0]["config"]["eval"]
     budgets = sorted({r["config"]["train"]["data_budget_tokens"] for r in done if r["config"].get("factor")})
     devices = sorted({(r.get("environment") or {}).get("device", "?") for r in done})
-    sample = (f"a random sample of {ev['limit']} items per benchmark (seed {ev.get('sample_seed', 0)}; MMLU "
-              f"stratified over its subjects), the same items for every trial" if ev["limit"] else "the full sets")
-    heldout = (f"held-out text {ev['heldout_text']!r}, first {ev['heldout_tokens']} tokens in "
-               f"{ev['heldout_seq_len']}-token sequences" if "heldout_text" in ev else "no held-out text")
-    return (f"Setup: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}; {heldout}; "
-            f"training budgets {budgets} tokens; devices {devices}.")
+    sample = (
+        f"a random sample of {ev['limit']} items per benchmark (seed {ev.get('sample_seed', 0)}; MMLU "
+        f"stratified over its subjects), the same items for every trial"
+        if ev["limit"]
+        else "the full sets"
+    )
+    heldout = (
+        f"held-out text {ev['heldout_text']!r}, first {ev['heldout_tokens']} tokens in "
+        f"{ev['heldout_seq_len']}-token sequences"
+        if "heldout_text" in ev
+        else "no held-out text"
+    )
+    return (
+        f"Setup: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}; {heldout}; "
+        f"training budgets {budgets} tokens; devices {devices}."
+    )
 
 
 def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
     lines = []
-    made = [("maintenance_vs_ffn_flops.png", plots.maintenance_vs_flops),
-            ("heldout_loss_vs_ffn_flops.png", plots.heldout_loss_vs_flops),
-            ("maintenance_vs_budget.png", plots.maintenance_vs_budget)]
+    made = [
+        ("maintenance_vs_ffn_flops.png", plots.maintenance_vs_flops),
+        ("heldout_loss_vs_ffn_flops.png", plots.heldout_loss_vs_flops),
+        ("maintenance_vs_budget.png", plots.maintenance_vs_budget),
+    ]
     for name, plot in made:
         if plot(frame, out_dir / name):
             lines += [f"![{name}]({name})", ""]
     if plots.churn(completed(records), out_dir / "routing_churn.png"):
-        lines += ["Routing churn during training (share of probe tokens whose expert set changed since the "
-                  "previous measurement, all layers):", "", "![routing_churn.png](routing_churn.png)", ""]
+        lines += [
+            "Routing churn during training (share of probe tokens whose expert set changed since the "
+            "previous measurement, all layers):",
+            "",
+            "![routing_churn.png](routing_churn.png)",
+            "",
+        ]
     factored = [r for r in completed(records) if (r.get("routing") or {}).get("layers")]
     if factored:  # the trial whose load is least balanced is the most informative heat map
         chosen = max(factored, key=lambda r: r["routing"]["summary"]["load_max_over_mean"])
         if plots.expert_load_heatmap(chosen, out_dir / "expert_load.png"):
-            lines += [f"Per-layer expert load of {chosen['trial_id']} ({chosen['label']}):", "",
-                      "![expert_load.png](expert_load.png)", ""]
+            lines += [
+                f"Per-layer expert load of {chosen['trial_id']} ({chosen['label']}):",
+                "",
+                "![expert_load.png](expert_load.png)",
+                "",
+            ]
     return lines
 
 
-def write_manifest(sweep_dir: Path, title: str, records: dict[str, Path], expected: list[dict],
-                   skipped: list[dict]) -> None:
+def write_manifest(
+    sweep_dir: Path, title: str, records: dict[str, Path], expected: list[dict], skipped: list[dict]
+) -> None:
     """What the sweep's report is made of: each trial's record path (relative to the sweep
     folder; dense baselines live in the shared baselines folder beside it), the trials it
     expected (TrialConfig.describe()) and the combinations it skipped."""
-    write_json_atomic(sweep_dir / MANIFEST, {
-        "title": title, "records": {tid: os.path.relpath(path, sweep_dir) for tid, path in records.items()},
-        "expected": expected, "skipped": skipped})
+    write_json_atomic(
+        sweep_dir / MANIFEST,
+        {
+            "title": title,
+            "records": {tid: os.path.relpath(path, sweep_dir) for tid, path in records.items()},
+            "expected": expected,
+            "skipped": skipped,
+        },
+    )
 
 
 def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -266,17 +402,18 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
     out_dir = Path(out_dir) if out_dir else sweep_dir / "report"
     manifest_path = sweep_dir / MANIFEST
     if not manifest_path.exists():
-        log.warning("%s has no %s: using its records and the latest dense baseline per evaluation setting",
-                    sweep_dir, MANIFEST)
+        log.warning(
+            "%s has no %s: using its records and the latest dense baseline per evaluation setting", sweep_dir, MANIFEST
+        )
         records = load_records(sweep_dir / "records")
         models = {r["config"]["model"] for r in records}
         baselines = [r for r in load_records(sweep_dir.parent / "baselines") if r["config"]["model"] in models]
-        return build_report(_one_baseline_each(baselines, records) + records, out_dir,
-                            title=f"Sweep {sweep_dir.name}")
+        return build_report(_one_baseline_each(baselines, records) + records, out_dir, title=f"Sweep {sweep_dir.name}")
     manifest = json.loads(manifest_path.read_text())
     records = [r for rel in manifest["records"].values() if (r := read_record(sweep_dir / rel)) is not None]
-    return build_report(records, out_dir, expected=manifest["expected"], title=manifest["title"],
-                        skipped=manifest["skipped"])
+    return build_report(
+        records, out_dir, expected=manifest["expected"], title=manifest["title"], skipped=manifest["skipped"]
+    )
 
 
 def _one_baseline_each(baselines: list[dict], records: list[dict]) -> list[dict]:
@@ -298,8 +435,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir() or not ((sweep_dir / MANIFEST).is_file() or (sweep_dir / "records").is_dir()):
-        print(f"error: {sweep_dir} is not a sweep folder (no {MANIFEST}, no records/); give <storage>/<name>",
-              file=sys.stderr)
+        print(
+            f"error: {sweep_dir} is not a sweep folder (no {MANIFEST}, no records/); give <storage>/<name>",
+            file=sys.stderr,
+        )
         return 2
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"error: --out {args.out} is a file; give a folder", file=sys.stderr)

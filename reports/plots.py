@@ -20,18 +20,26 @@ def _yerr(group: pd.DataFrame, column: str):
     return [low.to_numpy(), high.to_numpy()]
 
 
-def _quality_vs_flops(frame: pd.DataFrame, path: Path, column: str, ylabel: str, title: str,
-                      frontier: bool) -> Path | None:
+def _quality_vs_flops(
+    frame: pd.DataFrame, path: Path, column: str, ylabel: str, title: str, frontier: bool
+) -> Path | None:
     points = frame.dropna(subset=["ffn_gflops", column])
     if points.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, group in points.groupby("router_mode"):
-        ax.errorbar(group["ffn_gflops"], group[column], yerr=_yerr(group, column), fmt="o", capsize=3,
-                    label="dense" if mode == "-" else mode)
+        ax.errorbar(
+            group["ffn_gflops"],
+            group[column],
+            yerr=_yerr(group, column),
+            fmt="o",
+            capsize=3,
+            label="dense" if mode == "-" else mode,
+        )
         for _, row in group.iterrows():
-            ax.annotate(row["setting"], (row["ffn_gflops"], row[column]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                row["setting"], (row["ffn_gflops"], row[column]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     if frontier:
         front = points[pareto_front(points)].sort_values("ffn_gflops")
         ax.plot(front["ffn_gflops"], front[column], "k--", lw=1, label="Pareto frontier (point values)")
@@ -41,13 +49,20 @@ def _quality_vs_flops(frame: pd.DataFrame, path: Path, column: str, ylabel: str,
 
 
 def maintenance_vs_flops(frame: pd.DataFrame, path: Path) -> Path | None:
-    return _quality_vs_flops(frame, path, "maintenance_pct", "relative maintenance (% of dense, 95% CI)",
-                             "Accuracy kept vs FFN compute", frontier=True)
+    return _quality_vs_flops(
+        frame,
+        path,
+        "maintenance_pct",
+        "relative maintenance (% of dense, 95% CI)",
+        "Accuracy kept vs FFN compute",
+        frontier=True,
+    )
 
 
 def heldout_loss_vs_flops(frame: pd.DataFrame, path: Path) -> Path | None:
-    return _quality_vs_flops(frame, path, "heldout_loss", "held-out LM loss (nats, 95% CI)",
-                             "Held-out loss vs FFN compute", frontier=False)
+    return _quality_vs_flops(
+        frame, path, "heldout_loss", "held-out LM loss (nats, 95% CI)", "Held-out loss vs FFN compute", frontier=False
+    )
 
 
 def maintenance_vs_budget(frame: pd.DataFrame, path: Path) -> Path | None:
@@ -57,10 +72,15 @@ def maintenance_vs_budget(frame: pd.DataFrame, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (setting, mode), group in points.groupby(["setting", "router_mode"]):
         group = group.sort_values("budget")
-        ax.errorbar(group["budget"], group["maintenance_pct"], yerr=_yerr(group, "maintenance_pct"), fmt="o-",
-                    capsize=3, label=f"{setting} {mode}")
-    ax.set(xlabel="router-training tokens", ylabel="relative maintenance (% of dense, 95% CI)",
-           title="Data efficiency")
+        ax.errorbar(
+            group["budget"],
+            group["maintenance_pct"],
+            yerr=_yerr(group, "maintenance_pct"),
+            fmt="o-",
+            capsize=3,
+            label=f"{setting} {mode}",
+        )
+    ax.set(xlabel="router-training tokens", ylabel="relative maintenance (% of dense, 95% CI)", title="Data efficiency")
     if points["budget"].min() > 0:
         ax.set_xscale("log")
     ax.legend(fontsize=8)
@@ -69,15 +89,22 @@ def maintenance_vs_budget(frame: pd.DataFrame, path: Path) -> Path | None:
 
 def churn(records: list[dict], path: Path) -> Path | None:
     """Routing churn per measured training step, one line per trial that measured it."""
-    series = [(r["label"], r["training"]["churn"]["series"]) for r in records
-              if ((r.get("training") or {}).get("churn") or {}).get("series")]
+    series = [
+        (r["label"], r["training"]["churn"]["series"])
+        for r in records
+        if ((r.get("training") or {}).get("churn") or {}).get("series")
+    ]
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series:
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=label)
-    ax.set(xlabel="optimizer step", ylabel="routing churn (share of probe tokens)",
-           title="Routing churn during training", ylim=(0, 1))
+    ax.set(
+        xlabel="optimizer step",
+        ylabel="routing churn (share of probe tokens)",
+        title="Routing churn during training",
+        ylim=(0, 1),
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 

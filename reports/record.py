@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,20 @@ RECORD_FILE = "record.json"
 # 3: the names derived from the config (label, variant, setting, recipe, active_fraction,
 #    paper_recipe, factors); 2: per-item outcomes, chance levels, held-out loss/KL, churn.
 SCHEMA = 3
-REQUIRED = ("schema", "trial_id", "status", "label", "variant", "setting", "recipe", "active_fraction",
-            "paper_recipe", "factors", "config", "stage_seconds")
+REQUIRED = (
+    "schema",
+    "trial_id",
+    "status",
+    "label",
+    "variant",
+    "setting",
+    "recipe",
+    "active_fraction",
+    "paper_recipe",
+    "factors",
+    "config",
+    "stage_seconds",
+)
 STATUSES = ("running", "completed", "failed")
 
 
@@ -39,8 +51,10 @@ def problem(record) -> str | None:
     if not isinstance(record, dict):
         return "not a trial record (not a JSON object)"
     if record.get("schema") != SCHEMA:
-        return (f"schema {record.get('schema')!r}, this harness reads schema {SCHEMA}: rerun the trial "
-                "(its trial id is unchanged, so a sweep reruns it)")
+        return (
+            f"schema {record.get('schema')!r}, this harness reads schema {SCHEMA}: rerun the trial "
+            "(its trial id is unchanged, so a sweep reruns it)"
+        )
     missing = [key for key in REQUIRED if key not in record]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
@@ -64,8 +78,11 @@ def read_record(path: str | Path) -> dict | None:
     except (OSError, ValueError) as error:
         why = f"{type(error).__name__}: {error}"
     if why:
-        log.warning("unreadable record %s (%s): treated as missing (a sweep runs the trial again, a report "
-                    "leaves it out)", path, why)
+        log.warning(
+            "unreadable record %s (%s): treated as missing (a sweep runs the trial again, a report leaves it out)",
+            path,
+            why,
+        )
         return None
     return record
 
@@ -91,6 +108,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def _write_fsynced(path: str | Path, fill: Callable) -> None:
     """Atomically write a file that `fill(handle)` fills, fsynced before the rename."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             fill(f)
@@ -129,6 +147,7 @@ def non_finite_paths(value, path: str = "") -> list[str]:
 
 
 # What a report reads from a record, by name (the config's names were derived when it was written).
+
 
 def setting(record: dict) -> str:
     """1R4E2K, 1R3E1K1S or dense."""

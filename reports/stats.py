@@ -31,7 +31,7 @@ class Estimate:
     high: float
 
     @classmethod
-    def missing(cls) -> "Estimate":
+    def missing(cls) -> Estimate:
         return cls(math.nan, math.nan, math.nan)
 
     @property
@@ -103,10 +103,12 @@ def chance_normalized(chance: dict[str, float], variant: int = 0, dense: int = 1
     the share of the dense model's above-chance accuracy that the variant keeps (0 =
     a guesser, 100 = the dense model). Sums, not a mean of ratios: one benchmark
     where the dense model is barely above chance cannot blow it up."""
+
     def statistic(means: dict[str, np.ndarray]) -> np.ndarray:
         above_v = sum(m[..., variant] - chance[b] for b, m in means.items())
         above_d = sum(m[..., dense] - chance[b] for b, m in means.items())
         return 100 * above_v / above_d
+
     return statistic
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,35 +22,58 @@ from .record import active_pct
 from .stats import Estimate
 
 # Each report metric's better direction, in one place.
-DIRECTIONS = {"average": "higher", "maintenance_pct": "higher", "cn_maintenance_pct": "higher",
-              "heldout_loss": "lower", "kl_from_dense": "lower", "ffn_gflops": "lower", "total_gflops": "lower",
-              "attention_gflops": "lower", "ffn_reduction_pct": "higher", "total_reduction_pct": "higher",
-              "prefill_speedup": "higher", "decode_speedup": "higher", "expert_similarity": "lower",
-              "router_agreement": "higher", "load_max_over_mean": "lower", "routing_entropy_normalized": "higher",
-              "attention_share": "lower", "churn_late": "lower"}
+DIRECTIONS = {
+    "average": "higher",
+    "maintenance_pct": "higher",
+    "cn_maintenance_pct": "higher",
+    "heldout_loss": "lower",
+    "kl_from_dense": "lower",
+    "ffn_gflops": "lower",
+    "total_gflops": "lower",
+    "attention_gflops": "lower",
+    "ffn_reduction_pct": "higher",
+    "total_reduction_pct": "higher",
+    "prefill_speedup": "higher",
+    "decode_speedup": "higher",
+    "expert_similarity": "lower",
+    "router_agreement": "higher",
+    "load_max_over_mean": "lower",
+    "routing_entropy_normalized": "higher",
+    "attention_share": "lower",
+    "churn_late": "lower",
+}
 
 # Failure-mode thresholds, each with the reason the report prints beside it.
 THRESHOLDS = {
     "router_conflict_excess_agreement": (
-        0.5, "R > 1 routers: agreement above chance, (agreement - K/N) / (1 - K/N), below 0.5. Two "
-             "independent routers share K/N of their top-K picks by chance; below halfway from chance to "
-             "full agreement, the averaged softmax mixes routers that disagree more than they agree"),
+        0.5,
+        "R > 1 routers: agreement above chance, (agreement - K/N) / (1 - K/N), below 0.5. Two "
+        "independent routers share K/N of their top-K picks by chance; below halfway from chance to "
+        "full agreement, the averaged softmax mixes routers that disagree more than they agree",
+    ),
     "expert_collapse_rise": (
-        0.10, "mean pairwise cosine similarity of the experts' outputs rose by more than 0.10 since "
-              "factorization (and is above the sweep's random/frozen-router trial of the same setting, "
-              "where there is one): training made the experts more alike, the collapse the paper reports"),
-    "load_imbalance_max_over_mean": (
-        2.0, "the busiest expert gets more than twice the mean load on the probe text"),
+        0.10,
+        "mean pairwise cosine similarity of the experts' outputs rose by more than 0.10 since "
+        "factorization (and is above the sweep's random/frozen-router trial of the same setting, "
+        "where there is one): training made the experts more alike, the collapse the paper reports",
+    ),
+    "load_imbalance_max_over_mean": (2.0, "the busiest expert gets more than twice the mean load on the probe text"),
     "attention_share": (
-        0.5, "attention is over half of the FLOPs per token and at least 10 points more than in the dense "
-             "model at the same length: cutting the FFN further saves little"),
+        0.5,
+        "attention is over half of the FLOPs per token and at least 10 points more than in the dense "
+        "model at the same length: cutting the FFN further saves little",
+    ),
     "attention_share_rise": (0.10, "see attention_share"),
     "no_speed_gain_flops_saved": (
-        0.10, "total FLOPs down by 10% or more, but no timed round was faster than the dense model "
-              "(interleaved rounds, same device): the saving stayed on paper"),
+        0.10,
+        "total FLOPs down by 10% or more, but no timed round was faster than the dense model "
+        "(interleaved rounds, same device): the saving stayed on paper",
+    ),
     "late_churn": (
-        0.10, "mean routing churn over the last third of training above 0.10: more than one probe token "
-              "in ten still changes its expert set between measurements, so the router has not settled"),
+        0.10,
+        "mean routing churn over the last third of training above 0.10: more than one probe token "
+        "in ten still changes its expert set between measurements, so the router has not settled",
+    ),
 }
 
 
@@ -88,28 +109,39 @@ def trial_frame(records: list[dict]) -> pd.DataFrame:
         return pd.DataFrame()
     tasks, dense = task_order(done), dense_baselines(done)
     above = {key: dense_above_chance(d, d["config"]["eval"]["tasks"]) for key, d in dense.items()}  # once each
-    frame = pd.DataFrame([_row(r, tasks) | _derived(r, dense.get(eval_key(r)), tasks, above.get(eval_key(r)))
-                          for r in done])
-    return frame.sort_values(["model", "is_dense", "n_experts", "n_routers", "top_k", "router_mode",
-                              "partition", "budget", "seed"], ascending=[True, False, True, True, True,
-                                                                          True, True, True, True],
-                             na_position="first").reset_index(drop=True)
+    frame = pd.DataFrame(
+        [_row(r, tasks) | _derived(r, dense.get(eval_key(r)), tasks, above.get(eval_key(r))) for r in done]
+    )
+    return frame.sort_values(
+        ["model", "is_dense", "n_experts", "n_routers", "top_k", "router_mode", "partition", "budget", "seed"],
+        ascending=[True, False, True, True, True, True, True, True, True],
+        na_position="first",
+    ).reset_index(drop=True)
 
 
 def _row(record: dict, tasks: list[str]) -> dict:
     cfg, factor = record["config"], record["config"].get("factor") or {}
     metrics = record.get("metrics") or {}
-    row = {"trial_id": record["trial_id"], "model": cfg["model"], "setting": record["setting"],
-           "is_dense": not factor, "n_experts": factor.get("n_experts"), "top_k": factor.get("top_k"),
-           "n_routers": factor.get("n_routers"), "router_mode": factor.get("router_mode", "-"),
-           "partition": factor.get("partition", "-"), "seed": cfg.get("seed"),
-           "n_shared": factor.get("n_shared", 0) if factor else math.nan, "active_pct": active_pct(record),
-           "recipe": (record["recipe"] or "paper") if factor else "-",
-           "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan,
-           "calibration_tokens": cfg["train"].get("calibration_tokens", 0) if factor else math.nan,
-           "eval_key": eval_key(record),
-           "tasks": tuple(cfg["eval"]["tasks"]),
-           "pretraining_tokens": _number((record.get("model") or {}).get("pretraining_tokens"))}
+    row = {
+        "trial_id": record["trial_id"],
+        "model": cfg["model"],
+        "setting": record["setting"],
+        "is_dense": not factor,
+        "n_experts": factor.get("n_experts"),
+        "top_k": factor.get("top_k"),
+        "n_routers": factor.get("n_routers"),
+        "router_mode": factor.get("router_mode", "-"),
+        "partition": factor.get("partition", "-"),
+        "seed": cfg.get("seed"),
+        "n_shared": factor.get("n_shared", 0) if factor else math.nan,
+        "active_pct": active_pct(record),
+        "recipe": (record["recipe"] or "paper") if factor else "-",
+        "budget": cfg["train"]["data_budget_tokens"] if factor else math.nan,
+        "calibration_tokens": cfg["train"].get("calibration_tokens", 0) if factor else math.nan,
+        "eval_key": eval_key(record),
+        "tasks": tuple(cfg["eval"]["tasks"]),
+        "pretraining_tokens": _number((record.get("model") or {}).get("pretraining_tokens")),
+    }
     for name in tasks:
         m = metrics.get(name)
         row[name] = m["value"] if m else math.nan
@@ -122,8 +154,9 @@ def _row(record: dict, tasks: list[str]) -> dict:
         row[f"{part}_gflops"] = flops.get(f"{part}_gflops_per_token", math.nan)
     row["attention_share"] = row["attention_gflops"] / row["total_gflops"]
     dense_flops = (record.get("dense_reference") or {}).get("flops") or {}
-    row["dense_attention_share"] = (dense_flops["attention_gflops_per_token"] / dense_flops["total_gflops_per_token"]
-                                    if dense_flops else math.nan)
+    row["dense_attention_share"] = (
+        dense_flops["attention_gflops_per_token"] / dense_flops["total_gflops_per_token"] if dense_flops else math.nan
+    )
     speed = record.get("speedup") or {}
     row["prefill_speedup"], row["decode_speedup"] = speed.get("prefill", math.nan), speed.get("decode", math.nan)
     rounds = speed.get("prefill_rounds") or []
@@ -133,7 +166,8 @@ def _row(record: dict, tasks: list[str]) -> dict:
     for key in ("expert_similarity", "router_agreement", "load_max_over_mean", "routing_entropy_normalized"):
         row[key] = _number(summary.get(key))
     row["expert_similarity_at_factorization"] = _number(
-        (record.get("routing_at_factorization") or {}).get("expert_similarity"))
+        (record.get("routing_at_factorization") or {}).get("expert_similarity")
+    )
     row["chance_agreement"] = factor["top_k"] / factor["n_experts"] if factor else math.nan
     row.update(_churn_columns(((record.get("training") or {}).get("churn") or {}).get("series")))
     return row
@@ -156,8 +190,9 @@ def _columns(prefix: str, estimate: Estimate) -> dict:
     return {prefix: estimate.value, f"{prefix}_lo": estimate.low, f"{prefix}_hi": estimate.high}
 
 
-def _derived(record: dict, dense: dict | None, tasks: list[str],
-             dense_chance: tuple[list[str], list[str]] | None) -> dict:
+def _derived(
+    record: dict, dense: dict | None, tasks: list[str], dense_chance: tuple[list[str], list[str]] | None
+) -> dict:
     """`dense_chance`: dense_above_chance of the baseline, computed once per baseline."""
     configured = record["config"]["eval"]["tasks"]
     out = _columns("average", _average(record, configured))
@@ -173,8 +208,9 @@ def _derived(record: dict, dense: dict | None, tasks: list[str],
     out["cn_benchmarks"], out["dense_at_chance"] = ",".join(included), ",".join(at_chance)
     if paired and included:
         chance = {b: dense["metrics"][b]["chance"] for b in included}
-        out |= _columns("cn_maintenance_pct", stats.paired_ci(stats.chance_normalized(chance),
-                                                              {b: paired[b] for b in included}))
+        out |= _columns(
+            "cn_maintenance_pct", stats.paired_ci(stats.chance_normalized(chance), {b: paired[b] for b in included})
+        )
     out |= _columns("delta_loss_vs_dense", paired_sequences([record, dense], "per_sequence_loss"))
     for name in configured:
         v, d = (record.get("metrics") or {}).get(name), dense["metrics"].get(name)
@@ -247,7 +283,7 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
     done = [r for r in completed(records) if r["config"].get("factor")]
     dense, rows = dense_baselines(records), []
     for i, a in enumerate(done):
-        for b in done[i + 1:]:
+        for b in done[i + 1 :]:
             if eval_key(a) != eval_key(b):
                 continue
             va, vb = a["factors"], b["factors"]
@@ -255,8 +291,22 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
             if len(differ) != 1:
                 continue
             rows.append(_pair_row(a, b, differ[0], va, vb, dense.get(eval_key(a))))
-    columns = ["model", "factor", "a", "b", "maintenance_diff", "maintenance_diff_lo", "maintenance_diff_hi",
-               "loss_diff", "loss_diff_lo", "loss_diff_hi", "kl_diff", "kl_diff_lo", "kl_diff_hi", "verdict"]
+    columns = [
+        "model",
+        "factor",
+        "a",
+        "b",
+        "maintenance_diff",
+        "maintenance_diff_lo",
+        "maintenance_diff_hi",
+        "loss_diff",
+        "loss_diff_lo",
+        "loss_diff_hi",
+        "kl_diff",
+        "kl_diff_lo",
+        "kl_diff_hi",
+        "verdict",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -287,8 +337,15 @@ def recipe_comparison(records: list[dict]) -> pd.DataFrame:
 
     def key(r: dict) -> tuple:
         cfg = r["config"]
-        return (cfg["model"], eval_key(r), round(active_pct(r), 6), cfg["train"]["data_budget_tokens"],
-                cfg["factor"]["router_mode"], cfg["factor"]["n_routers"], cfg["seed"])
+        return (
+            cfg["model"],
+            eval_key(r),
+            round(active_pct(r), 6),
+            cfg["train"]["data_budget_tokens"],
+            cfg["factor"]["router_mode"],
+            cfg["factor"]["n_routers"],
+            cfg["seed"],
+        )
 
     papers = {key(r): r for r in done if r["paper_recipe"]}
     for r in done:
@@ -296,8 +353,22 @@ def recipe_comparison(records: list[dict]) -> pd.DataFrame:
         if paper is None or r is paper:
             continue
         rows.append(_pair_row(r, paper, "recipe", {}, {}, dense.get(eval_key(r))) | {"active_pct": key(r)[2]})
-    columns = ["model", "active_pct", "a", "b", "maintenance_diff", "maintenance_diff_lo", "maintenance_diff_hi",
-               "loss_diff", "loss_diff_lo", "loss_diff_hi", "kl_diff", "kl_diff_lo", "kl_diff_hi", "verdict"]
+    columns = [
+        "model",
+        "active_pct",
+        "a",
+        "b",
+        "maintenance_diff",
+        "maintenance_diff_lo",
+        "maintenance_diff_hi",
+        "loss_diff",
+        "loss_diff_lo",
+        "loss_diff_hi",
+        "kl_diff",
+        "kl_diff_lo",
+        "kl_diff_hi",
+        "verdict",
+    ]
     return pd.DataFrame(rows, columns=columns).sort_values(["model", "active_pct", "loss_diff"]).reset_index(drop=True)
 
 
@@ -310,8 +381,9 @@ def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "ma
         if math.isnan(c) or math.isnan(v):
             flags.append(False)
             continue
-        dominated = any((c2 <= c and v2 >= v) and (c2 < c or v2 > v) for c2, v2 in points
-                        if not (math.isnan(c2) or math.isnan(v2)))
+        dominated = any(
+            (c2 <= c and v2 >= v) and (c2 < c or v2 > v) for c2, v2 in points if not (math.isnan(c2) or math.isnan(v2))
+        )
         flags.append(not dominated)
     return pd.Series(flags, index=frame.index)
 
@@ -319,10 +391,14 @@ def pareto_front(frame: pd.DataFrame, cost: str = "ffn_gflops", value: str = "ma
 def random_router_similarity(frame: pd.DataFrame, row) -> float:
     """Expert similarity of the sweep's random/frozen-router trials with the same experts
     (N, K, partition, budget; the router count does not matter to an untrained router)."""
-    same = frame[(frame["eval_key"] == row["eval_key"]) & (frame["n_experts"] == row["n_experts"])
-                 & (frame["top_k"] == row["top_k"])
-                 & (frame["partition"] == row["partition"]) & (frame["budget"] == row["budget"])
-                 & frame["router_mode"].isin(["random", "frozen"])]
+    same = frame[
+        (frame["eval_key"] == row["eval_key"])
+        & (frame["n_experts"] == row["n_experts"])
+        & (frame["top_k"] == row["top_k"])
+        & (frame["partition"] == row["partition"])
+        & (frame["budget"] == row["budget"])
+        & frame["router_mode"].isin(["random", "frozen"])
+    ]
     return float(same["expert_similarity"].mean()) if len(same) else math.nan
 
 
@@ -333,52 +409,86 @@ def failure_flags(row, frame: pd.DataFrame | None = None) -> list[str]:
         chance = row["chance_agreement"]
         excess = (row["router_agreement"] - chance) / (1 - chance) if chance < 1 else math.nan
         if excess < threshold("router_conflict_excess_agreement"):
-            flags.append(f"router conflict: {name} routers agree on {100 * row['router_agreement']:.0f}% of top-K "
-                         f"choices (chance {100 * chance:.0f}%, {excess:.2f} of the way from chance to full)")
+            flags.append(
+                f"router conflict: {name} routers agree on {100 * row['router_agreement']:.0f}% of top-K "
+                f"choices (chance {100 * chance:.0f}%, {excess:.2f} of the way from chance to full)"
+            )
     rise = row["expert_similarity"] - row["expert_similarity_at_factorization"]
     baseline = random_router_similarity(frame, row) if frame is not None else math.nan
     if rise > threshold("expert_collapse_rise") and (math.isnan(baseline) or row["expert_similarity"] > baseline):
-        flags.append(f"expert collapse: {name} experts' mean cosine similarity rose from "
-                     f"{row['expert_similarity_at_factorization']:.2f} at factorization to {row['expert_similarity']:.2f}"
-                     + ("" if math.isnan(baseline) else f" (random/frozen router: {baseline:.2f})"))
+        flags.append(
+            f"expert collapse: {name} experts' mean cosine similarity rose from "
+            f"{row['expert_similarity_at_factorization']:.2f} at factorization to {row['expert_similarity']:.2f}"
+            + ("" if math.isnan(baseline) else f" (random/frozen router: {baseline:.2f})")
+        )
     if row["load_max_over_mean"] > threshold("load_imbalance_max_over_mean"):
         flags.append(f"load imbalance: {name} busiest expert gets {row['load_max_over_mean']:.1f}x the mean load")
-    if (row["attention_share"] > threshold("attention_share")
-            and row["attention_share"] - row["dense_attention_share"] >= threshold("attention_share_rise")):
-        flags.append(f"attention bottleneck: attention is {100 * row['attention_share']:.0f}% of {name}'s FLOPs per "
-                     f"token (dense: {100 * row['dense_attention_share']:.0f}% at the same length)")
+    if row["attention_share"] > threshold("attention_share") and row["attention_share"] - row[
+        "dense_attention_share"
+    ] >= threshold("attention_share_rise"):
+        flags.append(
+            f"attention bottleneck: attention is {100 * row['attention_share']:.0f}% of {name}'s FLOPs per "
+            f"token (dense: {100 * row['dense_attention_share']:.0f}% at the same length)"
+        )
     if row["total_reduction_pct"] >= 100 * threshold("no_speed_gain_flops_saved") and row["prefill_speedup_max"] <= 1:
-        flags.append(f"no speed gained: {name} saves {row['total_reduction_pct']:.0f}% of total FLOPs but no "
-                     f"round ran faster than dense (prefill x{row['prefill_speedup_min']:.2f}-"
-                     f"{row['prefill_speedup_max']:.2f})")
+        flags.append(
+            f"no speed gained: {name} saves {row['total_reduction_pct']:.0f}% of total FLOPs but no "
+            f"round ran faster than dense (prefill x{row['prefill_speedup_min']:.2f}-"
+            f"{row['prefill_speedup_max']:.2f})"
+        )
     if row["churn_late"] > threshold("late_churn"):
-        flags.append(f"routing unstable late in training: {name} churn {row['churn_late']:.2f} over the last third "
-                     f"(first third: {row['churn_early']:.2f})")
+        flags.append(
+            f"routing unstable late in training: {name} churn {row['churn_late']:.2f} over the last third "
+            f"(first third: {row['churn_early']:.2f})"
+        )
     return flags
 
 
 def data_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     variants = frame[~frame["is_dense"]].copy()
     variants["budget_pct_of_pretraining"] = 100 * variants["budget"] / variants["pretraining_tokens"]
-    return variants[["model", "setting", "router_mode", "partition", "budget", "pretraining_tokens",
-                     "budget_pct_of_pretraining", "maintenance_pct", "heldout_loss"]].sort_values(
-        ["model", "setting", "budget"])
+    return variants[
+        [
+            "model",
+            "setting",
+            "router_mode",
+            "partition",
+            "budget",
+            "pretraining_tokens",
+            "budget_pct_of_pretraining",
+            "maintenance_pct",
+            "heldout_loss",
+        ]
+    ].sort_values(["model", "setting", "budget"])
 
 
 def router_study(frame: pd.DataFrame) -> pd.DataFrame:
     variants = frame[~frame["is_dense"]]
     if variants.empty:
         return pd.DataFrame()
-    return variants.pivot_table(index=["model", "setting", "partition", "budget"], columns="router_mode",
-                                values="maintenance_pct", aggfunc="mean").reset_index()
+    return variants.pivot_table(
+        index=["model", "setting", "partition", "budget"],
+        columns="router_mode",
+        values="maintenance_pct",
+        aggfunc="mean",
+    ).reset_index()
 
 
 def failed_trials(records: list[dict], expected: list[dict] | None = None) -> pd.DataFrame:
-    rows = [{"trial_id": r["trial_id"], "label": r["label"], "status": r["status"],
-             "reason": r.get("error") or ""} for r in records if r.get("status") != "completed"]
+    rows = [
+        {"trial_id": r["trial_id"], "label": r["label"], "status": r["status"], "reason": r.get("error") or ""}
+        for r in records
+        if r.get("status") != "completed"
+    ]
     seen = {r["trial_id"] for r in records}
     for trial in expected or []:  # TrialConfig.describe() of every trial the sweep expected
         if trial["trial_id"] not in seen:
-            rows.append({"trial_id": trial["trial_id"], "label": trial["label"],
-                         "status": "missing", "reason": "no record (not run yet, or interrupted)"})
+            rows.append(
+                {
+                    "trial_id": trial["trial_id"],
+                    "label": trial["label"],
+                    "status": "missing",
+                    "reason": "no record (not run yet, or interrupted)",
+                }
+            )
     return pd.DataFrame(rows, columns=["trial_id", "label", "status", "reason"])

@@ -8,8 +8,12 @@ from factorllm_core.factorize import GatedFFNWeights
 
 def make_experts(seed=0, hidden=48, width=96, n_experts=4, top_k=2):
     g = torch.Generator().manual_seed(seed)
-    weights = GatedFFNWeights(torch.randn(width, hidden, generator=g) / 7, torch.randn(width, hidden, generator=g) / 7,
-                              torch.randn(hidden, width, generator=g) / 10, torch.nn.SiLU())
+    weights = GatedFFNWeights(
+        torch.randn(width, hidden, generator=g) / 7,
+        torch.randn(width, hidden, generator=g) / 7,
+        torch.randn(hidden, width, generator=g) / 10,
+        torch.nn.SiLU(),
+    )
     return build_factorized_ffn(weights, FactorConfig(n_experts, top_k), layer_seed=0).experts
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 import yaml
 
-WORDS = ("the a cat dog sat ran on in mat house big small red blue one two and or but so "
-         "man woman is was he she it they").split()
+WORDS = (
+    "the a cat dog sat ran on in mat house big small red blue one two and or but so man woman is was he she it they"
+).split()
 
 
 def make_assets(folder: Path) -> Path:
@@ -22,12 +23,25 @@ def make_assets(folder: Path) -> Path:
 
 
 def write_grid(path: Path, assets: Path, storage: Path, budgets, repeats: int = 1) -> Path:
-    path.write_text(yaml.safe_dump({
-        "name": "tiny", "storage": str(storage), "device": "cpu",
-        "axes": {"model": [str(assets / "ckpt")], "n_experts": [4], "top_k": [2],
-                 "data_budget_tokens": budgets},
-        "train": {"corpus": str(assets / "corpus.txt"), "seq_len": 32, "batch_size": 2, "lr": 1e-3},
-        "eval": {"tasks": ["arc_easy"], "limit": 1},
-        "flops": {"seq_len": 32}, "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": repeats, "warmup": 0},
-        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 1}, "failure": {"max_failures": 0}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "storage": str(storage),
+                "device": "cpu",
+                "axes": {
+                    "model": [str(assets / "ckpt")],
+                    "n_experts": [4],
+                    "top_k": [2],
+                    "data_budget_tokens": budgets,
+                },
+                "train": {"corpus": str(assets / "corpus.txt"), "seq_len": 32, "batch_size": 2, "lr": 1e-3},
+                "eval": {"tasks": ["arc_easy"], "limit": 1},
+                "flops": {"seq_len": 32},
+                "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": repeats, "warmup": 0},
+                "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 1},
+                "failure": {"max_failures": 0},
+            }
+        )
+    )
     return path

@@ -29,14 +29,13 @@ import importlib.util
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from factorllm_core.registry import Registry
-
 from harness.assets.cache import default_cache_root, prepare_cached
 
 GENSIM_HINT = "pip install --no-deps gensim==4.4.0"
@@ -83,8 +82,13 @@ def wiki_articles(path: Path) -> Iterator[str]:
                 continue
             ns = element.find("./{*}ns")
             text = element.find("./{*}revision/{*}text")
-            if ns is not None and ns.text == "0" and text is not None and text.text \
-                    and not text.text.lstrip().upper().startswith("#REDIRECT"):
+            if (
+                ns is not None
+                and ns.text == "0"
+                and text is not None
+                and text.text
+                and not text.text.lstrip().upper().startswith("#REDIRECT")
+            ):
                 plain = strip_wiki_markup(text.text)
                 if plain:
                     yield plain
@@ -137,8 +141,11 @@ def strip_wiki_markup(text: str) -> str:
 
 def _corpus_files(path: Path) -> list[Path]:
     """The files a local corpus reads: the file itself, or a folder's .txt/.jsonl files."""
-    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) \
-        if path.is_dir() else [path]
+    return (
+        sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if path.is_dir()
+        else [path]
+    )
 
 
 def _local_documents(path: Path) -> Iterator[str]:
@@ -191,8 +198,10 @@ def resolve_corpus(spec: str) -> Corpus:
         if path.is_dir() and not _corpus_files(path):
             raise ValueError(f"corpus={spec!r}: the folder holds no .txt or .jsonl file")
         return Corpus(str(path), lambda: _local_documents(path), f"local:{_path_fingerprint(path)}")
-    raise ValueError(f"corpus={spec!r} is not a known corpus ({', '.join(CORPORA.names())}), "
-                     f"an existing .txt/.jsonl path, or hub:<dataset>[:<config>]")
+    raise ValueError(
+        f"corpus={spec!r} is not a known corpus ({', '.join(CORPORA.names())}), "
+        f"an existing .txt/.jsonl path, or hub:<dataset>[:<config>]"
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -241,8 +250,9 @@ def _cached_tokens(corpus: Corpus, tokenizer, cache_dir: Path | None) -> list[li
     return [chunk.tolist() for chunk in torch.split(data["tokens"], data["lengths"].tolist())]
 
 
-def token_budget(corpus: Corpus, tokenizer, budget_tokens: int, seed: int,
-                 cache_dir: str | Path | None = None) -> torch.Tensor:
+def token_budget(
+    corpus: Corpus, tokenizer, budget_tokens: int, seed: int, cache_dir: str | Path | None = None
+) -> torch.Tensor:
     """Exactly `budget_tokens` token ids (1-D LongTensor): documents shuffled with `seed`,
     joined with EOS. Raises if the corpus holds fewer tokens than the budget."""
     if budget_tokens < 0:
@@ -260,8 +270,10 @@ def token_budget(corpus: Corpus, tokenizer, budget_tokens: int, seed: int,
         tokens.extend(docs[index] + eos)
         if len(tokens) >= budget_tokens:
             return torch.tensor(tokens[:budget_tokens], dtype=torch.long)
-    raise ValueError(f"data_budget_tokens={budget_tokens} exceeds corpus {corpus.name!r}, which holds "
-                     f"{len(tokens)} tokens with this tokenizer; lower the budget or use a larger corpus")
+    raise ValueError(
+        f"data_budget_tokens={budget_tokens} exceeds corpus {corpus.name!r}, which holds "
+        f"{len(tokens)} tokens with this tokenizer; lower the budget or use a larger corpus"
+    )
 
 
 def pack(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:

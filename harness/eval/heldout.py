@@ -14,12 +14,12 @@ sequences. The grid refuses a held-out text that is also the training corpus.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from harness.config import EvalConfig
 from harness.assets.corpora import resolve_corpus, tokenize_documents
+from harness.config import EvalConfig
 
 
 def heldout_sequences(tokenizer, config: EvalConfig, max_len: int | None = None) -> torch.Tensor:
@@ -32,8 +32,9 @@ def heldout_sequences(tokenizer, config: EvalConfig, max_len: int | None = None)
     for doc in tokenize_documents(resolve_corpus(config.heldout_text).documents(), tokenizer, max_tokens=wanted):
         ids.extend(doc + eos)
     if len(ids) < wanted:
-        raise ValueError(f"eval.heldout_text {config.heldout_text!r} holds {len(ids)} tokens; "
-                         f"eval.heldout_tokens asks for {wanted}")
+        raise ValueError(
+            f"eval.heldout_text {config.heldout_text!r} holds {len(ids)} tokens; eval.heldout_tokens asks for {wanted}"
+        )
     return torch.tensor(ids[:wanted], dtype=torch.long).view(n_sequences, seq_len)
 
 
@@ -54,8 +55,9 @@ def next_token_logprobs(model, sequences: torch.Tensor, device: str) -> list[tor
 
 
 @torch.no_grad()
-def heldout_measures(model, sequences: torch.Tensor, device: str,
-                     dense_logprobs: list[torch.Tensor] | None = None) -> dict:
+def heldout_measures(
+    model, sequences: torch.Tensor, device: str, dense_logprobs: list[torch.Tensor] | None = None
+) -> dict:
     """Mean next-token loss (nats) per sequence and, given the dense model's
     log-probabilities on the same sequences, mean KL(dense || model) per sequence."""
     losses, kls = [], []
@@ -65,9 +67,14 @@ def heldout_measures(model, sequences: torch.Tensor, device: str,
         if dense_logprobs is not None:
             dense = dense_logprobs[i]
             kls.append(float((dense.exp() * (dense - logprobs)).sum(-1).mean()))
-    result = {"tokens": int(sequences.numel()), "sequences": int(sequences.shape[0]),
-              "seq_len": int(sequences.shape[1]), "loss": sum(losses) / len(losses),
-              "perplexity": math.exp(sum(losses) / len(losses)), "per_sequence_loss": losses}
+    result = {
+        "tokens": int(sequences.numel()),
+        "sequences": int(sequences.shape[0]),
+        "seq_len": int(sequences.shape[1]),
+        "loss": sum(losses) / len(losses),
+        "perplexity": math.exp(sum(losses) / len(losses)),
+        "per_sequence_loss": losses,
+    }
     if dense_logprobs is not None:
         result.update(kl_from_dense=sum(kls) / len(kls), per_sequence_kl=kls)
     return result

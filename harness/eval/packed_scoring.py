@@ -21,9 +21,9 @@ as lm-eval's HFLM computes it.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +77,24 @@ class Scorer:
             return f"attention implementation {implementation!r} (packing needs one of {MASKED_ATTENTION})"
         return None
 
-    def score_pairs(self, pairs: list[tuple[list[int], list[int]]], batch_size: int,
-                    row_tokens: int = ROW_TOKENS,
-                    progress: Callable[[dict], None] | None = None) -> list[tuple[float, bool]]:
+    def score_pairs(
+        self,
+        pairs: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        row_tokens: int = ROW_TOKENS,
+        progress: Callable[[dict], None] | None = None,
+    ) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) per (context, continuation) pair, in order; `progress`
         gets each batch's answers ({pair index: answer}) as they come."""
         for i, (context, continuation) in enumerate(pairs):
             if not context or not continuation:
-                raise ValueError(f"pair {i}: empty context or continuation (lm-eval puts the BOS/EOT "
-                                 "token in an empty context)")
+                raise ValueError(
+                    f"pair {i}: empty context or continuation (lm-eval puts the BOS/EOT token in an empty context)"
+                )
         answers: list = [None] * len(pairs)
         rows = pack(group_by_context(enumerate(pairs)), row_tokens)
         for start in range(0, len(rows), batch_size):
-            scored = self.score_rows(rows[start:start + batch_size])
+            scored = self.score_rows(rows[start : start + batch_size])
             for i, answer in scored.items():
                 answers[i] = answer
             if progress:
@@ -137,11 +142,13 @@ class Scorer:
             selected.append(True)
             return (hidden.reshape(-1, hidden.shape[-1])[flat][None],) + tuple(args[1:])
 
-        autocast = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else nullcontext())
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
         with torch.no_grad(), autocast, _pre_hook(head, select):
-            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                use_cache=False).logits
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits
         if selected:
             return logits[0]  # (needed, vocab)
         return logits.reshape(-1, logits.shape[-1])[flat]  # no head module seen: all positions ran
@@ -179,17 +186,17 @@ def group_by_context(pairs) -> list[Group]:
 def lay_out(group: Group, r: int, ids, positions, span, choice, needed, reads) -> None:
     """Write one group into row r from group.start and note where its answers are read."""
     start, n_context = group.start, len(group.context)
-    ids[r, start:start + n_context] = torch.tensor(group.context)
-    positions[r, start:start + n_context] = torch.arange(n_context)
-    span[r, start:start + group.length] = start
+    ids[r, start : start + n_context] = torch.tensor(group.context)
+    positions[r, start : start + n_context] = torch.arange(n_context)
+    span[r, start : start + group.length] = start
     last = len(needed)
     needed.append((r, start + n_context - 1))  # predicts each choice's first token
     offset = start + n_context
     for number, (i, continuation) in enumerate(zip(group.requests, group.continuations)):
         inputs = continuation[:-1]
-        ids[r, offset:offset + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-        positions[r, offset:offset + len(inputs)] = torch.arange(n_context, n_context + len(inputs))
-        choice[r, offset:offset + len(inputs)] = number
+        ids[r, offset : offset + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        positions[r, offset : offset + len(inputs)] = torch.arange(n_context, n_context + len(inputs))
+        choice[r, offset : offset + len(inputs)] = number
         at = [last] + list(range(len(needed), len(needed) + len(inputs)))
         needed.extend((r, offset + j) for j in range(len(inputs)))
         reads.append((i, at, continuation))

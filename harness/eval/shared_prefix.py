@@ -36,8 +36,9 @@ class SharedPrefixLM(HFLM):
         super().__init__(*args, **kwargs)
         self.paths: Counter = Counter()  # requests served: shared (packed) | hflm
         self.row_tokens = ROW_TOKENS
-        self.scorer = Scorer(self.model, self.device, getattr(self, "softmax_dtype", None),
-                             getattr(self, "mixed_precision_dtype", None))  # both new in lm-eval 0.4.9
+        self.scorer = Scorer(
+            self.model, self.device, getattr(self, "softmax_dtype", None), getattr(self, "mixed_precision_dtype", None)
+        )  # both new in lm-eval 0.4.9
         self.hflm_reason = self._why_hflm()
         window = getattr(self.model.config, "sliding_window", None)
         uses_window = getattr(self.model.config, "use_sliding_window", True) is not False
@@ -55,19 +56,23 @@ class SharedPrefixLM(HFLM):
             return f"batch_size {self.batch_size!r} (give an int)"
         return self.scorer.unsupported()
 
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         # loglikelihood_rolling's windows carry no cache key (None): HFLM's path.
         if self.hflm_reason or any(req[0] is None for req in requests):
             self.paths["hflm"] += len(requests)
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups, elsewhere = self._group(requests)
         answers: list = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                   desc="Running loglikelihood requests (shared contexts)")
+        bar = tqdm(
+            total=len(requests),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests (shared contexts)",
+        )
         rows = pack(groups, self.row_tokens)
         for start in range(0, len(rows), self.batch_size):
-            scored = self.scorer.score_rows(rows[start:start + self.batch_size])
+            scored = self.scorer.score_rows(rows[start : start + self.batch_size])
             for i, answer in scored.items():
                 answers[i] = answer
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)

@@ -15,9 +15,10 @@ def analyze_routing(model, input_ids: torch.Tensor, device: str) -> dict:
     model.eval()
     layers = factorized_layers(model)
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args, _name=name: inputs.__setitem__(_name, args[0].detach()))
-        for name, layer in layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, _name=name: inputs.__setitem__(_name, args[0].detach()))
+        for name, layer in layers
+    ]
     try:
         with collect_aux(model) as aux:
             model(input_ids=input_ids.to(device), use_cache=False)
@@ -32,8 +33,9 @@ def analyze_routing(model, input_ids: torch.Tensor, device: str) -> dict:
         stats.update(records[name].routing)
         flat = inputs[name].reshape(-1, inputs[name].shape[-1])
         similarity = expert_similarity(layer.experts.all_outputs(flat.to(layer.experts.gate_weight.dtype)))
-        per_layer.append({"layer": name, **stats.summary(),
-                          "expert_similarity": None if similarity.isnan() else float(similarity)})
+        per_layer.append(
+            {"layer": name, **stats.summary(), "expert_similarity": None if similarity.isnan() else float(similarity)}
+        )
     return {"tokens": int(input_ids.numel()), "layers": per_layer, "summary": _summarize(per_layer)}
 
 
@@ -43,9 +45,16 @@ def _mean(values):
 
 
 def _summarize(per_layer: list[dict]) -> dict:
-    return {key: _mean([layer[key] for layer in per_layer])
-            for key in ("load_max_over_mean", "routing_entropy", "routing_entropy_normalized",
-                        "router_agreement", "expert_similarity")}
+    return {
+        key: _mean([layer[key] for layer in per_layer])
+        for key in (
+            "load_max_over_mean",
+            "routing_entropy",
+            "routing_entropy_normalized",
+            "router_agreement",
+            "expert_similarity",
+        )
+    }
 
 
 @torch.no_grad()

@@ -44,11 +44,13 @@ def _product_macs(first: int):
     inputs[first + 1], for the forms fvcore's own handles reject or lack:
     aten::mm with `out=` (a third input) and aten::addmm_ (in place, operands after
     self). The `sorted` dispatch's in-place inference path runs its GEMMs that way."""
+
     def macs(inputs, outputs) -> int:
         from fvcore.nn.jit_handles import get_shape
 
         (m, k), (_, n) = get_shape(inputs[first]), get_shape(inputs[first + 1])
         return m * k * n
+
     return macs
 
 
@@ -61,8 +63,7 @@ def _grouped_mm_macs(inputs, outputs) -> int:
     return rows * k * n
 
 
-EXTRA_HANDLES = {"aten::mm": _product_macs(0), "aten::addmm_": _product_macs(1),
-                 "aten::_grouped_mm": _grouped_mm_macs}
+EXTRA_HANDLES = {"aten::mm": _product_macs(0), "aten::addmm_": _product_macs(1), "aten::_grouped_mm": _grouped_mm_macs}
 
 # An uncounted product would silently shrink the FLOPs: any op whose name has one of
 # these in it must have a handle, or counting fails.
@@ -84,13 +85,18 @@ def count_flops(model, input_ids: torch.Tensor) -> dict:
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             by_module = analysis.by_module()
             total = analysis.total()
-            uncounted = sorted(op for op in analysis.unsupported_ops()
-                               if any(marker in op.split("::")[-1] for marker in MATMUL_OP_MARKERS))
+            uncounted = sorted(
+                op
+                for op in analysis.unsupported_ops()
+                if any(marker in op.split("::")[-1] for marker in MATMUL_OP_MARKERS)
+            )
     finally:
         model.set_attn_implementation(previous)
     if uncounted:
-        raise RuntimeError(f"fvcore has no FLOP handle for {uncounted}: the count would leave these products "
-                           "out; add a handle in harness/flops.py")
+        raise RuntimeError(
+            f"fvcore has no FLOP handle for {uncounted}: the count would leave these products "
+            "out; add a handle in harness/flops.py"
+        )
     sums = {"attention": 0, "ffn": 0, "lm_head": 0}
     for name, flops in by_module.items():
         category = _category(name) if name else None
@@ -117,17 +123,29 @@ def count_dense_flops_cached(model, input_ids: torch.Tensor, cache_dir=None) -> 
     from importlib import metadata
 
     from factorllm_core import factorized_layers
-
     from harness.assets.cache import default_cache_root
     from reports.record import write_json_atomic
 
     if factorized_layers(model):
-        raise ValueError("count_dense_flops_cached counts dense models only: routing makes a factorized "
-                         "model's FLOPs depend on its weights")
-    key = json.dumps([model.config.to_json_string(use_diff=False), str(next(model.parameters()).dtype),
-                      input_ids.tolist(), COUNTING_CONVENTION, metadata.version("fvcore"), torch.__version__])
-    path = (default_cache_root() if cache_dir is None else Path(cache_dir)) / "flops" / \
-        f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        raise ValueError(
+            "count_dense_flops_cached counts dense models only: routing makes a factorized "
+            "model's FLOPs depend on its weights"
+        )
+    key = json.dumps(
+        [
+            model.config.to_json_string(use_diff=False),
+            str(next(model.parameters()).dtype),
+            input_ids.tolist(),
+            COUNTING_CONVENTION,
+            metadata.version("fvcore"),
+            torch.__version__,
+        ]
+    )
+    path = (
+        (default_cache_root() if cache_dir is None else Path(cache_dir))
+        / "flops"
+        / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    )
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # absent or unreadable: count again

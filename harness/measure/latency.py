@@ -15,7 +15,6 @@ from contextlib import ExitStack
 import torch
 
 from factorllm_core import factorized_layers, use_dispatch
-
 from harness.config import LatencyConfig
 
 
@@ -59,10 +58,13 @@ class _Runner:
 def measure_latency(models: dict, input_ids: torch.Tensor, config: LatencyConfig, device: str) -> dict:
     """models: {name: model}; input_ids: (1, >= prefill_len) real text -> {name: result}.
     Factorized models dispatch with `config.dispatch` while timed."""
-    prompt = input_ids[:, :config.prefill_len].repeat(config.batch_size, 1).to(device)
+    prompt = input_ids[:, : config.prefill_len].repeat(config.batch_size, 1).to(device)
     runners = {name: _Runner(model, prompt, config, device) for name, model in models.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") \
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
+    )
     prefill = {name: [] for name in runners}
     decode = {name: [] for name in runners}
     with ExitStack() as stack:
@@ -75,8 +77,10 @@ def measure_latency(models: dict, input_ids: torch.Tensor, config: LatencyConfig
                 if repeat >= config.warmup:
                     prefill[name].append(p)
                     decode[name].append(d)
-    return {name: _result(prefill[name], decode[name], prompt, config, device, _dispatch_used(models[name]))
-            for name in runners}
+    return {
+        name: _result(prefill[name], decode[name], prompt, config, device, _dispatch_used(models[name]))
+        for name in runners
+    }
 
 
 def _dispatch_used(model) -> list[str] | None:
@@ -86,15 +90,28 @@ def _dispatch_used(model) -> list[str] | None:
     return sorted({layer.experts.last_dispatch for _, layer in layers}) if layers else None
 
 
-def _result(prefill_rounds: list[float], decode_rounds: list[float], prompt: torch.Tensor,
-            config: LatencyConfig, device: str, dispatch: list[str] | None) -> dict:
+def _result(
+    prefill_rounds: list[float],
+    decode_rounds: list[float],
+    prompt: torch.Tensor,
+    config: LatencyConfig,
+    device: str,
+    dispatch: list[str] | None,
+) -> dict:
     """Medians, and every round's time (rounds are interleaved across models, so
     round i of two models can be paired for a per-round ratio)."""
     prefill_s, decode_s = statistics.median(prefill_rounds), statistics.median(decode_rounds)
-    return {"prefill_tokens_per_s": prompt.numel() / prefill_s, "prefill_ms": prefill_s * 1e3,
-            "decode_ms_per_token": decode_s / config.decode_tokens * 1e3,
-            "prefill_ms_rounds": [t * 1e3 for t in prefill_rounds],
-            "decode_ms_per_token_rounds": [t / config.decode_tokens * 1e3 for t in decode_rounds],
-            "batch_size": config.batch_size, "prefill_len": int(prompt.shape[1]),
-            "decode_tokens": config.decode_tokens, "repeats": config.repeats, "device": device,
-            "interleaved": True, "dispatch": dispatch}
+    return {
+        "prefill_tokens_per_s": prompt.numel() / prefill_s,
+        "prefill_ms": prefill_s * 1e3,
+        "decode_ms_per_token": decode_s / config.decode_tokens * 1e3,
+        "prefill_ms_rounds": [t * 1e3 for t in prefill_rounds],
+        "decode_ms_per_token_rounds": [t / config.decode_tokens * 1e3 for t in decode_rounds],
+        "batch_size": config.batch_size,
+        "prefill_len": int(prompt.shape[1]),
+        "decode_tokens": config.decode_tokens,
+        "repeats": config.repeats,
+        "device": device,
+        "interleaved": True,
+        "dispatch": dispatch,
+    }

@@ -6,9 +6,20 @@ import itertools
 import pytest
 import torch
 
-from factorllm_core import (FactorConfig, LabelContext, PSEUDO_LABELS, ROUTER_INITS, Router, calibrate,
-                            collect_aux, defactorize, factorize, factorized_layers, load_factorized,
-                            save_factorized)
+from factorllm_core import (
+    PSEUDO_LABELS,
+    ROUTER_INITS,
+    FactorConfig,
+    LabelContext,
+    Router,
+    calibrate,
+    collect_aux,
+    defactorize,
+    factorize,
+    factorized_layers,
+    load_factorized,
+    save_factorized,
+)
 
 
 def sequences(n=3, length=16, seed=2):
@@ -22,12 +33,21 @@ def calibrated(model, config, seqs=None):
 
 
 # Every calibrated option at K = N (all routed experts chosen, shared ones on) is the dense model.
-FULL = [dict(n_experts=4, top_k=4, combine="unscaled"),
-        dict(n_experts=4, top_k=4, combine="mean_comp"),
-        dict(n_experts=3, top_k=3, n_shared=1, combine="unscaled", partition="coact"),
-        dict(n_experts=2, top_k=2, n_shared=2, combine="mean_comp", partition="coact", router_init="fit",
-             pseudo_label="min_recon"),
-        dict(n_experts=3, top_k=3, n_shared=1, combine="scaled", partition="cluster")]
+FULL = [
+    dict(n_experts=4, top_k=4, combine="unscaled"),
+    dict(n_experts=4, top_k=4, combine="mean_comp"),
+    dict(n_experts=3, top_k=3, n_shared=1, combine="unscaled", partition="coact"),
+    dict(
+        n_experts=2,
+        top_k=2,
+        n_shared=2,
+        combine="mean_comp",
+        partition="coact",
+        router_init="fit",
+        pseudo_label="min_recon",
+    ),
+    dict(n_experts=3, top_k=3, n_shared=1, combine="scaled", partition="cluster"),
+]
 
 
 @pytest.mark.parametrize("options", FULL, ids=lambda o: "-".join(f"{v}" for v in o.values()))
@@ -50,8 +70,14 @@ def test_mean_comp_adds_the_unchosen_experts_calibration_means(tiny_model_factor
     with torch.no_grad():
         routing = layer.router(x)
         outputs = layer.experts.all_outputs(x)  # (5, 4, 64)
-        want = torch.stack([outputs[t, routing.indices[t, 0]] + layer.unchosen_mean.sum(0)
-                            - layer.unchosen_mean[routing.indices[t, 0]] for t in range(5)])
+        want = torch.stack(
+            [
+                outputs[t, routing.indices[t, 0]]
+                + layer.unchosen_mean.sum(0)
+                - layer.unchosen_mean[routing.indices[t, 0]]
+                for t in range(5)
+            ]
+        )
         assert torch.allclose(layer(x), want, atol=1e-5)
 
 
@@ -88,8 +114,10 @@ def test_calibration_is_deterministic_and_keeps_every_ffn_input(tiny_model_facto
     assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
 
 
-@pytest.mark.parametrize("options", [dict(partition="coact"), dict(n_shared=1, n_experts=3),
-                                     dict(combine="mean_comp"), dict(router_init="fit")])
+@pytest.mark.parametrize(
+    "options",
+    [dict(partition="coact"), dict(n_shared=1, n_experts=3), dict(combine="mean_comp"), dict(router_init="fit")],
+)
 def test_options_that_need_calibration_refuse_to_build_without(tiny_model_factory, options):
     config = FactorConfig(**({"n_experts": 4, "top_k": 1} | options))
     assert config.needs_calibration
@@ -97,13 +125,19 @@ def test_options_that_need_calibration_refuse_to_build_without(tiny_model_factor
         factorize(tiny_model_factory("llama"), config)
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    (dict(n_experts=4, top_k=1, n_shared=-1), r"n_shared=-1 must be in"),
-    (dict(n_experts=4, top_k=1, router_init="kmeans"), r"router_init='kmeans' is not a known router init; "
-                                                      r"allowed: fit, random"),
-    (dict(n_experts=4, top_k=1, router_init="fit", router_mode="random"), r"never uses"),
-    (dict(n_experts=32, top_k=16, pseudo_label="min_recon"), r"C\(32, 16\) = 601,080,390 exceeds"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(n_experts=4, top_k=1, n_shared=-1), r"n_shared=-1 must be in"),
+        (
+            dict(n_experts=4, top_k=1, router_init="kmeans"),
+            r"router_init='kmeans' is not a known router init; "
+            r"allowed: fit, random",
+        ),
+        (dict(n_experts=4, top_k=1, router_init="fit", router_mode="random"), r"never uses"),
+        (dict(n_experts=32, top_k=16, pseudo_label="min_recon"), r"C\(32, 16\) = 601,080,390 exceeds"),
+    ],
+)
 def test_new_options_are_validated(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         FactorConfig(**kwargs)
@@ -129,11 +163,13 @@ def test_min_recon_finds_the_planted_best_subset():
     for context in (LabelContext(2.0), LabelContext(1.0, means)):
         labels = PSEUDO_LABELS.get("min_recon")(outputs, 2, context)
         for t in range(2):
-            def error(subset):
+
+            def error(subset, context=context, t=t):
                 y = context.chosen_weight * outputs[t, list(subset)].sum(0)
                 if context.unchosen_mean is not None:
                     y = y + context.unchosen_mean[[e for e in range(4) if e not in subset]].sum(0)
                 return float((y - outputs[t].sum(0)).pow(2).sum())
+
             errors = sorted(error(s) for s in itertools.combinations(range(4), 2))
             assert errors[0] < errors[-1]  # the subsets do differ
             assert error(labels[t].nonzero().flatten().tolist()) <= errors[0] + 1e-5
@@ -161,8 +197,11 @@ def test_fitted_router_recovers_a_planted_routing():
 
 def test_router_fit_on_a_real_layer_beats_chance_and_is_reported(tiny_model_factory):
     model = tiny_model_factory("llama")
-    report = calibrated(model, FactorConfig(n_experts=4, top_k=1, router_init="fit", pseudo_label="min_recon",
-                                            combine="unscaled"), sequences(n=8, length=64))
+    report = calibrated(
+        model,
+        FactorConfig(n_experts=4, top_k=1, router_init="fit", pseudo_label="min_recon", combine="unscaled"),
+        sequences(n=8, length=64),
+    )
     fit = report.router_fit
     assert set(fit) >= {"heldout_overlap", "fit_overlap", "chance_overlap"} and fit["chance_overlap"] == 0.25
     assert fit["fit_overlap"] > 0.5
@@ -170,8 +209,15 @@ def test_router_fit_on_a_real_layer_beats_chance_and_is_reported(tiny_model_fact
 
 def test_calibrated_model_trains_and_round_trips(tmp_path, tiny_model_factory, token_ids):
     model = tiny_model_factory("llama")
-    config = FactorConfig(n_experts=3, top_k=1, n_shared=1, partition="coact", combine="mean_comp",
-                          router_init="fit", pseudo_label="min_recon")
+    config = FactorConfig(
+        n_experts=3,
+        top_k=1,
+        n_shared=1,
+        partition="coact",
+        combine="mean_comp",
+        router_init="fit",
+        pseudo_label="min_recon",
+    )
     calibrated(model, config)
     model.train()
     with collect_aux(model) as aux:

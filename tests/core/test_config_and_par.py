@@ -1,24 +1,33 @@
 import pytest
 import torch
 
-from factorllm_core import FactorConfig, PSEUDO_LABELS, RoutingStats, balance_loss, pa_loss
+from factorllm_core import PSEUDO_LABELS, FactorConfig, RoutingStats, balance_loss, pa_loss
 from factorllm_core.router import Routing
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    (dict(n_experts=4, top_k=5), r"top_k=5 must satisfy 1 <= top_k <= n_experts=4"),
-    (dict(n_experts=4, top_k=0), r"top_k=0 must satisfy"),
-    (dict(n_experts=0, top_k=1), r"n_experts=0 must be in \[1, 4096\]"),
-    (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers=0 must be in \[1, 64\]"),
-    (dict(n_experts=4, top_k=1.5), r"top_k=1.5 must be an integer"),
-    (dict(n_experts=4, top_k=1, partition="kmeans"),
-     r"partition='kmeans' is not a known partition; allowed: cluster, coact, contiguous, random"),
-    (dict(n_experts=4, top_k=1, combine="sum"),
-     r"combine='sum' is not a known combine; allowed: mean_comp, scaled, unscaled, weighted"),
-    (dict(n_experts=4, top_k=1, router_mode="learned"),
-     r"router_mode='learned' is not a known router mode; allowed: frozen, lm_only, par, random"),
-    (dict(n_experts=4, top_k=1, pseudo_label="oracle"), r"pseudo_label='oracle' is not a known"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(n_experts=4, top_k=5), r"top_k=5 must satisfy 1 <= top_k <= n_experts=4"),
+        (dict(n_experts=4, top_k=0), r"top_k=0 must satisfy"),
+        (dict(n_experts=0, top_k=1), r"n_experts=0 must be in \[1, 4096\]"),
+        (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers=0 must be in \[1, 64\]"),
+        (dict(n_experts=4, top_k=1.5), r"top_k=1.5 must be an integer"),
+        (
+            dict(n_experts=4, top_k=1, partition="kmeans"),
+            r"partition='kmeans' is not a known partition; allowed: cluster, coact, contiguous, random",
+        ),
+        (
+            dict(n_experts=4, top_k=1, combine="sum"),
+            r"combine='sum' is not a known combine; allowed: mean_comp, scaled, unscaled, weighted",
+        ),
+        (
+            dict(n_experts=4, top_k=1, router_mode="learned"),
+            r"router_mode='learned' is not a known router mode; allowed: frozen, lm_only, par, random",
+        ),
+        (dict(n_experts=4, top_k=1, pseudo_label="oracle"), r"pseudo_label='oracle' is not a known"),
+    ],
+)
 def test_invalid_config_names_field_value_and_allowed(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         FactorConfig(**kwargs)
@@ -92,12 +101,15 @@ def test_router_equals_the_plain_formula(n_routers, top_k):
     and the top-K of the mean, with gradients reaching the gate."""
     from factorllm_core.router import Router
 
-    router = Router(hidden_size=24, n_experts=4, n_routers=n_routers, top_k=top_k,
-                    mode="par", combine="weighted", seed=0)
+    router = Router(
+        hidden_size=24, n_experts=4, n_routers=n_routers, top_k=top_k, mode="par", combine="weighted", seed=0
+    )
     torch.nn.init.normal_(router.gate.weight, std=0.5)
     x = torch.randn(37, 24, generator=torch.Generator().manual_seed(2))
     routing = router(x)
-    expected_router = torch.nn.functional.linear(x, router.gate.weight, router.gate.bias).view(37, n_routers, 4).softmax(-1)
+    expected_router = (
+        torch.nn.functional.linear(x, router.gate.weight, router.gate.bias).view(37, n_routers, 4).softmax(-1)
+    )
     expected = expected_router.mean(dim=1)
     torch.testing.assert_close(routing.router_probs, expected_router)
     torch.testing.assert_close(routing.probs, expected)

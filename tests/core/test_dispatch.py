@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-
-from factorllm_core import DISPATCH
-
 from dispatch_cases import make_experts, routing
 
+from factorllm_core import DISPATCH
 
 FAST_PATHS = ("sorted", "grouped")
 
@@ -63,6 +61,7 @@ def test_training_keeps_each_experts_slots_in_token_order(top_k):
     order: training sorts stably, so a trained result does not depend on the sort
     (at 4,096 slots the unstable CPU sort, used at inference, reorders them)."""
     from factorllm_core.experts import SortedSlots
+
     indices = torch.randint(0, 4, (4096, top_k), generator=torch.Generator().manual_seed(0))
 
     def in_token_order(slots):
@@ -111,6 +110,7 @@ def test_grouped_never_reads_device_data_on_the_host():
 
 def test_auto_picks_by_device_and_dtype(monkeypatch):
     from factorllm_core.experts import auto_dispatch
+
     assert auto_dispatch(torch.zeros(2, 2), torch.float32) == "sorted"
     assert auto_dispatch(torch.zeros(2, 2, dtype=torch.bfloat16), torch.bfloat16) == "sorted"  # CPU
 
@@ -157,6 +157,7 @@ def test_auto_uses_the_fast_path_and_reference_stays_selectable(monkeypatch):
 def test_sorted_inference_in_cache_blocks_equals_reference(top_k, monkeypatch):
     """CPU inference splits the tokens into blocks; force 5 uneven ones (53 tokens)."""
     import factorllm_core.experts as experts_module
+
     monkeypatch.setattr(experts_module, "CPU_BLOCK_BYTES", -(-53 * top_k * 48 * 4 // 5))  # 5 blocks
     experts = make_experts(top_k=top_k)
     x = torch.randn(53, 48, generator=torch.Generator().manual_seed(11))
@@ -180,8 +181,11 @@ def test_sorted_inference_folds_a_uniform_combine_weight_into_the_down_gemm(top_
     indices, random_weights = routing(40, 4, top_k)
     scales = []
     original = experts.expert_forward
-    monkeypatch.setattr(experts, "expert_forward", lambda e, part, scale=None, out=None:
-                        scales.append(scale) or original(e, part, scale, out=out))
+    monkeypatch.setattr(
+        experts,
+        "expert_forward",
+        lambda e, part, scale=None, out=None: scales.append(scale) or original(e, part, scale, out=out),
+    )
     for weights, scale_type in ((torch.full((40, top_k), 4 / top_k), float), (random_weights, torch.Tensor)):
         with torch.no_grad():
             expected = DISPATCH.get("reference")(experts, x, indices, weights)
@@ -208,6 +212,7 @@ def test_sorted_decode_sized_inference_skips_the_sort_and_equals_reference(n_tok
     """At <= DECODE_SLOTS (token, slot) pairs inference runs each chosen expert directly;
     one pair more goes back to the sorted blocks."""
     import factorllm_core.experts as experts_module
+
     experts = make_experts(top_k=top_k)
     x = torch.randn(n_tokens, 48, generator=torch.Generator().manual_seed(n_tokens))
     indices, weights = routing(n_tokens, 4, top_k)
@@ -223,9 +228,12 @@ def test_sorted_decode_sized_inference_skips_the_sort_and_equals_reference(n_tok
         assert blocks == []
         x_more = torch.randn(17, 48)
         indices_more, weights_more = routing(17, 4, 1)
-        torch.testing.assert_close(DISPATCH.get("sorted")(experts, x_more, indices_more, weights_more),
-                                   DISPATCH.get("reference")(experts, x_more, indices_more, weights_more),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            DISPATCH.get("sorted")(experts, x_more, indices_more, weights_more),
+            DISPATCH.get("reference")(experts, x_more, indices_more, weights_more),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         assert blocks == [1]
 
 

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from factorllm_core import (FactorConfig, collect_aux, factorize, factorized_layers, use_dispatch,
-                            load_factorized, save_factorized)
+from factorllm_core import (
+    FactorConfig,
+    collect_aux,
+    factorize,
+    factorized_layers,
+    load_factorized,
+    save_factorized,
+    use_dispatch,
+)
 
 
 @pytest.mark.parametrize("partition", ["contiguous", "random", "cluster"])
@@ -229,5 +236,4 @@ def test_router_losses_are_summed_over_layers(tiny_model_factory, token_ids):
     per_layer = [aux.pa_loss for _, aux in collector.records]
     assert len(per_layer) == 2
     torch.testing.assert_close(collector.pa_loss(), per_layer[0] + per_layer[1])
-    torch.testing.assert_close(collector.balance_loss(),
-                               sum(aux.balance_loss for _, aux in collector.records))
+    torch.testing.assert_close(collector.balance_loss(), sum(aux.balance_loss for _, aux in collector.records))

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dispatch_cases import make_experts, routing
 
 from factorllm_core import DISPATCH
-
-from dispatch_cases import make_experts, routing
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -41,8 +40,14 @@ INTERPRETED_CHECK = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton)")
 def test_fused_kernels_equal_reference_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, cwd=Path(__file__).parents[1],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED_CHECK],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     errors = eval(done.stdout.strip().splitlines()[-1], {})  # a list of floats printed above
     assert len(errors) == 5 and all(e < 1e-5 for e in errors), errors

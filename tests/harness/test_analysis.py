@@ -21,11 +21,15 @@ def test_churn_counts_tokens_whose_expert_set_changed():
 
 
 def test_monitor_series_on_a_scripted_routing_sequence(monkeypatch):
-    script = iter([picks([0], [1], [2], [3]),   # start
-                   picks([1], [1], [2], [3]),   # step 2: 1 of 4 changed
-                   picks([1], [0], [3], [3]),   # step 4: 2 of 4
-                   picks([1], [0], [3], [3]),   # step 6: none
-                   picks([2], [2], [2], [2])])  # step 7 (last): all 4
+    script = iter(
+        [
+            picks([0], [1], [2], [3]),  # start
+            picks([1], [1], [2], [3]),  # step 2: 1 of 4 changed
+            picks([1], [0], [3], [3]),  # step 4: 2 of 4
+            picks([1], [0], [3], [3]),  # step 6: none
+            picks([2], [2], [2], [2]),
+        ]
+    )  # step 7 (last): all 4
     monkeypatch.setattr(analysis, "chosen_experts", lambda model, ids, device: next(script))
     monitor = ChurnMonitor(model=None, probe_ids=None, device="cpu", every=2)
     monitor.start()

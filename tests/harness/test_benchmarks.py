@@ -2,11 +2,29 @@
 
 import pytest
 
-from harness.eval.benchmarks import (BENCHMARKS, CHANCE_RULES, TASK_SET, item_outcomes, local_sizes, resolve_task_names,
-                                sample_plan, sample_rows, stratified_limits, task_manager, task_specs)
+from harness.eval.benchmarks import (
+    BENCHMARKS,
+    CHANCE_RULES,
+    TASK_SET,
+    item_outcomes,
+    local_sizes,
+    resolve_task_names,
+    sample_plan,
+    sample_rows,
+    stratified_limits,
+    task_manager,
+    task_specs,
+)
 
-FULL_SIZES = {"hellaswag": 10042, "openbookqa": 500, "winogrande": 1267, "arc_easy": 2376,
-              "arc_challenge": 1172, "boolq": 3270, "piqa": 1838}
+FULL_SIZES = {
+    "hellaswag": 10042,
+    "openbookqa": 500,
+    "winogrande": 1267,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "boolq": 3270,
+    "piqa": 1838,
+}
 
 # First evaluated row of each benchmark: (prompt start, target index, first choice start)
 FIRST_ROWS = {
@@ -40,8 +58,10 @@ def test_prompt_and_target_of_the_first_real_row(name):
 def test_winogrande_uses_lm_eval_partial_scoring():
     task = task_manager().load(task_specs("winogrande", rows={"winogrande": [0]}))["tasks"]["winogrande"]
     doc = task.eval_docs[0]
-    assert task.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah",
-                                       "Sarah was a much better surgeon than Maria so Maria"]
+    assert task.doc_to_choice(doc) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
     assert task.doc_to_target(doc).strip() == "always got the easier cases."
 
 
@@ -80,7 +100,8 @@ def test_sampled_rows_are_seeded_random_and_stable():
     assert sample_rows(20, 30, 0, "x") == list(range(20)) == sample_rows(20, None, 0, "x")
     # pinned: a change of sampler would silently change every sweep's items
     assert sample_rows(100, 5, seed=0, key="k") == [51, 64, 67, 82, 86] or pytest.fail(
-        f"sampler changed: {sample_rows(100, 5, seed=0, key='k')}")
+        f"sampler changed: {sample_rows(100, 5, seed=0, key='k')}"
+    )
 
 
 def test_sampled_rows_are_the_rows_lm_eval_evaluates():
@@ -92,15 +113,31 @@ def test_sampled_rows_are_the_rows_lm_eval_evaluates():
 
 def test_item_outcomes_from_logged_samples():
     def sample(doc_id, lls, conts, correct, target):
-        return {"doc_id": doc_id, "filtered_resps": [(ll, False) for ll in lls], "target": target,
-                "arguments": [("ctx", c) for c in conts], "acc_norm": correct, "acc": correct}
+        return {
+            "doc_id": doc_id,
+            "filtered_resps": [(ll, False) for ll in lls],
+            "target": target,
+            "arguments": [("ctx", c) for c in conts],
+            "acc_norm": correct,
+            "acc": correct,
+        }
 
-    samples = {"arc_easy": [sample(1, [-9.0, -4.0, -6.0], [" a", " bb", " c"], 0, 0),  # acc_norm: -2 per char
-                            sample(0, [-1.0, -8.0, -6.0], [" a", " b", " c"], 1, 0)]}
+    samples = {
+        "arc_easy": [
+            sample(1, [-9.0, -4.0, -6.0], [" a", " bb", " c"], 0, 0),  # acc_norm: -2 per char
+            sample(0, [-1.0, -8.0, -6.0], [" a", " b", " c"], 1, 0),
+        ]
+    }
     items = item_outcomes("arc_easy", samples, {"arc_easy": [7, 42]})
-    assert items == {"id": ["7", "42"], "correct": [1, 0], "pred": [0, 1], "gold": [0, 0], "n_choices": [3, 3],
-                     "lls": [[-1.0, -8.0, -6.0], [-9.0, -4.0, -6.0]],
-                     "scores": [[-0.5, -4.0, -3.0], [-4.5, -4 / 3, -3.0]]}  # per character of " a", " bb", ...
+    assert items == {
+        "id": ["7", "42"],
+        "correct": [1, 0],
+        "pred": [0, 1],
+        "gold": [0, 0],
+        "n_choices": [3, 3],
+        "lls": [[-1.0, -8.0, -6.0], [-9.0, -4.0, -6.0]],
+        "scores": [[-0.5, -4.0, -3.0], [-4.5, -4 / 3, -3.0]],
+    }  # per character of " a", " bb", ...
     winogrande = {"winogrande": [sample(0, [-3.0, -5.0], ["x", "x"], 0, "x")]}  # a text target
     assert item_outcomes("winogrande", winogrande, {"winogrande": None})["gold"] == [1]
 
@@ -126,8 +163,15 @@ def test_fewshot_without_a_separate_split_is_refused():
 def test_task_set_is_the_eight_benchmarks_with_their_headline_metrics():
     assert len(TASK_SET) == 8 and set(TASK_SET) == set(BENCHMARKS.names())
     assert {n: BENCHMARKS.get(n).metric for n in TASK_SET} == {
-        "hellaswag": "acc_norm", "openbookqa": "acc_norm", "winogrande": "acc", "arc_easy": "acc_norm",
-        "arc_challenge": "acc_norm", "boolq": "acc", "piqa": "acc_norm", "mmlu": "acc"}
+        "hellaswag": "acc_norm",
+        "openbookqa": "acc_norm",
+        "winogrande": "acc",
+        "arc_easy": "acc_norm",
+        "arc_challenge": "acc_norm",
+        "boolq": "acc",
+        "piqa": "acc_norm",
+        "mmlu": "acc",
+    }
     assert resolve_task_names("piqa,arc_easy") == ["arc_easy", "piqa"]
     with pytest.raises(ValueError, match=r"tasks='squad' is not a known benchmark"):
         resolve_task_names("squad")
@@ -136,13 +180,34 @@ def test_task_set_is_the_eight_benchmarks_with_their_headline_metrics():
 def test_mmlu_group_aggregate_and_stderr_fallback():
     from harness.eval.benchmarks import _parse
 
-    out = {"results": {"mmlu_a": {"acc,none": 1.0, "acc_stderr,none": "N/A"},
-                       "mmlu_b": {"acc,none": 0.25, "acc_stderr,none": 0.25}},
-           "n-samples": {"mmlu_a": {"effective": 1}, "mmlu_b": {"effective": 4}}}
-    out["samples"] = {"mmlu_a": [{"doc_id": 0, "filtered_resps": [(-1.0, False), (-2.0, False)], "target": 0,
-                                  "arguments": [("q", " A"), ("q", " B")], "acc": 1}],
-                      "mmlu_b": [{"doc_id": i, "filtered_resps": [(-1.0, False), (-2.0, False)], "target": int(i > 0),
-                                  "arguments": [("q", " A"), ("q", " B")], "acc": int(i == 0)} for i in range(4)]}
+    out = {
+        "results": {
+            "mmlu_a": {"acc,none": 1.0, "acc_stderr,none": "N/A"},
+            "mmlu_b": {"acc,none": 0.25, "acc_stderr,none": 0.25},
+        },
+        "n-samples": {"mmlu_a": {"effective": 1}, "mmlu_b": {"effective": 4}},
+    }
+    out["samples"] = {
+        "mmlu_a": [
+            {
+                "doc_id": 0,
+                "filtered_resps": [(-1.0, False), (-2.0, False)],
+                "target": 0,
+                "arguments": [("q", " A"), ("q", " B")],
+                "acc": 1,
+            }
+        ],
+        "mmlu_b": [
+            {
+                "doc_id": i,
+                "filtered_resps": [(-1.0, False), (-2.0, False)],
+                "target": int(i > 0),
+                "arguments": [("q", " A"), ("q", " B")],
+                "acc": int(i == 0),
+            }
+            for i in range(4)
+        ],
+    }
     result = _parse("mmlu", out, 1.0, {"mmlu_a": None, "mmlu_b": None})
     assert result.items["id"] == ["a/0", "b/0", "b/1", "b/2", "b/3"] and result.chance == pytest.approx(0.5)
     assert result.n == 5 and result.value == pytest.approx((1.0 + 4 * 0.25) / 5)  # weighted by size

@@ -7,13 +7,11 @@ import os
 import subprocess
 import sys
 import time
-
-import pytest
 from pathlib import Path
 
-import yaml
-
+import pytest
 import sweep_assets
+import yaml
 
 ROOT = Path(__file__).parents[2]
 
@@ -47,9 +45,14 @@ def test_a_sweep_on_a_two_node_cluster_runs_trials_on_both_nodes(assets, tmp_pat
     text = yaml.safe_load(grid.read_text())
     text["resources"]["max_concurrent_trials"] = 2  # one trial per node at a time (1 CPU each)
     grid.write_text(yaml.safe_dump(text))
-    result = subprocess.run([sys.executable, "-m", "harness.sweep", str(grid), "--address", two_node_cluster.address],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                            timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.sweep", str(grid), "--address", two_node_cluster.address],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/record.json")]
     assert len(records) == 4 and all(r["status"] == "completed" for r in records)

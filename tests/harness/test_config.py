@@ -14,9 +14,15 @@ def test_shipped_trial_yaml_validates(path):
 
 def test_every_problem_is_reported_with_field_and_value():
     with pytest.raises(ConfigError) as error:
-        TrialConfig.from_dict({"modle": "x", "factor": {"n_experts": 4, "top_k": 5},
-                               "train": {"seq_len": "long"}, "eval": {"tasks": ["squad"]},
-                               "latency": {"repeats": 0}})
+        TrialConfig.from_dict(
+            {
+                "modle": "x",
+                "factor": {"n_experts": 4, "top_k": 5},
+                "train": {"seq_len": "long"},
+                "eval": {"tasks": ["squad"]},
+                "latency": {"repeats": 0},
+            }
+        )
     problems = error.value.problems
     assert len(problems) == 5
     assert any(p.startswith("modle: unknown key; allowed: model,") for p in problems)
@@ -49,8 +55,10 @@ def test_ids_are_pinned_and_the_default_dispatch_leaves_them_alone():
 
 
 def test_latency_dispatch_must_name_a_path():
-    with pytest.raises(ConfigError, match="latency.dispatch: 'fast' is not a dispatch path; "
-                                          "allowed: auto, fused, grouped, reference, sorted"):
+    with pytest.raises(
+        ConfigError,
+        match="latency.dispatch: 'fast' is not a dispatch path; allowed: auto, fused, grouped, reference, sorted",
+    ):
         TrialConfig.from_dict({"latency": {"dispatch": "fast"}})
 
 
@@ -67,8 +75,13 @@ def test_heldout_text_must_not_be_the_training_corpus(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("words")
     with pytest.raises(ConfigError, match="is also train.corpus"):  # one file, two spellings
-        TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "train": {"corpus": str(text)},
-                               "eval": {"heldout_text": str(tmp_path / "." / "t.txt")}})
+        TrialConfig.from_dict(
+            {
+                "factor": {"n_experts": 4, "top_k": 2},
+                "train": {"corpus": str(text)},
+                "eval": {"heldout_text": str(tmp_path / "." / "t.txt")},
+            }
+        )
     assert TrialConfig.from_dict({"train": {"corpus": "lee-news"}}).is_dense  # dense trials do not train
 
 
@@ -86,13 +99,23 @@ def test_the_scoring_lm_is_checked_and_part_of_the_id():
     assert TrialConfig.from_dict({"eval": {"lm": "hflm"}}).trial_id != TrialConfig().trial_id
 
 
-CALIBRATED = {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
-              "router_init": "fit", "pseudo_label": "min_recon"}
+CALIBRATED = {
+    "n_experts": 3,
+    "top_k": 1,
+    "n_shared": 1,
+    "combine": "mean_comp",
+    "partition": "coact",
+    "router_init": "fit",
+    "pseudo_label": "min_recon",
+}
 
 
 def test_calibration_options_and_their_tokens_must_go_together():
-    with pytest.raises(ConfigError, match=r"train.calibration_tokens: 0, but factor 1R3E1K1S .* needs a "
-                                          r"calibration pass"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.calibration_tokens: 0, but factor 1R3E1K1S .* needs a "
+        r"calibration pass",
+    ):
         TrialConfig.from_dict({"factor": CALIBRATED})
     with pytest.raises(ConfigError, match=r"train.calibration_tokens: 512, but factor 1R4E2K uses no calibrated"):
         TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "train": {"calibration_tokens": 512}})
@@ -105,14 +128,17 @@ def test_calibration_options_and_their_tokens_must_go_together():
     with pytest.raises(ConfigError, match=r"train.lambda_kd: -1.0 must be >= 0"):
         TrialConfig.from_dict({"train": {"lambda_kd": -1}})
     with pytest.raises(ConfigError, match=r"factor.router_init='fit' fits a router that router_mode='random' never"):
-        TrialConfig.from_dict({"factor": {**CALIBRATED, "router_mode": "random"},
-                               "train": {"calibration_tokens": 512}})
+        TrialConfig.from_dict({"factor": {**CALIBRATED, "router_mode": "random"}, "train": {"calibration_tokens": 512}})
 
 
 def test_recipe_options_change_the_id_and_the_label_but_defaults_do_not():
     base = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
-    explicit = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2, "n_shared": 0, "router_init": "random"},
-                                      "train": {"calibration_tokens": 0, "lambda_kd": 0, "lambda_lm": 1}})
+    explicit = TrialConfig.from_dict(
+        {
+            "factor": {"n_experts": 4, "top_k": 2, "n_shared": 0, "router_init": "random"},
+            "train": {"calibration_tokens": 0, "lambda_kd": 0, "lambda_lm": 1},
+        }
+    )
     assert explicit.trial_id == base.trial_id == "1R4E2K-dd91613f35" and base.recipe == ""
     best = TrialConfig.from_dict({"factor": CALIBRATED, "train": {"calibration_tokens": 4096, "lambda_kd": 1}})
     assert best.trial_id.startswith("1R3E1K1S-") and best.factor.active_fraction == 0.5

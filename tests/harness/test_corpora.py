@@ -51,9 +51,11 @@ def test_unknown_corpus_lists_the_choices():
 
 
 def test_wiki_markup_is_stripped():
-    text = ("'''Alan''' was a [[mathematician|scientist]] from {{Country|UK}}.<ref>Source</ref>\n"
-            "== Life ==\n* Born in [[London]].\n[[File:Alan.jpg|thumb|A [[photo]]]]\n"
-            "{| class=wikitable\n| cell\n|}\n[[Category:People]]")
+    text = (
+        "'''Alan''' was a [[mathematician|scientist]] from {{Country|UK}}.<ref>Source</ref>\n"
+        "== Life ==\n* Born in [[London]].\n[[File:Alan.jpg|thumb|A [[photo]]]]\n"
+        "{| class=wikitable\n| cell\n|}\n[[Category:People]]"
+    )
     assert strip_wiki_markup(text) == "Alan was a scientist from .\nLife\nBorn in London."
 
 

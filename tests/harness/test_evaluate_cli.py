@@ -5,13 +5,16 @@ import pytest
 from harness.eval import cli as evaluate
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--limit", "0"], "--limit 0 must be >= 1"),
-    (["--tasks", ""], "--tasks '' names no benchmark"),
-    (["--tasks", " , "], "names no benchmark"),
-    (["--tasks", "squad"], "tasks='squad' is not a known benchmark"),
-    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--limit", "0"], "--limit 0 must be >= 1"),
+        (["--tasks", ""], "--tasks '' names no benchmark"),
+        (["--tasks", " , "], "names no benchmark"),
+        (["--tasks", "squad"], "tasks='squad' is not a known benchmark"),
+        (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    ],
+)
 def test_bad_arguments_exit_2_before_loading(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit) as exit_info:

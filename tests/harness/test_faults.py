@@ -37,8 +37,9 @@ def test_a_corrupt_record_is_named_and_treated_as_missing(tmp_path, caplog):
 def test_collect_records_treats_a_corrupt_record_as_unfinished(tmp_path):
     from harness.grid import expand_grid
 
-    sweep = expand_grid({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]},
-                         "dense_baseline": False, "name": "s"})
+    sweep = expand_grid(
+        {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}, "dense_baseline": False, "name": "s"}
+    )
     (trial,) = sweep.trials
     path = sweep_module.trial_dir(trial, tmp_path, "s") / trial.trial_id / "record.json"
     path.parent.mkdir(parents=True)
@@ -65,8 +66,14 @@ def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
     from harness import train
 
-    monkeypatch.setattr(torch, "save", lambda state, path: (open(path, "wb").write(b"torn"), (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device"))))
+    monkeypatch.setattr(
+        torch,
+        "save",
+        lambda state, path: (
+            open(path, "wb").write(b"torn"),
+            (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+        ),
+    )
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -103,7 +110,9 @@ def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
 
 
 def test_a_failed_trial_shows_its_reason_in_the_progress_line():
-    result = sweep_module.tune_metrics({"status": "failed", "trial_id": "x", "error": "OSError: [Errno 28] " + "y" * 500})
+    result = sweep_module.tune_metrics(
+        {"status": "failed", "trial_id": "x", "error": "OSError: [Errno 28] " + "y" * 500}
+    )
     assert result["error"].startswith("OSError: [Errno 28] yyy") and len(result["error"]) == 200
 
 
@@ -120,8 +129,7 @@ def test_a_second_sweep_on_the_same_storage_and_name_is_refused(tmp_path):
 
 def test_the_sweep_command_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     grid = tmp_path / "g.yaml"
-    grid.write_text(f"name: locked\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
-                    f"top_k: [2]}}\n")
+    grid.write_text(f"name: locked\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], top_k: [2]}}\n")
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: pytest.fail("ran while locked"))
     lock = tmp_path / "locked" / ".sweep.lock"
     lock.parent.mkdir()
@@ -161,8 +169,7 @@ def test_a_damaged_ray_state_on_resume_says_what_to_do(tmp_path, capsys, monkeyp
     assert "cannot be restored (KeyError: 'params')" in str(error.value) and "without --resume" in str(error.value)
 
     grid = tmp_path / "g.yaml"
-    grid.write_text(f"name: broken\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
-                    f"top_k: [2]}}\n")
+    grid.write_text(f"name: broken\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], top_k: [2]}}\n")
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(error.value))
     assert sweep_module.main([str(grid), "--resume"]) == 2
     assert capsys.readouterr().err.startswith("error: Ray's experiment state in")
@@ -170,8 +177,7 @@ def test_a_damaged_ray_state_on_resume_says_what_to_do(tmp_path, capsys, monkeyp
 
 def test_a_full_disk_during_the_sweep_is_one_line(tmp_path, capsys, monkeypatch):
     grid = tmp_path / "g.yaml"
-    grid.write_text(f"name: full\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], "
-                    f"top_k: [2]}}\n")
+    grid.write_text(f"name: full\nstorage: {tmp_path}\naxes: {{model: [smollm2-135m], n_experts: [4], top_k: [2]}}\n")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -190,6 +196,7 @@ def test_retries_are_announced_in_one_line(capsys):
     trial.num_failures = 3
     progress.on_trial_error(0, [], trial)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["[sweep] 1R4E2K-abc: its worker failed; Ray retries it (failure 1 of at most 3), "
-                   "resuming from its checkpoint",
-                   "[sweep] 1R4E2K-abc: failed 3 time(s) in Ray; no retries left (failure.max_failures = 2)"]
+    assert out == [
+        "[sweep] 1R4E2K-abc: its worker failed; Ray retries it (failure 1 of at most 3), resuming from its checkpoint",
+        "[sweep] 1R4E2K-abc: failed 3 time(s) in Ray; no retries left (failure.max_failures = 2)",
+    ]

@@ -4,7 +4,7 @@ import torch
 from factorllm_core import FactorConfig, factorize
 from harness.measure.flops import count_flops
 
-H, I, LAYERS, HEADS, KV_HEADS, T, VOCAB = 64, 96, 2, 4, 2, 32, 128
+H, FFN, LAYERS, HEADS, KV_HEADS, T, VOCAB = 64, 96, 2, 4, 2, 32, 128
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def ids():
 def test_dense_counts_match_the_analytic_formula(tiny_model_factory, ids):
     flops = count_flops(tiny_model_factory("llama"), ids)
     head_dim = H // HEADS
-    ffn = LAYERS * 3 * H * I  # gate, up, down: one MAC per weight per token
+    ffn = LAYERS * 3 * H * FFN  # gate, up, down: one MAC per weight per token
     projections = LAYERS * (2 * H * H + 2 * H * KV_HEADS * head_dim)  # q, o and the smaller k, v
     scores = LAYERS * 2 * T * H  # QK^T and AV over the full T x T matrix (eager)
     assert flops["ffn_gflops_per_token"] * 1e9 == pytest.approx(ffn, rel=1e-9)

@@ -21,8 +21,7 @@ def test_shipped_grids_validate(path):
 def test_default_grid_is_the_embedded_default():
     sweep = load_grid(Path(__file__).parents[2] / "experiments" / "grid.yaml")
     settings = [(t.factor.name, t.factor.router_mode) if t.factor else ("dense", "-") for t in sweep.trials]
-    assert settings == [("dense", "-"), ("1R4E2K", "par"), ("1R4E3K", "par"), ("1R4E2K", "random"),
-                        ("1R3E1K1S", "par")]
+    assert settings == [("dense", "-"), ("1R4E2K", "par"), ("1R4E3K", "par"), ("1R4E2K", "random"), ("1R3E1K1S", "par")]
     best = sweep.trials[-1]
     assert best.factor.active_fraction == sweep.trials[1].factor.active_fraction == 0.5
     assert best.train.data_budget_tokens == sweep.trials[1].train.data_budget_tokens  # calibration included
@@ -56,26 +55,45 @@ def test_a_model_only_in_include_gets_its_dense_baseline(tmp_path):
 
 
 def test_skips_are_explicit_and_shown():
-    sweep = expand_grid(grid(axes={"n_experts": [2, 4], "top_k": [1, 3]},
-                             skip=[{"when": {"n_experts": 4, "top_k": 1}, "reason": "done before"}]))
+    sweep = expand_grid(
+        grid(
+            axes={"n_experts": [2, 4], "top_k": [1, 3]},
+            skip=[{"when": {"n_experts": 4, "top_k": 1}, "reason": "done before"}],
+        )
+    )
     reasons = {s.label: s.reason for s in sweep.skipped}
-    assert reasons == {"model=smollm2-135m, n_experts=2, top_k=3": "rule: top_k > n_experts (3 > 2)",
-                       "model=smollm2-135m, n_experts=4, top_k=1": "skip rule: done before"}
+    assert reasons == {
+        "model=smollm2-135m, n_experts=2, top_k=3": "rule: top_k > n_experts (3 > 2)",
+        "model=smollm2-135m, n_experts=4, top_k=1": "skip rule: done before",
+    }
     table = trial_table(sweep)
     assert "skipped 2 combination(s)" in table and "done before" in table
 
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        expand_grid(grid(axes={"n_experts": [4, 5], "colour": [1], "model": ["smollm2-135m", "nope/x"]},
-                         train={"corpus": "wikitext", "lr": -1.0}, eval={"tasks": ["squad"]},
-                         factor={"router_mode": "learned"}, resources={"gpus_per_trial": "many"}, extra=1))
+        expand_grid(
+            grid(
+                axes={"n_experts": [4, 5], "colour": [1], "model": ["smollm2-135m", "nope/x"]},
+                train={"corpus": "wikitext", "lr": -1.0},
+                eval={"tasks": ["squad"]},
+                factor={"router_mode": "learned"},
+                resources={"gpus_per_trial": "many"},
+                extra=1,
+            )
+        )
     problems = error.value.problems
-    expected_starts = ["extra: unknown key", "axes.colour: unknown axis", "resources.gpus_per_trial: 'many'",
-                       "train.lr: -1.0 must be > 0", "eval.tasks='squad' is not a known benchmark",
-                       "factor.router_mode='learned' is not a known router mode", "axes.model: model 'nope/x'",
-                       "axes.n_experts: 5 does not divide the FFN width 1536 of smollm2-135m",
-                       "train.corpus: corpus='wikitext' is not a known corpus"]
+    expected_starts = [
+        "extra: unknown key",
+        "axes.colour: unknown axis",
+        "resources.gpus_per_trial: 'many'",
+        "train.lr: -1.0 must be > 0",
+        "eval.tasks='squad' is not a known benchmark",
+        "factor.router_mode='learned' is not a known router mode",
+        "axes.model: model 'nope/x'",
+        "axes.n_experts: 5 does not divide the FFN width 1536 of smollm2-135m",
+        "train.corpus: corpus='wikitext' is not a known corpus",
+    ]
     for start in expected_starts:
         assert any(p.startswith(start) for p in problems), start
     assert len(problems) == len(expected_starts)

@@ -42,7 +42,10 @@ BAD = {  # each was accepted silently or gave a traceback before
     "device tpu": (default(device="tpu"), "device: 'tpu' is not a device"),
     "gpus nan": (default(**{"resources.gpus_per_trial": math.nan}), "resources.gpus_per_trial: nan is not"),
     "gpus inf": (default(**{"resources.gpus_per_trial": math.inf}), "resources.gpus_per_trial: inf is not"),
-    "routers huge": (default(**{"axes.n_routers": [10 ** 30]}), "factor.n_routers=1000000000000000000000000000000 must be in [1, 64]"),
+    "routers huge": (
+        default(**{"axes.n_routers": [10**30]}),
+        "factor.n_routers=1000000000000000000000000000000 must be in [1, 64]",
+    ),
     "routers float": (default(**{"axes.n_routers": [1e30]}), "axes.n_routers: 1e+30 is not an integer"),
     "routers many": (default(**{"axes.n_routers": [65]}), "n_routers=65 must be in [1, 64]"),
     "tasks empty": (default(**{"eval.tasks": []}), "eval.tasks: () names no benchmark"),
@@ -76,8 +79,11 @@ def test_duplicate_keys_are_refused(tmp_path):
 
 def test_an_alias_bomb_is_refused_quickly(tmp_path):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]
     lines += ["axes: {model: *a8, n_experts: [4], top_k: [1]}"]
     start = time.perf_counter()
     with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
@@ -85,8 +91,34 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path):
     assert time.perf_counter() - start < 5
 
 
-REPLACEMENTS = [None, "", "x", "../x", "all", "cpu", -1, 0, 1, 2, 3, 7, 10 ** 30, 0.5, 1e30, math.nan, math.inf,
-                True, False, [], {}, [None], ["1", 2], [[1]], {"a": 1}, {"model": "x"}]
+REPLACEMENTS = [
+    None,
+    "",
+    "x",
+    "../x",
+    "all",
+    "cpu",
+    -1,
+    0,
+    1,
+    2,
+    3,
+    7,
+    10**30,
+    0.5,
+    1e30,
+    math.nan,
+    math.inf,
+    True,
+    False,
+    [],
+    {},
+    [None],
+    ["1", 2],
+    [[1]],
+    {"a": 1},
+    {"model": "x"},
+]
 
 
 def _slots(node, path=()):

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 from factorllm_core import FactorConfig, defactorize, factorize, factorized_layers
 from harness.config import LatencyConfig

@@ -24,8 +24,10 @@ def wobble(monkeypatch):
 
 
 def grid(values):
-    return {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2], "wobble": values},
-            "dense_baseline": False}
+    return {
+        "axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2], "wobble": values},
+        "dense_baseline": False,
+    }
 
 
 def test_a_new_option_becomes_an_axis_of_its_type(wobble):
@@ -44,8 +46,10 @@ def test_a_new_option_shows_in_the_recipe_and_the_paper_test(wobble):
 def test_a_new_option_at_its_paper_value_keeps_older_trial_ids(wobble, monkeypatch):
     paper = expand_grid(grid([0]), check_models=False).trials[0].trial_id
     monkeypatch.setitem(config_module.OPTION_CLASSES, "factor", FactorConfig)
-    before = expand_grid({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]},
-                          "dense_baseline": False}, check_models=False).trials[0]
+    before = expand_grid(
+        {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}, "dense_baseline": False},
+        check_models=False,
+    ).trials[0]
     assert paper == before.trial_id
 
 
@@ -68,12 +72,23 @@ def test_recipe_options_declare_the_paper_recipe():
     """The declarations reproduce the paper's recipe and the shipped recipe strings."""
     paper = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
     assert paper.paper_recipe and paper.recipe == ""
-    best = TrialConfig.from_dict({"factor": {"n_experts": 3, "top_k": 1, "n_shared": 1, "partition": "coact",
-                                             "combine": "unscaled", "router_init": "fit",
-                                             "pseudo_label": "min_recon"},
-                                  "train": {"calibration_tokens": 4096, "lambda_kd": 1.0, "lambda_lm": 0.5}})
+    best = TrialConfig.from_dict(
+        {
+            "factor": {
+                "n_experts": 3,
+                "top_k": 1,
+                "n_shared": 1,
+                "partition": "coact",
+                "combine": "unscaled",
+                "router_init": "fit",
+                "pseudo_label": "min_recon",
+            },
+            "train": {"calibration_tokens": 4096, "lambda_kd": 1.0, "lambda_lm": 0.5},
+        }
+    )
     assert best.recipe == "unscaled init=fit min_recon kd=1 lm=0.5 cal=4096" and not best.paper_recipe
-    coact_only = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2, "partition": "coact"},
-                                        "train": {"calibration_tokens": 512}})
+    coact_only = TrialConfig.from_dict(
+        {"factor": {"n_experts": 4, "top_k": 2, "partition": "coact"}, "train": {"calibration_tokens": 512}}
+    )
     assert coact_only.recipe == "cal=512" and not coact_only.paper_recipe  # the partition shows in the label
     assert "coact" in coact_only.label

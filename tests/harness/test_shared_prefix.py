@@ -3,13 +3,13 @@ eight benchmarks produce, and sends what it does not handle to HFLM's own path."
 
 import pytest
 import torch
+from conftest import TINY, make_tiny, make_word_tokenizer
 from lm_eval.models.huggingface import HFLM
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from conftest import TINY, make_tiny, make_word_tokenizer
 from factorllm_core import FactorConfig, factorize
-from harness.eval.benchmarks import TASK_SET, evaluate, make_lm
 from harness.eval import packed_scoring
+from harness.eval.benchmarks import TASK_SET, evaluate, make_lm
 from harness.eval.packed_scoring import Group, pack
 from harness.eval.shared_prefix import SharedPrefixLM
 
@@ -30,7 +30,9 @@ def mixed_requests(seed=0):
     for q in range(6):
         context = random_tokens(g, int(torch.randint(2, 40, (1,), generator=g)))
         for c in range(int(torch.randint(2, 5, (1,), generator=g))):
-            requests.append(((f"q{q}", f"c{c}"), context, random_tokens(g, int(torch.randint(1, 7, (1,), generator=g)))))
+            requests.append(
+                ((f"q{q}", f"c{c}"), context, random_tokens(g, int(torch.randint(1, 7, (1,), generator=g))))
+            )
     for q in range(3):
         context = random_tokens(g, 30)
         requests += [((f"m{q}", f" {x}"), context, random_tokens(g, 1)) for x in "ABCD"]
@@ -44,8 +46,9 @@ def mixed_requests(seed=0):
 
 def both(model, requests, batch_size=3, row_tokens=48, tokenizer=None):
     tokenizer = tokenizer or make_word_tokenizer(["a b c"])
-    expected = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                    device="cpu")._loglikelihood_tokens(requests, disable_tqdm=True)
+    expected = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")._loglikelihood_tokens(
+        requests, disable_tqdm=True
+    )
     lm = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
     lm.row_tokens = row_tokens  # small rows: several groups per row, and groups longer than a row
     return expected, lm._loglikelihood_tokens(requests, disable_tqdm=True), lm
@@ -81,8 +84,11 @@ def test_a_wrong_mask_would_be_caught(monkeypatch):
     requests = mixed_requests()
     expected, _, lm = both(model, requests)
     original = packed_scoring.packed_mask
-    monkeypatch.setattr(packed_scoring, "packed_mask", lambda span, choice, *args: original(
-        span.clamp(max=0).masked_fill(span < 0, -1), choice, *args))
+    monkeypatch.setattr(
+        packed_scoring,
+        "packed_mask",
+        lambda span, choice, *args: original(span.clamp(max=0).masked_fill(span < 0, -1), choice, *args),
+    )
     got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) > 1e-2
 
@@ -96,8 +102,12 @@ def test_overlong_requests_and_rolling_take_hflms_path():
     assert_same(expected, got)
     assert lm.paths == {"shared": len(requests) - 1, "hflm": 1}
     rolling = [(None, random_tokens(g, 5), random_tokens(g, 4))]  # loglikelihood_rolling's windows
-    assert_same(HFLM(pretrained=model, tokenizer=lm.tokenizer, batch_size=2, device="cpu")._loglikelihood_tokens(
-        rolling, disable_tqdm=True), lm._loglikelihood_tokens(rolling, disable_tqdm=True))
+    assert_same(
+        HFLM(pretrained=model, tokenizer=lm.tokenizer, batch_size=2, device="cpu")._loglikelihood_tokens(
+            rolling, disable_tqdm=True
+        ),
+        lm._loglikelihood_tokens(rolling, disable_tqdm=True),
+    )
     assert lm.paths["hflm"] == 2
 
 
@@ -117,8 +127,9 @@ def test_unsupported_models_say_why_and_use_hflm():
     assert "flash_attention_2" in lm.hflm_reason
     with pytest.raises(RuntimeError, match="cannot score packed rows with attention implementation"):
         lm.scorer.score_pairs([([5, 6], [7])], batch_size=1)  # the engine alone refuses too
-    assert SharedPrefixLM(pretrained=make_tiny("llama"), tokenizer=lm.tokenizer, batch_size="auto",
-                          device="cpu").hflm_reason.startswith("batch_size")
+    assert SharedPrefixLM(
+        pretrained=make_tiny("llama"), tokenizer=lm.tokenizer, batch_size="auto", device="cpu"
+    ).hflm_reason.startswith("batch_size")
 
 
 def test_the_engine_scores_pairs_without_lm_eval():
@@ -130,7 +141,7 @@ def test_the_engine_scores_pairs_without_lm_eval():
     got = scorer.score_pairs(pairs, batch_size=2, row_tokens=40, progress=seen.append)
     for (context, continuation), (ll, greedy) in zip(pairs, got):
         with torch.no_grad():
-            logits = model(torch.tensor([context + continuation[:-1]])).logits[0, len(context) - 1:]
+            logits = model(torch.tensor([context + continuation[:-1]])).logits[0, len(context) - 1 :]
         logprobs = torch.log_softmax(logits, -1)
         target = torch.tensor(continuation)
         assert ll == pytest.approx(float(logprobs[range(len(continuation)), target].sum()), abs=TOLERANCE)
@@ -162,11 +173,18 @@ def bpe_tokenizer():
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    text = ["Question: Which of these is a mammal?\nAnswer: the whale", "The man is washing a car. He then",
-            "Passage: water boils at 100 degrees.\nQuestion: does water boil?\nAnswer: yes no",
-            "The following are multiple choice questions (with answers) about biology. A. B. C. D. Answer:"]
-    backend.train_from_iterator(text * 20, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    text = [
+        "Question: Which of these is a mammal?\nAnswer: the whale",
+        "The man is washing a car. He then",
+        "Passage: water boils at 100 degrees.\nQuestion: does water boil?\nAnswer: yes no",
+        "The following are multiple choice questions (with answers) about biology. A. B. C. D. Answer:",
+    ]
+    backend.train_from_iterator(
+        text * 20,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
 
 
@@ -183,12 +201,12 @@ def test_each_benchmark_through_lm_eval_matches_hflm(name, text_model):
     """Real tasks, real prompts, a random model: the same per-choice log-likelihoods and
     choices as HFLM, with every request on the shared path."""
     model, tokenizer = text_model
-    results = {kind: evaluate(make_lm(kind, model, tokenizer, 4, "cpu"), [name], limit=4)[name]
-               for kind in ("hflm", "shared")}
+    results = {
+        kind: evaluate(make_lm(kind, model, tokenizer, 4, "cpu"), [name], limit=4)[name] for kind in ("hflm", "shared")
+    }
     hflm, shared = results["hflm"].items, results["shared"].items
     assert hflm["id"] == shared["id"] and hflm["pred"] == shared["pred"]
     for a, b in zip(hflm["lls"], shared["lls"]):
         assert b == pytest.approx(a, abs=TOLERANCE)
     assert results["shared"].lm_paths == {"shared": sum(shared["n_choices"])}
     assert results["hflm"].lm_paths is None
-

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 import sweep_assets
+
 from harness.grid import load_grid
 from harness.sweep import finish, run_sweep
 
@@ -63,11 +63,14 @@ def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, r
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp_path, cache_dir):
-    grid = sweep_assets.write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150)
+    grid = sweep_assets.write_grid(
+        tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150
+    )
     command = [sys.executable, "-m", "harness.sweep", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     records_dir = tmp_path / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and not list(records_dir.glob("**/record.json")):

@@ -9,9 +9,11 @@ import torch
 from factorllm_core import factorized_layers
 from harness.config import ConfigError, TrialConfig
 from harness.trial import Trial, run_trial
+from reports.record import SCHEMA
 
-WORDS = ("the a cat dog sat ran on in mat house big small red blue one two and or but so "
-         "man woman is was he she it they").split()
+WORDS = (
+    "the a cat dog sat ran on in mat house big small red blue one two and or but so man woman is was he she it they"
+).split()
 
 
 @pytest.fixture
@@ -25,33 +27,48 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_factory, word_tokenizer):
 @pytest.fixture
 def tiny_corpus(tmp_path):
     g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
-            for n in torch.randint(20, 80, (80,), generator=g)]
+    docs = [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+        for n in torch.randint(20, 80, (80,), generator=g)
+    ]
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(docs))
     return str(path)
 
 
 def config(checkpoint, corpus, mode="par", budget=1000, **train):
-    return TrialConfig.from_dict({
-        "model": checkpoint, "device": "cpu",
-        "factor": None if mode == "dense" else {"n_experts": 4, "top_k": 2, "router_mode": mode},
-        "train": {"data_budget_tokens": budget, "corpus": corpus, "seq_len": 64, "batch_size": 2,
-                  "lr": 1e-3, "checkpoint_every": 2, **train},
-        "eval": {"tasks": ["arc_easy"], "limit": 2},
-        "flops": {"seq_len": 64}, "latency": {"prefill_len": 16, "decode_tokens": 2, "repeats": 1, "warmup": 0},
-    })
+    return TrialConfig.from_dict(
+        {
+            "model": checkpoint,
+            "device": "cpu",
+            "factor": None if mode == "dense" else {"n_experts": 4, "top_k": 2, "router_mode": mode},
+            "train": {
+                "data_budget_tokens": budget,
+                "corpus": corpus,
+                "seq_len": 64,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "checkpoint_every": 2,
+                **train,
+            },
+            "eval": {"tasks": ["arc_easy"], "limit": 2},
+            "flops": {"seq_len": 64},
+            "latency": {"prefill_len": 16, "decode_tokens": 2, "repeats": 1, "warmup": 0},
+        }
+    )
 
 
 def run(cfg, tmp_path, **kwargs):
-    trial = Trial(cfg, tmp_path / "runs", show_progress=False, log=lambda m: None, **kwargs)
+    trial = Trial(cfg, tmp_path / "runs", **kwargs)
     return trial, trial.run()
 
 
-@pytest.mark.parametrize("mode,router_trained", [("par", True), ("lm_only", True), ("random", False),
-                                                  ("frozen", False)])
-def test_every_router_mode_completes_and_trains_what_it_should(tiny_checkpoint, tiny_corpus, cache_dir,
-                                                                tmp_path, mode, router_trained):
+@pytest.mark.parametrize(
+    "mode,router_trained", [("par", True), ("lm_only", True), ("random", False), ("frozen", False)]
+)
+def test_every_router_mode_completes_and_trains_what_it_should(
+    tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, mode, router_trained
+):
     cfg = config(tiny_checkpoint, tiny_corpus, mode)
     trial, record = run(cfg, tmp_path)
     assert record["status"] == "completed", record["error"]
@@ -59,9 +76,10 @@ def test_every_router_mode_completes_and_trains_what_it_should(tiny_checkpoint, 
     assert (record["training"]["final"]["pa"] is not None) == (mode == "par")
     assert record["metrics"]["arc_easy"]["n"] == 2
     layer = factorized_layers(trial.model)[0][1]
-    reference = Trial(cfg, tmp_path / "unused", log=lambda m: None)
+    reference = Trial(cfg, tmp_path / "unused")
     reference._load()
     from factorllm_core import factorize
+
     factorize(reference.model, cfg.factor)
     fresh = factorized_layers(reference.model)[0][1]
     assert torch.equal(layer.router.gate.weight, fresh.router.gate.weight) != router_trained
@@ -73,24 +91,52 @@ def test_every_router_mode_completes_and_trains_what_it_should(tiny_checkpoint, 
     assert 0 < routing["expert_similarity"] < 1
 
 
-def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
-    _, record = run(config(tiny_checkpoint, tiny_corpus), tmp_path)
-    for key in ("trial_id", "config", "status", "metrics", "flops", "latency", "speedup", "training",
-                "routing", "environment", "stage_seconds", "dense_reference", "factorization"):
+def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, capfd):
+    cfg = config(tiny_checkpoint, tiny_corpus)
+    _, record = run(cfg, tmp_path)
+    # the console: one line per stage and one for the finished trial; the rest is in the trial log
+    console = capfd.readouterr().out.splitlines()
+    assert len(console) == len(record["stage_seconds"]) + 1, console
+    assert all(line.startswith(f"[{cfg.trial_id}] ") for line in console) and "completed" in console[-1]
+    trial_log = (tmp_path / "runs" / cfg.trial_id / "trial.log").read_text()
+    assert "harness.train: train 1000/1000 tokens" in trial_log and "arc_easy: acc_norm=" in trial_log
+    for key in (
+        "trial_id",
+        "config",
+        "status",
+        "metrics",
+        "flops",
+        "latency",
+        "speedup",
+        "training",
+        "routing",
+        "environment",
+        "stage_seconds",
+        "dense_reference",
+        "factorization",
+    ):
         assert key in record, key
     assert record["config"]["factor"]["top_k"] == 2
     assert record["flops"]["convention"].startswith("fvcore: 1 FLOP per multiply-add")
     assert record["environment"]["torch"] == torch.__version__
-    assert set(record["stage_seconds"]) == {"load", "dense_reference", "factorize", "train", "evaluate",
-                                            "heldout", "measure", "analyze"}
-    assert record["schema"] == 2 and record["eval_dtype"] == "float32"
+    assert set(record["stage_seconds"]) == {
+        "load",
+        "dense_reference",
+        "factorize",
+        "train",
+        "evaluate",
+        "heldout",
+        "measure",
+        "analyze",
+    }
+    assert record["schema"] == SCHEMA and record["eval_dtype"] == "float32"
+    assert record["setting"] == "1R4E2K" and record["active_fraction"] == 0.5 and record["paper_recipe"]
     items = record["metrics"]["arc_easy"]["items"]
     assert len(items["id"]) == 2 and set(items) == {"id", "correct", "pred", "gold", "n_choices", "lls", "scores"}
     assert [len(lls) for lls in items["lls"]] == items["n_choices"]
     assert items["pred"] == [max(range(len(s)), key=s.__getitem__) for s in items["scores"]]
     # the default scorer ran every request (4-5 choices per item) itself, and says so
-    assert record["eval_lm"] == {"lm": "shared", "requests": {"shared": sum(items["n_choices"])},
-                                 "hflm_reason": None}
+    assert record["eval_lm"] == {"lm": "shared", "requests": {"shared": sum(items["n_choices"])}, "hflm_reason": None}
     assert record["metrics"]["arc_easy"]["lm_paths"] == {"shared": sum(items["n_choices"])}
     assert record["metrics"]["arc_easy"]["chance"] == pytest.approx(sum(1 / n for n in items["n_choices"]) / 2)
     heldout = record["heldout"]
@@ -104,7 +150,8 @@ def test_record_is_self_describing(tiny_checkpoint, tiny_corpus, cache_dir, tmp_
     dense_latency = record["dense_reference"]["latency"]
     assert dense_latency["interleaved"] and record["latency"]["interleaved"]
     assert record["speedup"]["prefill"] == pytest.approx(
-        record["latency"]["prefill_tokens_per_s"] / dense_latency["prefill_tokens_per_s"])
+        record["latency"]["prefill_tokens_per_s"] / dense_latency["prefill_tokens_per_s"]
+    )
     ffn, dense_ffn = record["flops"]["ffn_gflops_per_token"], record["dense_reference"]["flops"]["ffn_gflops_per_token"]
     assert ffn < 0.6 * dense_ffn  # K/N = 1/2 plus a tiny router
 
@@ -120,16 +167,16 @@ def test_dense_trial_skips_factorization_and_training(tiny_checkpoint, tiny_corp
 def test_zero_training_has_zero_kl_and_the_dense_loss(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
     """K = N without training is the dense model exactly: KL 0 and the dense held-out
     loss, measured through the same code paths (the planted answer)."""
-    cfg = TrialConfig.from_dict({**config(tiny_checkpoint, tiny_corpus, budget=0).to_dict() | {
-        "factor": {"n_experts": 4, "top_k": 4}}})
+    cfg = TrialConfig.from_dict(
+        {**config(tiny_checkpoint, tiny_corpus, budget=0).to_dict() | {"factor": {"n_experts": 4, "top_k": 4}}}
+    )
     _, record = run(cfg, tmp_path)
     _, dense = run(config(tiny_checkpoint, tiny_corpus, "dense"), tmp_path)
     assert record["heldout"]["kl_from_dense"] == pytest.approx(0, abs=1e-6)
     assert record["heldout"]["per_sequence_loss"] == pytest.approx(dense["heldout"]["per_sequence_loss"], abs=1e-5)
 
 
-def test_every_trial_with_the_same_eval_settings_sees_the_same_items(tiny_checkpoint, tiny_corpus, cache_dir,
-                                                                     tmp_path):
+def test_every_trial_with_the_same_eval_settings_sees_the_same_items(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
     def ids(mode, seed=0):
         cfg = config(tiny_checkpoint, tiny_corpus, mode, budget=0)
         data = cfg.to_dict()
@@ -150,8 +197,9 @@ def test_zero_budget_means_no_training(tiny_checkpoint, tiny_corpus, cache_dir, 
     assert record["status"] == "completed" and record["training"]["steps"] == 0
 
 
-def test_non_finite_loss_fails_the_trial_without_numbers(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path,
-                                                         monkeypatch):
+def test_non_finite_loss_fails_the_trial_without_numbers(
+    tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, monkeypatch
+):
     monkeypatch.setattr("factorllm_core.ffn.pa_loss", lambda probs, labels: torch.tensor(float("nan")))
     _, record = run(config(tiny_checkpoint, tiny_corpus), tmp_path)
     assert record["status"] == "failed"
@@ -182,7 +230,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tin
 
 def test_completed_trial_is_not_rerun(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, monkeypatch):
     cfg = config(tiny_checkpoint, tiny_corpus, budget=0)
-    first = run_trial(cfg, tmp_path / "runs", show_progress=False, log=lambda m: None)
+    first = run_trial(cfg, tmp_path / "runs")
     monkeypatch.setattr("harness.trial.Trial.run", lambda self: pytest.fail("re-ran a completed trial"))
     again = run_trial(cfg, tmp_path / "runs")
     assert (again["trial_id"], again["started_at"]) == (first["trial_id"], first["started_at"])
@@ -192,6 +240,7 @@ def test_the_gpu_path_on_cpu_bf16_and_grouped_dispatch(tiny_checkpoint, tiny_cor
     """What a CUDA trial does that CPU torch can run: bf16 evaluation, bf16 autocast
     training and the host-sync-free `grouped` dispatch, forced. It completes with finite
     numbers and the FLOPs of the `sorted` path."""
+
     def with_path(dispatch):
         data = config(tiny_checkpoint, tiny_corpus, "par").to_dict()
         data.update(precision="bf16", dispatch=dispatch)
@@ -215,12 +264,18 @@ def test_fused_dispatch_is_refused_for_training():
         TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}, "dispatch": "fused"})
 
 
-def test_calibrated_recipe_with_distillation_spends_the_budget_once(tiny_checkpoint, tiny_corpus, cache_dir,
-                                                                     tmp_path):
+def test_calibrated_recipe_with_distillation_spends_the_budget_once(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
     data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0).to_dict()
     data["train"]["calibration_tokens"] = 200
-    data["factor"] |= {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
-                       "router_init": "fit", "pseudo_label": "min_recon"}
+    data["factor"] |= {
+        "n_experts": 3,
+        "top_k": 1,
+        "n_shared": 1,
+        "combine": "mean_comp",
+        "partition": "coact",
+        "router_init": "fit",
+        "pseudo_label": "min_recon",
+    }
     _, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]
     assert record["calibration"]["tokens"] == 200 and record["training"]["tokens"] == 800  # 1000 in all
@@ -234,6 +289,7 @@ def test_calibrated_recipe_with_distillation_spends_the_budget_once(tiny_checkpo
 def test_the_distillation_teacher_is_the_dense_model(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
     """At K = N the factorized model is the dense one, so before the first update the
     distillation KL is 0; at K < N it is not."""
+
     def first_kd(top_k):
         data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, budget=128).to_dict()
         data["factor"]["top_k"] = top_k
@@ -245,8 +301,7 @@ def test_the_distillation_teacher_is_the_dense_model(tiny_checkpoint, tiny_corpu
 
 
 def test_layerwise_stage_cuts_the_heldout_reconstruction_error(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
-    data = config(tiny_checkpoint, tiny_corpus, layerwise_steps=30, layerwise_lr=3e-3,
-                  calibration_tokens=800).to_dict()
+    data = config(tiny_checkpoint, tiny_corpus, layerwise_steps=30, layerwise_lr=3e-3, calibration_tokens=800).to_dict()
     data["factor"] |= {"n_experts": 4, "top_k": 1, "combine": "unscaled"}
     _, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]
@@ -261,8 +316,15 @@ def test_the_calibrated_recipe_on_the_gpu_path_on_cpu(tiny_checkpoint, tiny_corp
     with distillation, the forced `grouped` dispatch, mean_comp's means, a shared expert
     and the layer-wise stage; bf16 evaluation. It completes with finite numbers."""
     data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, calibration_tokens=200, layerwise_steps=5).to_dict()
-    data["factor"] |= {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
-                       "router_init": "fit", "pseudo_label": "min_recon"}
+    data["factor"] |= {
+        "n_experts": 3,
+        "top_k": 1,
+        "n_shared": 1,
+        "combine": "mean_comp",
+        "partition": "coact",
+        "router_init": "fit",
+        "pseudo_label": "min_recon",
+    }
     data.update(precision="bf16", dispatch="grouped")
     trial, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]
@@ -272,8 +334,9 @@ def test_the_calibrated_recipe_on_the_gpu_path_on_cpu(tiny_checkpoint, tiny_corp
     assert all(math.isfinite(v) for v in record["heldout"]["per_sequence_loss"] + record["heldout"]["per_sequence_kl"])
 
 
-def test_the_distillation_teacher_stays_dense_after_the_layerwise_stage(tiny_checkpoint, tiny_corpus, cache_dir,
-                                                                        tmp_path, monkeypatch):
+def test_the_distillation_teacher_stays_dense_after_the_layerwise_stage(
+    tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, monkeypatch
+):
     """The layer-wise stage changes the experts before training: the teacher must be the
     dense model from before it, not a merge of the fitted experts."""
     from transformers import AutoModelForCausalLM
@@ -288,8 +351,15 @@ def test_the_distillation_teacher_stays_dense_after_the_layerwise_stage(tiny_che
         return original(*args, **kwargs)
 
     monkeypatch.setattr(harness.train, "_optimizer_step", spy)
-    data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, calibration_tokens=400, layerwise_steps=20,
-                  layerwise_lr=1e-2, budget=600).to_dict()
+    data = config(
+        tiny_checkpoint,
+        tiny_corpus,
+        lambda_kd=1.0,
+        calibration_tokens=400,
+        layerwise_steps=20,
+        layerwise_lr=1e-2,
+        budget=600,
+    ).to_dict()
     data["factor"] |= {"top_k": 1, "combine": "unscaled"}
     _, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]

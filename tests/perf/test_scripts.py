@@ -118,20 +118,24 @@ def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypa
 def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
     """On a tiny local checkpoint: one row per benchmark, identical choices, tiny differences."""
     sys.path.insert(0, str(ROOT / "tests" / "harness"))
+    from conftest import TINY
     from test_shared_prefix import bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY
-
     torch.manual_seed(0)
     tokenizer = bpe_tokenizer()
-    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tokenizer),
-                                    "max_position_embeddings": 2048})).save_pretrained(tmp_path / "ckpt")
+    LlamaForCausalLM(
+        LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "max_position_embeddings": 2048})
+    ).save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    load("eval_throughput").main(["--model", str(tmp_path / "ckpt"), "--tasks", "arc_easy,winogrande",
-                                  "--limit", "3", "--batch-size", "2"])
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| arc_easy")
-            or line.startswith("| winogrande")]
+    load("eval_throughput").main(
+        ["--model", str(tmp_path / "ckpt"), "--tasks", "arc_easy,winogrande", "--limit", "3", "--batch-size", "2"]
+    )
+    rows = [
+        line.split("|")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| arc_easy") or line.startswith("| winogrande")
+    ]
     assert len(rows) == 2
     for row in rows:
         assert row[2].strip() == "3" and row[9].strip() == "0"  # items, choices that differ
@@ -143,6 +147,9 @@ def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
 
 def test_packed_scoring_check_agrees_with_hflm_style_scoring(capsys):
     assert load("packed_scoring_check").main(["--size", "tiny", "--device", "cpu", "--questions", "6"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dense")
-            or line.startswith("| 1R4E2K")]
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| dense") or line.startswith("| 1R4E2K")
+    ]
     assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows)

@@ -14,18 +14,28 @@ from reports.record import SCHEMA, load_records
 from reports.tables import dense_above_chance, failed_trials, failure_flags, pair_differences, pareto_front, trial_frame
 
 TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa", "mmlu"]
-METRIC = {t: "acc_norm" if t in ("hellaswag", "openbookqa", "arc_easy", "arc_challenge", "piqa") else "acc"
-          for t in TASKS}
+METRIC = {
+    t: "acc_norm" if t in ("hellaswag", "openbookqa", "arc_easy", "arc_challenge", "piqa") else "acc" for t in TASKS
+}
 CHOICES = {t: 2 if t in ("winogrande", "boolq", "piqa") else 4 for t in TASKS}
 N_ITEMS = 200
-EVAL = {"tasks": TASKS, "limit": N_ITEMS, "num_fewshot": 0, "source": "local", "batch_size": 16, "sample_seed": 0,
-        "heldout_text": "lee-news", "heldout_tokens": 2048, "heldout_seq_len": 128}
+EVAL = {
+    "tasks": TASKS,
+    "limit": N_ITEMS,
+    "num_fewshot": 0,
+    "source": "local",
+    "batch_size": 16,
+    "sample_seed": 0,
+    "heldout_text": "lee-news",
+    "heldout_tokens": 2048,
+    "heldout_seq_len": 128,
+}
 
 
 def outcomes(accuracy: float, seed: int) -> list[int]:
     """Exactly round(accuracy x N) correct items, at seeded positions."""
     correct = np.zeros(N_ITEMS, dtype=int)
-    correct[np.random.default_rng(seed).permutation(N_ITEMS)[:round(accuracy * N_ITEMS)]] = 1
+    correct[np.random.default_rng(seed).permutation(N_ITEMS)[: round(accuracy * N_ITEMS)]] = 1
     return correct.tolist()
 
 
@@ -33,11 +43,25 @@ def metrics(scores: dict, seed: int) -> dict:
     out = {}
     for i, (name, accuracy) in enumerate(scores.items()):
         correct = outcomes(accuracy, seed * 100 + i)
-        items = {"id": [str(j) for j in range(N_ITEMS)], "correct": correct, "pred": [0] * N_ITEMS,
-                 "gold": [0] * N_ITEMS, "n_choices": [CHOICES[name]] * N_ITEMS}
-        out[name] = {"name": name, "metric": METRIC[name], "value": sum(correct) / N_ITEMS, "stderr": 0.03,
-                     "n": N_ITEMS, "seconds": 1.0, "metrics": {}, "chance": 1 / CHOICES[name],
-                     "chance_rule": "uniform", "items": items}
+        items = {
+            "id": [str(j) for j in range(N_ITEMS)],
+            "correct": correct,
+            "pred": [0] * N_ITEMS,
+            "gold": [0] * N_ITEMS,
+            "n_choices": [CHOICES[name]] * N_ITEMS,
+        }
+        out[name] = {
+            "name": name,
+            "metric": METRIC[name],
+            "value": sum(correct) / N_ITEMS,
+            "stderr": 0.03,
+            "n": N_ITEMS,
+            "seconds": 1.0,
+            "metrics": {},
+            "chance": 1 / CHOICES[name],
+            "chance_rule": "uniform",
+            "items": items,
+        }
     return out
 
 
@@ -51,25 +75,54 @@ def names(factor, train: dict) -> dict:
     return {k: described[k] for k in ("variant", "setting", "recipe", "active_fraction", "paper_recipe", "factors")}
 
 
-def record(trial_id, factor=None, scores=0.6, ffn=1.0, attention=0.5, budget=20000, routing=None, speedup=None,
-           status="completed", drop=(), loss=3.0, kl=None, seed=0, churn=None, similarity_at_start=0.2, train=None):
+def record(
+    trial_id,
+    factor=None,
+    scores=0.6,
+    ffn=1.0,
+    attention=0.5,
+    budget=20000,
+    routing=None,
+    speedup=None,
+    status="completed",
+    drop=(),
+    loss=3.0,
+    kl=None,
+    seed=0,
+    churn=None,
+    similarity_at_start=0.2,
+    train=None,
+):
     scores = scores if isinstance(scores, dict) else {n: scores for n in TASKS}
     scores = {n: v for n, v in scores.items() if n not in drop}
     sequences = np.random.default_rng(seed + 7).normal(0, 0.05, 16)
     train = {"data_budget_tokens": budget, "lr": 1e-3} | (train or {})
-    rec = {"trial_id": trial_id, "label": trial_id, "status": status, "error": None, "schema": SCHEMA,
-           "stage_seconds": {}, **names(factor, train),
-           "eval_dtype": "float32", "environment": {"device": "cpu"},
-           "model": {"pretraining_tokens": 2e12},
-           "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL, "train": train},
-           "metrics": metrics(scores, seed),
-           "flops": {"attention_gflops_per_token": attention, "ffn_gflops_per_token": ffn,
-                     "total_gflops_per_token": attention + ffn + 0.1},
-           "heldout": {"loss": loss, "per_sequence_loss": (loss + sequences).tolist()},
-           "speedup": speedup, "routing": routing}
+    rec = {
+        "trial_id": trial_id,
+        "label": trial_id,
+        "status": status,
+        "error": None,
+        "schema": SCHEMA,
+        "stage_seconds": {},
+        **names(factor, train),
+        "eval_dtype": "float32",
+        "environment": {"device": "cpu"},
+        "model": {"pretraining_tokens": 2e12},
+        "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL, "train": train},
+        "metrics": metrics(scores, seed),
+        "flops": {
+            "attention_gflops_per_token": attention,
+            "ffn_gflops_per_token": ffn,
+            "total_gflops_per_token": attention + ffn + 0.1,
+        },
+        "heldout": {"loss": loss, "per_sequence_loss": (loss + sequences).tolist()},
+        "speedup": speedup,
+        "routing": routing,
+    }
     if factor:
-        rec["dense_reference"] = {"flops": {"attention_gflops_per_token": 0.5, "ffn_gflops_per_token": 1.0,
-                                            "total_gflops_per_token": 1.6}}
+        rec["dense_reference"] = {
+            "flops": {"attention_gflops_per_token": 0.5, "ffn_gflops_per_token": 1.0, "total_gflops_per_token": 1.6}
+        }
         rec["routing_at_factorization"] = {"expert_similarity": similarity_at_start}
         rec["heldout"]["per_sequence_kl"] = None if kl is None else (kl + sequences / 10).tolist()
         rec["training"] = {"churn": {"every": 1, "series": churn or [[s, 0.3 / s] for s in range(1, 10)]}}
@@ -79,14 +132,28 @@ def record(trial_id, factor=None, scores=0.6, ffn=1.0, attention=0.5, budget=200
 
 
 def factor(k, mode="par", n=4, r=1):
-    return {"n_experts": n, "top_k": k, "n_routers": r, "router_mode": mode, "partition": "contiguous",
-            "combine": "scaled", "pseudo_label": "min_mse", "seed": 0}
+    return {
+        "n_experts": n,
+        "top_k": k,
+        "n_routers": r,
+        "router_mode": mode,
+        "partition": "contiguous",
+        "combine": "scaled",
+        "pseudo_label": "min_mse",
+        "seed": 0,
+    }
 
 
 def routing(similarity=0.2, agreement=None, imbalance=1.2, layers=None):
-    return {"summary": {"expert_similarity": similarity, "router_agreement": agreement,
-                        "load_max_over_mean": imbalance, "routing_entropy_normalized": 0.9},
-            "layers": layers or [{"expert_load": [10, 20, 30, 40]}, {"expert_load": [25, 25, 25, 25]}]}
+    return {
+        "summary": {
+            "expert_similarity": similarity,
+            "router_agreement": agreement,
+            "load_max_over_mean": imbalance,
+            "routing_entropy_normalized": 0.9,
+        },
+        "layers": layers or [{"expert_load": [10, 20, 30, 40]}, {"expert_load": [25, 25, 25, 25]}],
+    }
 
 
 @pytest.fixture
@@ -94,17 +161,61 @@ def records():
     dense_scores = {n: 0.6 for n in TASKS} | {"mmlu": 0.25}  # mmlu at chance for the dense model
     return [
         record("dense", scores=dense_scores, ffn=1.0, loss=3.0),
-        record("k1", factor(1), scores=0.4, ffn=0.26, routing=routing(imbalance=2.5), loss=6.0, kl=2.5, seed=1,
-               speedup={"prefill": 1.3, "prefill_rounds": [1.2, 1.3, 1.4]}),
-        record("k2", factor(2), scores={n: 0.57 for n in TASKS} | {"mmlu": 0.2}, ffn=0.51, routing=routing(), loss=3.5, kl=0.5, seed=2,
-               speedup={"prefill": 0.95, "prefill_rounds": [0.9, 0.95, 0.97]}),
-        record("k2rand", factor(2, "random"), scores=0.3, ffn=0.51, routing=routing(similarity=0.5), loss=7.0,
-               kl=3.0, seed=3),
-        record("k3", factor(3), scores={n: 0.58 for n in TASKS}, ffn=0.76, routing=routing(), drop=("mmlu",),
-               loss=3.2, kl=0.2, seed=4),  # a missing benchmark
-        record("2r", factor(2, r=2), scores={n: 0.55 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, attention=0.9,
-               routing=routing(agreement=0.55, similarity=0.95), loss=3.6, kl=0.6, seed=5,
-               churn=[[s, 0.4] for s in range(1, 10)]),
+        record(
+            "k1",
+            factor(1),
+            scores=0.4,
+            ffn=0.26,
+            routing=routing(imbalance=2.5),
+            loss=6.0,
+            kl=2.5,
+            seed=1,
+            speedup={"prefill": 1.3, "prefill_rounds": [1.2, 1.3, 1.4]},
+        ),
+        record(
+            "k2",
+            factor(2),
+            scores={n: 0.57 for n in TASKS} | {"mmlu": 0.2},
+            ffn=0.51,
+            routing=routing(),
+            loss=3.5,
+            kl=0.5,
+            seed=2,
+            speedup={"prefill": 0.95, "prefill_rounds": [0.9, 0.95, 0.97]},
+        ),
+        record(
+            "k2rand",
+            factor(2, "random"),
+            scores=0.3,
+            ffn=0.51,
+            routing=routing(similarity=0.5),
+            loss=7.0,
+            kl=3.0,
+            seed=3,
+        ),
+        record(
+            "k3",
+            factor(3),
+            scores={n: 0.58 for n in TASKS},
+            ffn=0.76,
+            routing=routing(),
+            drop=("mmlu",),
+            loss=3.2,
+            kl=0.2,
+            seed=4,
+        ),  # a missing benchmark
+        record(
+            "2r",
+            factor(2, r=2),
+            scores={n: 0.55 for n in TASKS} | {"mmlu": 0.2},
+            ffn=0.52,
+            attention=0.9,
+            routing=routing(agreement=0.55, similarity=0.95),
+            loss=3.6,
+            kl=0.6,
+            seed=5,
+            churn=[[s, 0.4] for s in range(1, 10)],
+        ),
         record("boom", factor(1, "lm_only"), status="failed"),
     ]
 
@@ -188,8 +299,7 @@ def test_items_that_differ_are_never_paired(records):
 
 def test_pairs_that_differ_in_one_factor(records):
     pairs = pair_differences(records)
-    by_factor = {(p["factor"], p["a"].split()[0], p["b"].split()[0], p["b"].split()[1]): p
-                 for _, p in pairs.iterrows()}
+    by_factor = {(p["factor"], p["a"].split()[0], p["b"].split()[0], p["b"].split()[1]): p for _, p in pairs.iterrows()}
     assert ("top_k", "1R4E1K", "1R4E2K", "par") in by_factor
     assert ("router_mode", "1R4E2K", "1R4E2K", "random") in by_factor
     assert ("n_routers", "1R4E2K", "2R4E2K", "par") in by_factor
@@ -212,15 +322,24 @@ def test_failure_mode_flags_are_calibrated(records):
     rows = frame.set_index("trial_id")
     flags = {tid: failure_flags(rows.loc[tid], frame) for tid in ("k1", "k2", "2r", "k3")}
     assert flags["k3"] == []  # attention 0.5/1.36 = 37%: below half
-    assert flags["k1"] == ["load imbalance: 1R4E1K par busiest expert gets 2.5x the mean load",
-                           "attention bottleneck: attention is 58% of 1R4E1K par's FLOPs per token "
-                           "(dense: 31% at the same length)"]
-    assert flags["k2"] == ["no speed gained: 1R4E2K par saves 31% of total FLOPs but no round ran faster than "
-                           "dense (prefill x0.90-0.97)"]
-    assert any(f.startswith("router conflict: 2R4E2K par routers agree on 55% of top-K choices (chance 50%")
-               for f in flags["2r"])
-    assert any(f.startswith("expert collapse: 2R4E2K par experts' mean cosine similarity rose from 0.20 at "
-                            "factorization to 0.95 (random/frozen router: 0.50)") for f in flags["2r"])
+    assert flags["k1"] == [
+        "load imbalance: 1R4E1K par busiest expert gets 2.5x the mean load",
+        "attention bottleneck: attention is 58% of 1R4E1K par's FLOPs per token (dense: 31% at the same length)",
+    ]
+    assert flags["k2"] == [
+        "no speed gained: 1R4E2K par saves 31% of total FLOPs but no round ran faster than dense (prefill x0.90-0.97)"
+    ]
+    assert any(
+        f.startswith("router conflict: 2R4E2K par routers agree on 55% of top-K choices (chance 50%")
+        for f in flags["2r"]
+    )
+    assert any(
+        f.startswith(
+            "expert collapse: 2R4E2K par experts' mean cosine similarity rose from 0.20 at "
+            "factorization to 0.95 (random/frozen router: 0.50)"
+        )
+        for f in flags["2r"]
+    )
     assert any(f.startswith("routing unstable late in training: 2R4E2K par churn 0.40") for f in flags["2r"])
 
 
@@ -236,12 +355,19 @@ def test_report_files(records, tmp_path):
     text = path.read_text()
     assert "## What this sweep shows" in text.split("## Main table")[0]
     assert "## Main table: m" in text and "hellaswag (acc_norm, chance 0.25)" in text and "mmlu †" in text
-    assert re.search(r"\| 1R4E1K \| 25.0 \| par \| contiguous \| paper \| 20000 \| \d\.\d{3} \[\d", text)  # loss with CI
+    assert re.search(
+        r"\| 1R4E1K \| 25.0 \| par \| contiguous \| paper \| 20000 \| \d\.\d{3} \[\d", text
+    )  # loss with CI
     assert "chance-norm. maint. %" in text and "KL(dense ‖ model)" in text
     assert "router conflict: 2R4E2K par routers agree on 55%" in text
     assert "NonFiniteLoss" in text
-    for png in ("maintenance_vs_ffn_flops.png", "heldout_loss_vs_ffn_flops.png", "maintenance_vs_budget.png",
-                "routing_churn.png", "expert_load.png"):
+    for png in (
+        "maintenance_vs_ffn_flops.png",
+        "heldout_loss_vs_ffn_flops.png",
+        "maintenance_vs_budget.png",
+        "routing_churn.png",
+        "expert_load.png",
+    ):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     csv = (tmp_path / "trials.csv").read_text()
     assert "arc_easy_maintenance_pct" in csv.splitlines()[0] and "maintenance_pct_lo" in csv.splitlines()[0]
@@ -267,6 +393,7 @@ def test_what_this_sweep_shows_states_only_supported_differences(records, tmp_pa
 
 def test_a_corrupt_record_is_skipped_with_a_warning(records, tmp_path, caplog):
     import json
+
     for r in records[:2]:
         (tmp_path / r["trial_id"]).mkdir()
         (tmp_path / r["trial_id"] / "record.json").write_text(json.dumps(r))
@@ -297,10 +424,28 @@ def test_a_dense_model_at_chance_everywhere_is_said_plainly(tmp_path):
 def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(records, tmp_path):
     from reports.tables import recipe_comparison
 
-    shared = {"n_experts": 3, "top_k": 1, "n_routers": 1, "router_mode": "par", "partition": "coact",
-              "combine": "unscaled", "pseudo_label": "min_recon", "seed": 0, "n_shared": 1, "router_init": "fit"}
-    best = record("best", shared, scores={n: 0.59 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, loss=3.2, kl=0.3, seed=9,
-                  train={"calibration_tokens": 4096})
+    shared = {
+        "n_experts": 3,
+        "top_k": 1,
+        "n_routers": 1,
+        "router_mode": "par",
+        "partition": "coact",
+        "combine": "unscaled",
+        "pseudo_label": "min_recon",
+        "seed": 0,
+        "n_shared": 1,
+        "router_init": "fit",
+    }
+    best = record(
+        "best",
+        shared,
+        scores={n: 0.59 for n in TASKS} | {"mmlu": 0.2},
+        ffn=0.52,
+        loss=3.2,
+        kl=0.3,
+        seed=9,
+        train={"calibration_tokens": 4096},
+    )
     assert best["recipe"] == "unscaled init=fit min_recon cal=4096"
     other_budget = record("b2", factor(2), loss=3.4, kl=0.4, budget=40000, seed=10)  # no paper trial at 40k
     rows = recipe_comparison(records + [best, other_budget])
@@ -312,8 +457,11 @@ def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(re
     assert "held-out loss differs" in row["verdict"]
     report = build_report(records + [best], tmp_path).read_text()
     assert "## Conversion recipes against the paper's" in report
-    assert re.search(r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok +\| "
-                     r"1R4E2K par contiguous 20000tok +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]", report)
+    assert re.search(
+        r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok +\| "
+        r"1R4E2K par contiguous 20000tok +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]",
+        report,
+    )
     assert "| 1R3E1K1S | 50.0 | par | coact | unscaled init=fit min_recon cal=4096 | 20000 (4096) |" in report
 
 
