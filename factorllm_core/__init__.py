@@ -17,8 +17,10 @@ from .factorize import (
     factor_config_of,
     factorize,
     load_factorized,
+    load_trained_ffns,
     match_ffn,
     save_factorized,
+    save_trained_ffns,
 )
 from .ffn import AuxCollector, FactorizedFFN, FFNAux, collect_aux, factorized_layers, use_dispatch
 from .par import PSEUDO_LABELS, LabelContext, balance_loss, pa_loss
@@ -61,5 +63,7 @@ __all__ = [
     "pa_loss",
     "router_agreement",
     "save_factorized",
+    "save_trained_ffns",
+    "load_trained_ffns",
     "use_dispatch",
 ]

@@ -39,6 +39,8 @@ class FactorConfig:
     router_init: `random` (the paper's) or `fit` (fitted to the pseudo-label rule's
         labels on calibration inputs before training; see ROUTER_INITS).
     seed: seeds the random partition, router init and random routing.
+    router_bias: the router's gates have a bias (the released code's); false makes a
+        trained model exportable exactly to stock MoE classes (harness/export.py).
 
     `partition: coact`, `n_shared > 0`, `combine: mean_comp` and `router_init: fit`
     need a calibration pass (`needs_calibration`).
@@ -75,6 +77,7 @@ class FactorConfig:
     pseudo_label: str = option("min_mse", recipe=True, tag="{}", choices=PSEUDO_LABELS)
     seed: int = option(0, axis=False, factor="factor_seed")
     n_shared: int = option(0, recipe=True, added_later=True, calibrated=lambda v: v > 0, calibrated_hint="n_shared")
+    router_bias: bool = option(True, recipe=True, tag="bias={}", added_later=True)
 
     def __post_init__(self):
         for d in declared(type(self)):  # types and registry names, from the declarations

@@ -2,7 +2,9 @@
 
 `build_factorized_ffn` is a pure builder for one layer; `factorize` swaps modules
 in place (like peft's `_replace_module`) and returns a report of what changed.
-`save_factorized` / `load_factorized` round-trip weights plus the factor config.
+`save_factorized` / `load_factorized` round-trip weights plus the factor config;
+`save_trained_ffns` / `load_trained_ffns` keep only what training changes (the
+factorized layers) and rebuild the model from its unchanged source model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .calibration import Calibration
@@ -147,7 +149,14 @@ def build_factorized_ffn(
         )
     )
     router = Router(
-        hidden, config.n_experts, config.n_routers, config.top_k, config.router_mode, config.combine, seed=layer_seed
+        hidden,
+        config.n_experts,
+        config.n_routers,
+        config.top_k,
+        config.router_mode,
+        config.combine,
+        seed=layer_seed,
+        bias=config.router_bias,
     )
     layer = FactorizedFFN(config, router, experts, weights.down_bias, shared)
     labels = None
@@ -304,6 +313,50 @@ def load_factorized(directory: str | Path, device: str | torch.device = "cpu") -
     factorize(model, config, _placeholder_partition=True)
     load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     return model.to(device).eval()
+
+
+TRAINED_FFNS_FILE = "ffns.safetensors"
+
+
+def save_trained_ffns(model: nn.Module, directory: str | Path) -> Path:
+    """Write the factorized layers only (routers, experts, partitions, shared experts,
+    calibration means) and the factor config to `directory`. Training changes nothing
+    else (embeddings, attention, norms and head are frozen), so the source model plus
+    this folder give the trained model back exactly (`load_trained_ffns`), at a fraction
+    of a whole model's size."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{key}": value.detach().contiguous()
+        for name, layer in factorized_layers(model)
+        for key, value in layer.state_dict().items()
+    }
+    save_file(tensors, str(directory / TRAINED_FFNS_FILE))
+    meta = {
+        "factor_config": factor_config_of(model).to_dict(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    (directory / FACTOR_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_trained_ffns(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Factorize `model`, the same dense source model the trained one started from, in
+    place, and load the trained layers saved by `save_trained_ffns`. Every factorized
+    tensor must be in the file, and nothing else."""
+    directory = Path(directory)
+    meta = json.loads((directory / FACTOR_CONFIG_FILE).read_text())
+    factorize(model, FactorConfig.from_dict(meta["factor_config"]), _placeholder_partition=True)
+    tensors = load_file(str(directory / TRAINED_FFNS_FILE))
+    expected = {f"{name}.{key}" for name, layer in factorized_layers(model) for key in layer.state_dict()}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{directory / TRAINED_FFNS_FILE} does not match this model's factorized layers "
+            f"(missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]})"
+        )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+    return model.eval()
 
 
 class GatedFFN(nn.Module):

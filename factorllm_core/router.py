@@ -117,16 +117,25 @@ COMBINES.register("mean_comp")(Combine(unscaled, add_unchosen_mean=True))
 
 
 class Router(nn.Module):
-    """R linear gates (with bias) on the FFN input; their softmaxes are averaged."""
+    """R linear gates on the FFN input (with a bias, as the released code, unless `bias=False`);
+    their softmaxes are averaged."""
 
     def __init__(
-        self, hidden_size: int, n_experts: int, n_routers: int, top_k: int, mode: str, combine: str, seed: int
+        self,
+        hidden_size: int,
+        n_experts: int,
+        n_routers: int,
+        top_k: int,
+        mode: str,
+        combine: str,
+        seed: int,
+        bias: bool = True,
     ):
         super().__init__()
         self.n_experts, self.n_routers, self.top_k = n_experts, n_routers, top_k
         self.mode = ROUTER_MODES.get(mode, "router_mode")
         self.combine = COMBINES.get(combine, "combine")
-        self.gate = nn.Linear(hidden_size, n_routers * n_experts, bias=True)
+        self.gate = nn.Linear(hidden_size, n_routers * n_experts, bias=bias)
         self.gate.requires_grad_(self.mode.trainable)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -136,7 +145,10 @@ class Router(nn.Module):
         # The logits are computed transposed, (R, N, S): with only R*N rows, the softmax
         # and the top-K then run along contiguous memory (on CPU at 4,096 x 576 the whole
         # router takes ~0.6 ms instead of ~1.1). Routing gets (S, ...) views of them.
-        logits = torch.addmm(self.gate.bias.unsqueeze(1), self.gate.weight, x.t())
+        if self.gate.bias is None:
+            logits = torch.mm(self.gate.weight, x.t())
+        else:
+            logits = torch.addmm(self.gate.bias.unsqueeze(1), self.gate.weight, x.t())
         probs_t = logits.float().view(self.n_routers, self.n_experts, -1).softmax(dim=1)  # (R, N, S)
         mean_t = probs_t[0] if self.n_routers == 1 else probs_t.mean(dim=0)  # (N, S)
         router_probs, probs = probs_t.permute(2, 0, 1), mean_t.t()  # (S, R, N), (S, N)
@@ -185,8 +197,9 @@ def random_init(router: Router, inputs, labels, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(router.gate.in_features)
     with torch.no_grad():
-        for p in (router.gate.weight, router.gate.bias):
-            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator).to(p))
+        for p in (router.gate.weight, router.gate.bias):  # the weight's draw is the same without a bias
+            if p is not None:
+                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator).to(p))
 
 
 FIT_STEPS = 300  # full-batch Adam steps; converged on SmolLM2 layers (agreement flat after ~200)
@@ -206,8 +219,8 @@ def fitted_init(router: Router, inputs: torch.Tensor | None, labels: torch.Tenso
     n_fit = inputs.shape[0] - max(1, int(inputs.shape[0] * FIT_HOLDOUT))
     x, target = inputs.float(), labels.float() / labels.sum(dim=1, keepdim=True)
     weight = router.gate.weight.detach().float().clone().requires_grad_(True)
-    bias = router.gate.bias.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([weight, bias], lr=FIT_LR)
+    bias = None if router.gate.bias is None else router.gate.bias.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([p for p in (weight, bias) if p is not None], lr=FIT_LR)
     shape = (-1, router.n_routers, router.n_experts)
     with torch.enable_grad():
         for _ in range(FIT_STEPS):
@@ -218,7 +231,8 @@ def fitted_init(router: Router, inputs: torch.Tensor | None, labels: torch.Tenso
             optimizer.step()
     with torch.no_grad():
         router.gate.weight.copy_(weight)
-        router.gate.bias.copy_(bias)
+        if bias is not None:
+            router.gate.bias.copy_(bias)
         probs = torch.nn.functional.linear(x, weight, bias).view(shape).softmax(-1).mean(1)
         chosen = torch.zeros_like(probs).scatter_(1, probs.topk(router.top_k, dim=1).indices, 1.0)
         overlap = (chosen * (labels > 0)).sum(1) / router.top_k  # share of the K picks the labels also pick

@@ -288,6 +288,9 @@ class TrialConfig:
     dispatch: the factorized model's expert dispatch in training, evaluation and FLOP
         counting: auto (the fast path for the device) or reference | sorted | grouped
         (fused is inference-only; see latency.dispatch for timing).
+    keep_checkpoints: a completed trial keeps its training checkpoint (weights and
+        optimizer state, ~1 GB for SmolLM2-135M); by default only its trained weights
+        stay (<trial dir>/model, what `python -m harness.export` reads).
     """
 
     model: str = option("smollm2-135m", factor=None)
@@ -299,6 +302,7 @@ class TrialConfig:
     seed: int = option(0)
     device: str = "auto"
     trust_remote_code: bool = False
+    keep_checkpoints: bool = False
     precision: str = "auto"
     dispatch: str = "auto"
 
@@ -374,6 +378,7 @@ class TrialConfig:
         """Stable id from content: same config -> same id. Device is where, not what: excluded."""
         data = self.to_dict()
         data.pop("device")
+        data.pop("keep_checkpoints")  # what is kept on disk, not what is measured
         if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
         if self.eval.benchmarks:
@@ -471,7 +476,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 kwargs["factor"] = OPTION_CLASSES["factor"].from_dict(factor)
             except (ValueError, TypeError) as error:
                 problems.append(f"factor.{error}")
-    for name in ("model", "seed", "device", "trust_remote_code", "precision", "dispatch"):
+    for name in ("model", "seed", "device", "trust_remote_code", "precision", "dispatch", "keep_checkpoints"):
         if name in data:
             expected = {
                 "model": str,
@@ -480,6 +485,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 "trust_remote_code": bool,
                 "precision": str,
                 "dispatch": str,
+                "keep_checkpoints": bool,
             }[name]
             coerced, ok = _coerce(data[name], expected)
             if not ok:

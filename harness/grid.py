@@ -112,6 +112,7 @@ TOP_KEYS = (
     "trust_remote_code",
     "precision",
     "dispatch",
+    "keep_checkpoints",
 )
 
 
@@ -263,7 +264,9 @@ def _place(trial: dict, axis: str, value) -> None:
 
 
 def _base_trial(data: dict) -> dict:
-    base = {k: data[k] for k in ("device", "trust_remote_code", "precision", "dispatch") if k in data}
+    base = {
+        k: data[k] for k in ("device", "trust_remote_code", "precision", "dispatch", "keep_checkpoints") if k in data
+    }
     for section in SECTIONS:
         if section in data:  # mappings (checked before expansion)
             base[section] = dict(data[section] or {})

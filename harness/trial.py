@@ -15,6 +15,7 @@ import argparse
 import copy
 import logging
 import math
+import shutil
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from factorllm_core import calibrate, defactorize, factorize, factorized_layers
+from factorllm_core import calibrate, defactorize, factorize, factorized_layers, save_trained_ffns
 from harness.assets.corpora import pack, resolve_corpus, token_budget
 from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
 from harness.config import ConfigError, TrialConfig, resolve_precision
@@ -41,12 +42,15 @@ from harness.measure.flops import count_dense_flops_cached, count_flops
 from harness.measure.latency import measure_latency
 from harness.measure.probe import probe_tokens
 from harness.train import dense_teacher, make_batches, train
-from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_record
+from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_json_atomic, write_record
 
 # by name, not __name__: this module also runs as __main__
 log = logging.getLogger("harness.trial")  # the console's: one line per stage and per finished trial
 detail = logging.getLogger("harness.trial.detail")  # the trial log's only
 LOG_FILE = "trial.log"
+MODEL_DIR = "model"  # the trained factorized layers (factorllm_core.save_trained_ffns) + source.json
+SOURCE_FILE = "source.json"
+CHECKPOINT_DIR = "checkpoint"
 ANALYSIS_TOKENS = 512  # held-out probe tokens for routing statistics and expert similarity
 CHURN_TOKENS = 256  # probe tokens whose routing churn is followed during training
 
@@ -97,6 +101,7 @@ class Trial:
             self._run_stages()
             self._check_finite()
             self.record["status"] = "completed"
+            self.record["files"] = self._files()
         except KeyboardInterrupt:
             raise  # leave checkpoints for a resume; an interrupted trial writes no record
         except Exception as error:  # every failure is recorded with its reason
@@ -107,6 +112,8 @@ class Trial:
                 self.record.pop(key, None)  # a failed trial never reports numbers as results
         self.record["finished_at"] = _now()
         write_record(self.dir / RECORD_FILE, self.record)
+        if self.record["status"] == "completed" and not self.config.keep_checkpoints:
+            shutil.rmtree(self.dir / CHECKPOINT_DIR, ignore_errors=True)  # only after the record is safe
         log.info(
             "[%s] %s%s: %s",
             self.config.trial_id,
@@ -144,6 +151,7 @@ class Trial:
             del calibration  # 283 MB on SmolLM2 at 4,096 tokens
             with self.stage("train"):
                 self._train()
+                self._save_model()
         with self.stage("evaluate"):
             self._evaluate()
         with self.stage("heldout"):
@@ -266,7 +274,7 @@ class Trial:
             batches,
             cfg,
             self.device,
-            self.dir / "checkpoint",
+            self.dir / CHECKPOINT_DIR,
             on_step=self.on_train_step,
             churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
             bf16=self.precision == "bf16",
@@ -278,6 +286,26 @@ class Trial:
                 f"{cfg.calibration_tokens} calibration tokens = {train_tokens}"
             )
         self.record["training"] = summary.to_dict()
+
+    def _save_model(self) -> None:
+        """The trained factorized layers (fp32, before evaluation may cast the model) and
+        what rebuilds the whole model from them: its source model and that model's
+        fingerprint (harness/export.py checks it)."""
+        folder = self.dir / MODEL_DIR
+        save_trained_ffns(self.model, folder)
+        source = {k: self.record["model"][k] for k in ("name", "fingerprint", "architecture")}
+        write_json_atomic(folder / SOURCE_FILE, source)
+
+    def _files(self) -> dict:
+        """What this trial leaves on disk, in bytes: its trained weights, and the training
+        checkpoint (removed once the record is written unless keep_checkpoints)."""
+        model, checkpoint = self.dir / MODEL_DIR, self.dir / CHECKPOINT_DIR
+        return {
+            "model": MODEL_DIR if model.exists() else None,
+            "model_bytes": _bytes(model),
+            "checkpoint_bytes": _bytes(checkpoint),
+            "checkpoint_kept": self.config.keep_checkpoints,
+        }
 
     def _churn_monitor(self, total_steps: int) -> ChurnMonitor | None:
         """None when churn is switched off, or when routing is random (no router to
@@ -332,6 +360,10 @@ def _speedup(dense: dict | None, factored: dict | None) -> dict | None:
         ],
         "device": factored["device"],
     }
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 def _now() -> str:

@@ -367,3 +367,31 @@ def test_the_distillation_teacher_stays_dense_after_the_layerwise_stage(
     dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
     with torch.no_grad():
         assert (seen[0](input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_a_completed_trial_keeps_its_trained_weights_and_drops_its_checkpoint(
+    tiny_checkpoint, tiny_corpus, cache_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from factorllm_core import load_trained_ffns
+
+    cfg = config(tiny_checkpoint, tiny_corpus)  # checkpoint_every=2: a checkpoint is written during training
+    trial, record = run(cfg, tmp_path)
+    folder = tmp_path / "runs" / cfg.trial_id
+    files = record["files"]
+    assert files["model"] == "model" and files["model_bytes"] > 0 and not files["checkpoint_kept"]
+    assert files["checkpoint_bytes"] > files["model_bytes"]  # weights + optimizer state, against weights alone
+    assert not (folder / "checkpoint").exists()
+    assert json.loads((folder / "model" / "source.json").read_text())["name"] == tiny_checkpoint
+    # the source model plus the saved layers are the trained model
+    rebuilt = load_trained_ffns(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), folder / "model")
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, trial.model.eval()(ids).logits)
+
+    kept = config(tiny_checkpoint, tiny_corpus, budget=900)
+    kept = TrialConfig.from_dict(kept.to_dict() | {"keep_checkpoints": True})
+    assert kept.trial_id == config(tiny_checkpoint, tiny_corpus, budget=900).trial_id  # not part of the id
+    _, record = run(kept, tmp_path)
+    assert record["files"]["checkpoint_kept"] and (tmp_path / "runs" / kept.trial_id / "checkpoint").exists()
