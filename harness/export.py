@@ -1,0 +1,490 @@
+"""A trained factorized model out of the harness: a stock Hugging Face MoE class, and GGUF.
+
+    python -m harness.export runs/sweeps/default/records/<trial_id> --out exported/1r3e1k1s
+    python -m harness.export <trial dir or record.json> --out DIR --arch mixtral|qwen2_moe|granitemoeshared
+    python -m harness.export <trial> --out DIR --format gguf --quant q8_0   # needs FACTORLLM_SERVE=1 bash install.sh
+
+The folder (config.json, safetensors, tokenizer) loads with stock transformers,
+`AutoModelForCausalLM.from_pretrained(DIR)`: no custom code, no `auto_map`. Each target
+class computes, per token, softmax router probabilities, the top-K experts and their
+renormalised probabilities as weights (Mixtral; Qwen2-MoE with `norm_topk_prob`;
+GraniteMoeShared as a softmax over the top-K logits, the same numbers). A FactorLLM layer
+maps onto that exactly when it has one router without a bias and no per-expert mean
+compensation, and its combine rule is
+  - `weighted` (renormalised probabilities x N: N folds into the down projections), any K;
+  - a constant (`scaled`: N/K, `unscaled`: 1) at K = 1, where the renormalised weight is 1;
+  - anything at K = N, where every expert runs: the router is zeroed, each weight is 1/N.
+Shared experts become GraniteMoeShared's shared MLP (weight 1) or Qwen2-MoE's shared
+expert, whose zero gate gives sigmoid(0) = 0.5, so its down projection is doubled.
+Before anything is written the export's logits are compared with the factorized model's
+on held-out text (fp32): an exact mapping must agree within 1e-4, or nothing is written.
+Everything else is refused in one line naming the option that would make it exportable;
+`--approximate` exports a constant combine at 1 < K < N anyway (router logits scaled by
+2^-10, so the renormalised weights are nearly 1/K) and reports its measured error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils.logging import disable_progress_bar
+
+from factorllm_core import COMBINES, FactorConfig, factorized_layers, load_trained_ffns
+from factorllm_core.registry import Registry
+from harness.logs import setup_console
+from reports.record import RECORD_FILE, read_record
+
+log = logging.getLogger("harness.export")  # by name: this module also runs as __main__
+
+EXACT_TOLERANCE = 1e-4  # max |logit difference| of an exact export, fp32
+APPROXIMATE_ROUTER_SCALE = 2.0**-10  # a power of two: scaling keeps every logit's order exactly
+SOURCES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # dense families with a stock MoE counterpart
+
+
+class NotExportable(ValueError):
+    """The model cannot be written as the asked class; the message says why and what would."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One factorized FFN, as tensors a stock MoE layer takes."""
+
+    router: torch.Tensor  # (N, H), already scaled or zeroed as the mapping needs
+    gate: torch.Tensor  # (N, W, H)
+    up: torch.Tensor  # (N, W, H)
+    down: torch.Tensor  # (N, H, W), the combine's constant folded in
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate (S, H), up (S, H), down (H, S)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stock MoE class: its config from the source's, and where each tensor goes."""
+
+    config: object  # (source config, N, K, W, S) -> transformers config
+    tensors: object  # (layer index, Layer, source config) -> {state dict key: tensor}
+    shared: str  # "none" | "optional" | "required": what it does with shared experts
+    attention_bias: bool  # can carry the source's q/k/v biases
+
+
+TARGETS: Registry[Target] = Registry("export architecture")
+
+
+def _common(source, n_experts: int, top_k: int) -> dict:
+    """The settings every target copies from the dense source."""
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    return {k: getattr(source, k) for k in keys} | {
+        "head_dim": _head_dim(source),
+        "num_experts_per_tok": top_k,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+
+
+def _head_dim(source) -> int:
+    return getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+
+
+def _mixtral_config(source, n, k, width, shared):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        **_common(source, n, k),
+        intermediate_size=width,
+        num_local_experts=n,
+        sliding_window=None,
+        router_jitter_noise=0.0,
+    )
+
+
+def _mixtral_tensors(i: int, layer: Layer, source) -> dict:
+    p = f"model.layers.{i}.mlp."
+    return {
+        p + "gate.weight": layer.router,
+        p + "experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
+        p + "experts.down_proj": layer.down,
+    }
+
+
+def _granite_config(source, n, k, width, shared):
+    from transformers import GraniteMoeSharedConfig
+
+    return GraniteMoeSharedConfig(
+        **_common(source, n, k),
+        intermediate_size=width,
+        num_local_experts=n,
+        shared_intermediate_size=shared,
+        attention_bias=_has_qkv_bias(source),
+        # identity multipliers; attention_multiplier replaces 1/sqrt(head_dim)
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+        attention_multiplier=1.0 / math.sqrt(_head_dim(source)),
+    )
+
+
+def _granite_tensors(i: int, layer: Layer, source) -> dict:
+    p = f"model.layers.{i}."
+    out = {
+        p + "block_sparse_moe.router.weight": layer.router,
+        p + "block_sparse_moe.experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
+        p + "block_sparse_moe.experts.down_proj": layer.down,
+    }
+    if layer.shared is not None:
+        gate, up, down = layer.shared
+        out |= {
+            p + "shared_mlp.input_linear.weight": torch.cat([gate, up]),
+            p + "shared_mlp.output_linear.weight": down,
+        }
+    if _has_qkv_bias(source):  # a Qwen2 source: q/k/v carry biases, o does not (attention_bias covers all four)
+        out[p + "self_attn.o_proj.bias"] = torch.zeros(source.hidden_size)
+    return out
+
+
+def _qwen2_moe_config(source, n, k, width, shared):
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_common(source, n, k),
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_experts=n,
+        shared_expert_intermediate_size=shared,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,
+        use_sliding_window=False,
+    )
+
+
+def _qwen2_moe_tensors(i: int, layer: Layer, source) -> dict:
+    p = f"model.layers.{i}."
+    out = {
+        p + "mlp.gate.weight": layer.router,
+        p + "mlp.experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
+        p + "mlp.experts.down_proj": layer.down,
+        p + "mlp.shared_expert_gate.weight": torch.zeros(1, source.hidden_size),
+    }  # sigmoid(0) = 0.5
+    gate, up, down = (
+        layer.shared
+        if layer.shared is not None
+        else (torch.zeros(0, source.hidden_size),) * 2 + (torch.zeros(source.hidden_size, 0),)
+    )
+    out |= {
+        p + "mlp.shared_expert.gate_proj.weight": gate,
+        p + "mlp.shared_expert.up_proj.weight": up,
+        p + "mlp.shared_expert.down_proj.weight": 2 * down,
+    }
+    if not _has_qkv_bias(source):  # a Llama source: the class always has q/k/v biases; zeros keep it exact
+        kv = source.num_key_value_heads * _head_dim(source)
+        out |= {
+            p + "self_attn.q_proj.bias": torch.zeros(source.num_attention_heads * _head_dim(source)),
+            p + "self_attn.k_proj.bias": torch.zeros(kv),
+            p + "self_attn.v_proj.bias": torch.zeros(kv),
+        }
+    return out
+
+
+TARGETS.register("mixtral")(Target(_mixtral_config, _mixtral_tensors, shared="none", attention_bias=False))
+TARGETS.register("granitemoeshared")(Target(_granite_config, _granite_tensors, shared="optional", attention_bias=True))
+TARGETS.register("qwen2_moe")(Target(_qwen2_moe_config, _qwen2_moe_tensors, shared="optional", attention_bias=True))
+
+
+def _has_qkv_bias(source) -> bool:
+    return bool(getattr(source, "attention_bias", False)) or getattr(source, "model_type", "") == "qwen2"
+
+
+def pick_arch(arch: str, factor: FactorConfig, architecture: str) -> str:
+    """`auto`: Mixtral for a Llama source without shared experts, GraniteMoeShared with them
+    (llama.cpp runs both), Qwen2-MoE for a Qwen2 source (its q/k/v biases)."""
+    if arch != "auto":
+        TARGETS.get(arch, "--arch")
+        return arch
+    if architecture == "Qwen2ForCausalLM":
+        return "qwen2_moe"
+    return "granitemoeshared" if factor.n_shared else "mixtral"
+
+
+def factor_problems(factor: FactorConfig, arch: str, approximate: bool) -> list[str]:
+    """Why a model of this factor config cannot be written as `arch`, each with the option that
+    would allow it (known from the config alone, before any weights are loaded)."""
+    out = []
+    if factor.router_mode == "random":
+        out.append(
+            "router_mode random picks experts at random: there is no router to export; train a router "
+            "(router_mode par or lm_only)"
+        )
+    if factor.n_routers > 1:
+        out.append(f"n_routers={factor.n_routers}: stock classes have one router per layer; use n_routers: 1")
+    if factor.router_bias:
+        out.append("the router has a bias, which stock classes do not: train with factor.router_bias: false")
+    if COMBINES.get(factor.combine).add_unchosen_mean:
+        out.append(
+            f"combine {factor.combine} adds each unchosen expert's mean output, which no stock class "
+            "does: use combine unscaled"
+        )
+    if _constant(factor) and 1 < factor.top_k < factor.n_experts and not approximate:
+        out.append(
+            f"combine {factor.combine} weighs each chosen expert by a constant, which stock classes "
+            f"(renormalised probabilities) match only at K = 1 or K = N, not K = {factor.top_k}: use "
+            "combine weighted, or --approximate"
+        )
+    if factor.n_shared and TARGETS.get(arch).shared == "none":
+        out.append(f"{arch} has no shared expert: use --arch granitemoeshared or qwen2_moe")
+    return out
+
+
+def source_problems(source, arch: str, has_ffn_bias: bool) -> list[str]:
+    """Why the dense source model's layers cannot be written as `arch`."""
+    model_type = getattr(source, "model_type", "?")
+    if model_type not in ("llama", "qwen2"):
+        return [
+            f"the source model is {model_type}: only Llama and Qwen2 models map to stock MoE classes "
+            f"({', '.join(TARGETS.names())}); Gemma3 and others have no stock MoE counterpart"
+        ]
+    out = []
+    if _has_qkv_bias(source) and not TARGETS.get(arch).attention_bias:
+        out.append(f"the source's attention has q/k/v biases, which {arch} lacks: use --arch qwen2_moe")
+    if getattr(source, "mlp_bias", False) or has_ffn_bias:
+        out.append("the FFN has biases, which stock MoE experts lack")
+    if getattr(source, "use_sliding_window", False):
+        out.append("the source uses sliding-window attention; the export would not")
+    return out
+
+
+def _constant(factor: FactorConfig) -> bool:
+    """Whether the combine rule weighs every chosen expert the same."""
+    return factor.combine != "weighted"
+
+
+def layer_tensors(ffn, factor: FactorConfig, approximate: bool) -> Layer:
+    """One factorized FFN as stock-MoE tensors (see the module docstring for the mapping)."""
+    n, k = factor.n_experts, factor.top_k
+    experts = ffn.experts
+    router = ffn.router.gate.weight.detach().float()
+    constant = COMBINES.get(factor.combine).uniform_weight(n, k)  # N/K for scaled, 1 for unscaled, N for weighted
+    if not _constant(factor):
+        scale = float(n)  # renormalised p x N: N into the down projections
+    elif k == n:
+        router, scale = torch.zeros_like(router), constant * n  # every expert runs: weights 1/N
+    elif k == 1:
+        scale = constant  # the renormalised weight is exactly 1
+    else:  # --approximate: tiny logits, weights ~1/K
+        router, scale = router * APPROXIMATE_ROUTER_SCALE, constant * k
+    shared = None
+    if ffn.shared is not None:
+        s = ffn.shared
+        shared = (s.gate_weight[0].detach().float(), s.up_weight[0].detach().float(), s.down_weight[0].detach().float())
+    return Layer(
+        router,
+        experts.gate_weight.detach().float(),
+        experts.up_weight.detach().float(),
+        experts.down_weight.detach().float() * scale,
+        shared,
+    )
+
+
+def to_stock(model: nn.Module, arch: str = "auto", approximate: bool = False) -> nn.Module:
+    """A stock transformers MoE model computing what the factorized `model` computes."""
+    from transformers import AutoModelForCausalLM
+
+    layers = factorized_layers(model)
+    factor, source = layers[0][1].config, model.config
+    arch = pick_arch(arch, factor, type(model).__name__)
+    has_ffn_bias = any(f.experts.gate_bias is not None or f.down_bias is not None for _, f in layers)
+    reasons = source_problems(source, arch, has_ffn_bias)
+    reasons = reasons or factor_problems(factor, arch, approximate)
+    if reasons:
+        raise NotExportable(f"{factor.name} cannot be exported as {arch}: " + "; ".join(reasons))
+    target = TARGETS.get(arch)
+    width = layers[0][1].experts.expert_width
+    shared = 0 if layers[0][1].shared is None else layers[0][1].shared.expert_width
+    config = target.config(source, factor.n_experts, factor.top_k, width, shared)
+    stock = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}  # attention, norms, embeddings
+    for i, (_, ffn) in enumerate(layers):
+        state |= target.tensors(i, layer_tensors(ffn, factor, approximate), source)
+    missing, unexpected = stock.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export to {arch}: tensors missing {missing[:4]}, unexpected {unexpected[:4]}")
+    stock.config.architectures = [type(stock).__name__]
+    return stock.eval()
+
+
+def compare(reference: nn.Module, exported: nn.Module, ids: torch.Tensor) -> dict:
+    """Max |logit difference| and mean KL(reference || exported) per token, fp32, on `ids`."""
+    with torch.no_grad():
+        a = reference.float().eval()(ids).logits.float()
+        b = exported.float().eval()(ids).logits.float()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
+    return {
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "mean_kl": float(kl.sum(-1).mean()),
+        "tokens": int(ids.numel()),
+    }
+
+
+def export(
+    model: nn.Module, tokenizer, ids: torch.Tensor, out: str | Path, arch: str = "auto", approximate: bool = False
+) -> dict:
+    """Map, check against `model` on `ids`, write `out`, and check the folder loads as stock
+    transformers. Returns what was measured."""
+    from transformers import AutoModelForCausalLM
+
+    stock = to_stock(model, arch, approximate)
+    factor = factorized_layers(model)[0][1].config
+    exact = not (approximate and _constant(factor) and 1 < factor.top_k < factor.n_experts)
+    check = compare(model, stock, ids) | {
+        "arch": stock.config.model_type,
+        "class": type(stock).__name__,
+        "exact": exact,
+        "tolerance": EXACT_TOLERANCE if exact else None,
+    }
+    if exact and check["max_abs_logit_diff"] > EXACT_TOLERANCE:
+        raise RuntimeError(
+            f"the export differs from the factorized model by {check['max_abs_logit_diff']:.2e} "
+            f"> {EXACT_TOLERANCE} in the logits: a bug in the mapping, nothing written"
+        )
+    out = Path(out)
+    stock.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    if "auto_map" in config:
+        raise RuntimeError(f"{out}/config.json names custom code (auto_map)")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    check["reloaded_max_abs_logit_diff"] = compare(model, reloaded, ids)["max_abs_logit_diff"]
+    (out / "factorllm_export.json").write_text(json.dumps(check | {"factor": factor.to_dict()}, indent=2))
+    return check
+
+
+def trial_record(path: str | Path) -> dict:
+    """The record of a completed factorized trial, from its folder or its record.json."""
+    folder = _folder(path)
+    record = read_record(folder / RECORD_FILE)
+    if record is None:
+        raise FileNotFoundError(f"{folder} holds no readable trial record ({RECORD_FILE})")
+    if record["status"] != "completed" or record["config"].get("factor") is None:
+        raise NotExportable(
+            f"{folder}: only a completed factorized trial can be exported "
+            f"(status {record['status']}, {record['setting']})"
+        )
+    return record
+
+
+def _folder(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.name == RECORD_FILE else path
+
+
+def load_trial(path: str | Path, device: str = "cpu"):
+    """(factorized model, tokenizer, record) of a completed trial, from its folder or record."""
+    from harness.assets.models import load_model
+
+    record = trial_record(path)
+    folder = _folder(path)
+    model_dir = folder / "model"
+    if not (model_dir / "source.json").exists():
+        raise FileNotFoundError(
+            f"{model_dir} holds no trained weights: trials keep them since schema 3 (rerun the trial)"
+        )
+    source = json.loads((model_dir / "source.json").read_text())
+    loaded = load_model(
+        source["name"],
+        dtype=torch.float32,
+        device=device,
+        trust_remote_code=record["config"].get("trust_remote_code", False),
+    )
+    if loaded.source.fingerprint != source["fingerprint"]:
+        raise NotExportable(
+            f"the source model {source['name']!r} changed since the trial "
+            f"({loaded.source.fingerprint} against {source['fingerprint']})"
+        )
+    return load_trained_ffns(loaded.model, model_dir), loaded.tokenizer, record
+
+
+def heldout_ids(tokenizer, record: dict, max_len: int) -> torch.Tensor:
+    """The trial's own held-out text, its first two sequences: what the export is checked on."""
+    from harness.config import EvalConfig, build_section
+    from harness.eval.heldout import heldout_sequences
+
+    ev, _ = build_section(EvalConfig, record["config"]["eval"] | {"tasks": "all"}, "eval")
+    return heldout_sequences(tokenizer, ev, max_len)[:2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trial", help="a completed trial's folder (<records>/<trial_id>) or its record.json")
+    parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    parser.add_argument("--arch", default="auto", choices=["auto", *TARGETS.names()])
+    parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="gguf: also a GGUF file (llama.cpp)")
+    parser.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF tensor type")
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="export a constant combine at 1 < K < N anyway, reporting its measured error",
+    )
+    args = parser.parse_args(argv)
+    setup_console()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        log.error("--out %s exists and is not an empty folder", out)
+        return 2
+    if not Path(args.trial).exists():
+        log.error("%s does not exist: give a trial folder or its record.json", args.trial)
+        return 2
+    try:
+        record = trial_record(args.trial)
+        factor = FactorConfig.from_dict(record["config"]["factor"])
+        arch = pick_arch(args.arch, factor, record["model"]["architecture"])
+        reasons = factor_problems(factor, arch, args.approximate)  # before loading anything
+        if reasons:
+            raise NotExportable(f"{factor.name} cannot be exported as {arch}: " + "; ".join(reasons))
+        disable_progress_bar()  # transformers' weight-loading bars
+        model, tokenizer, record = load_trial(args.trial)
+        ids = heldout_ids(tokenizer, record, getattr(model.config, "max_position_embeddings", 2048))
+        check = export(model, tokenizer, ids, out, arch, args.approximate)
+    except (NotExportable, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    log.info(
+        "wrote %s (%s, %s): max |logit difference| %.2e, KL %.2e over %d held-out tokens",
+        out,
+        check["class"],
+        "exact" if check["exact"] else "approximate",
+        check["max_abs_logit_diff"],
+        check["mean_kl"],
+        check["tokens"],
+    )
+    if args.format == "gguf":
+        from harness.serve import convert_to_gguf
+
+        path = convert_to_gguf(out, args.quant)
+        log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

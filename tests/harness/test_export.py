@@ -1,0 +1,140 @@
+"""Export to stock transformers MoE classes: exact where the mapping is exact (K = N and shared
+experts included), refused in one line where it is not, and loadable without custom code."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from factorllm_core import FactorConfig, calibrate, factorize
+from harness.export import NotExportable, compare, export, to_stock
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def factorized(tiny_model_factory, family="llama", **factor):
+    model = tiny_model_factory(family)
+    dense = tiny_model_factory(family)
+    config = FactorConfig(**({"n_experts": 4, "top_k": 2, "router_bias": False} | factor))
+    calibration = None
+    if config.needs_calibration:
+        sequences = [torch.randint(0, 128, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+        calibration = calibrate(model, sequences, "cpu")
+    factorize(model, config, calibration)
+    return model.eval(), dense.eval()
+
+
+EXACT = [
+    ("llama", "mixtral", {"combine": "weighted"}),
+    ("llama", "mixtral", {"combine": "weighted", "top_k": 3}),
+    ("llama", "mixtral", {"combine": "weighted", "top_k": 4}),
+    ("llama", "mixtral", {"combine": "scaled", "top_k": 1}),
+    ("llama", "mixtral", {"combine": "unscaled", "top_k": 1, "partition": "random"}),
+    ("llama", "granitemoeshared", {"combine": "weighted", "top_k": 1}),
+    ("llama", "granitemoeshared", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled"}),
+    ("llama", "qwen2_moe", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled"}),
+    ("llama", "qwen2_moe", {"combine": "weighted"}),  # no shared expert: a zero-width one
+    ("qwen2", "qwen2_moe", {"combine": "weighted"}),
+    ("qwen2", "qwen2_moe", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "scaled"}),
+    ("qwen2", "granitemoeshared", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled"}),
+]
+
+
+@pytest.mark.parametrize("family,arch,factor", EXACT)
+def test_exact_mappings_match_the_factorized_model(tiny_model_factory, tmp_path, word_tokenizer, family, arch, factor):
+    model, _ = factorized(tiny_model_factory, family, **factor)
+    check = export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out", arch)
+    assert check["exact"] and check["max_abs_logit_diff"] < 1e-4 and check["reloaded_max_abs_logit_diff"] < 1e-4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == arch and "auto_map" not in config
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
+    assert type(stock).__module__.startswith("transformers.models.")
+    routed = model.model.layers[0].mlp.router
+    assert routed.top_k == factor.get("top_k", 2)
+
+
+@pytest.mark.parametrize("family,arch", [("llama", "mixtral"), ("llama", "granitemoeshared"), ("qwen2", "qwen2_moe")])
+@pytest.mark.parametrize("combine", ["scaled", "unscaled"])  # `weighted` at K = N is not dense (p x N): in EXACT
+def test_k_equal_n_exports_the_dense_model(tiny_model_factory, family, arch, combine):
+    model, dense = factorized(tiny_model_factory, family, top_k=4, combine=combine)
+    assert compare(dense, to_stock(model, arch), IDS)["max_abs_logit_diff"] < 1e-4
+
+
+REFUSED = [
+    ("llama", "auto", {"router_bias": True}, "factor.router_bias: false"),
+    ("llama", "auto", {"n_routers": 2, "combine": "weighted"}, "use n_routers: 1"),
+    ("llama", "auto", {"combine": "mean_comp", "partition": "coact"}, "use combine unscaled"),
+    ("llama", "auto", {"combine": "scaled"}, "use combine weighted, or --approximate"),
+    ("llama", "auto", {"router_mode": "random", "combine": "weighted"}, "no router to export"),
+    ("llama", "mixtral", {"n_experts": 3, "top_k": 1, "n_shared": 1}, "use --arch granitemoeshared or qwen2_moe"),
+    ("qwen2", "mixtral", {"combine": "weighted"}, "use --arch qwen2_moe"),
+    ("gemma3", "auto", {"combine": "weighted"}, "Gemma3 and others have no stock MoE counterpart"),
+]
+
+
+@pytest.mark.parametrize("family,arch,factor,message", REFUSED)
+def test_what_cannot_be_exact_is_refused_with_what_would_make_it_exportable(
+    tiny_model_factory, family, arch, factor, message
+):
+    model, _ = factorized(tiny_model_factory, family, **factor)
+    with pytest.raises(NotExportable, match=message) as refused:
+        to_stock(model, arch)
+    assert "\n" not in str(refused.value)
+
+
+def test_approximate_mode_exports_a_constant_combine_and_measures_its_error(
+    tiny_model_factory, tmp_path, word_tokenizer
+):
+    model, _ = factorized(tiny_model_factory, combine="scaled")  # 1R4E2K, the paper's combine
+    check = export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out", approximate=True)
+    assert not check["exact"] and check["tolerance"] is None
+    assert 0 < check["max_abs_logit_diff"] < 0.5 and 0 <= check["mean_kl"] < 1e-2
+    saved = json.loads((tmp_path / "out" / "factorllm_export.json").read_text())
+    assert saved["max_abs_logit_diff"] == check["max_abs_logit_diff"]
+
+
+def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, cache_dir, capsys):
+    import sweep_assets
+
+    from harness.config import TrialConfig
+    from harness.export import main
+    from harness.trial import Trial
+
+    assets = sweep_assets.make_assets(tmp_path)
+    common = {
+        "model": str(assets / "ckpt"),
+        "device": "cpu",
+        "train": {
+            "data_budget_tokens": 300,
+            "corpus": str(assets / "corpus.txt"),
+            "seq_len": 32,
+            "batch_size": 2,
+            "lr": 1e-3,
+        },
+        "eval": {
+            "benchmarks": False,
+            "heldout_text": str(assets / "heldout.txt"),
+            "heldout_tokens": 64,
+            "heldout_seq_len": 32,
+        },
+        "flops": {"enabled": False},
+        "latency": {"enabled": False},
+    }
+    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
+    trained = TrialConfig.from_dict(
+        common | {"factor": {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}}
+    )
+    record = Trial(trained, tmp_path / "runs").run()
+    assert record["status"] == "completed", record["error"]
+    folder = tmp_path / "runs" / trained.trial_id
+    assert main([str(folder / "record.json"), "--out", str(tmp_path / "hf")]) == 0
+    assert "MixtralForCausalLM, exact" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+
+    biased = TrialConfig.from_dict(common | {"factor": {"n_experts": 4, "top_k": 2, "combine": "weighted"}})
+    Trial(biased, tmp_path / "runs").run()
+    assert main([str(tmp_path / "runs" / biased.trial_id), "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train with factor.router_bias: false" in err[0]
+    assert main([str(folder), "--out", str(tmp_path / "hf")]) == 2  # not an empty folder
