@@ -207,12 +207,15 @@ def _section(cls, data, prefix):
 
 def _axis_value_problem(axis: str, value, where: str) -> str | None:
     expected = axis_options()[axis].type
-    accepted = (int, float) if expected is float else expected
-    if isinstance(value, accepted) and not isinstance(value, bool):
+    if expected is bool:
+        ok = isinstance(value, bool)
+    else:
+        accepted = (int, float) if expected is float else expected
+        ok = isinstance(value, accepted) and not isinstance(value, bool)
+    if ok:
         return None
-    return (
-        f"{where}: {short(value)} is not {dict([(int, 'an integer'), (float, 'a number')]).get(expected, 'a string')}"
-    )
+    words = {int: "an integer", float: "a number", bool: "true or false"}
+    return f"{where}: {short(value)} is not {words.get(expected, 'a string')}"
 
 
 def _axes(raw) -> tuple[dict, list[str], bool]:

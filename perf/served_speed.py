@@ -1,0 +1,218 @@
+"""Served speed: dense against exported FactorLLM variants in llama.cpp, after checking
+that llama.cpp computes what transformers computes.
+
+    python perf/served_speed.py runs/sweeps/served/records/<trial_id> ... --quant f16 --threads 2
+
+Needs the llama.cpp extra (FACTORLLM_SERVE=1 bash install.sh). For each trial: the exact
+export (harness/export.py), then GGUF through llama.cpp's own converter; the dense source
+model goes through the same converter with the same tensor type, so both sides are the
+same kind of file. Then:
+  1. parity: per-token log-probabilities on the trial's held-out text, llama.cpp against
+     transformers (fp32, the exported folder), mean and max absolute difference, with the
+     tolerance for the tensor type (harness/serve.py); and greedy continuations of a few
+     prompts, llama.cpp against transformers, token for token;
+  2. timing: prefill tokens/s of a 512-token prompt and decode tokens/s over 128 tokens,
+     every model in every round (interleaved, after one untimed warm-up each), the same
+     thread count for all; medians with the range over rounds, and each variant's speed
+     over the dense model's in the same round.
+Ideal decode speedup from bytes of weights read per token (the embedding table is read
+one row per token; the tied output matrix in full): printed beside the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import serve  # noqa: E402
+from harness.export import export, heldout_ids, load_trial  # noqa: E402
+
+PROMPTS = ["The capital of France is", "In 1998, the company announced", "Water boils at a temperature of"]
+
+
+def transformers_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logp = model.float().eval()(ids[None]).logits[0].float().log_softmax(-1)
+    return logp[torch.arange(len(ids) - 1), ids[1:]]
+
+
+def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
+    out, ids = [], list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+def parity(model, gguf: Path, ids: torch.Tensor, tokenizer, quant: str, threads: int) -> dict:
+    llm = serve.load(gguf, threads, n_ctx=max(512, len(ids) + 32), logits_all=True)
+    ours = torch.tensor(serve.token_logprobs(llm, ids.tolist()))
+    theirs = transformers_logprobs(model, ids).double()
+    diff = (ours - theirs).abs()
+    same = 0
+    for prompt in PROMPTS:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        same += serve.greedy(llm, prompt_ids, 16) == transformers_greedy(model, prompt_ids, 16)
+    return {
+        "mean_abs_logprob_diff": float(diff.mean()),
+        "max_abs_logprob_diff": float(diff.max()),
+        "tolerance": serve.LOGPROB_TOLERANCE[quant],
+        "ok": float(diff.mean()) <= serve.LOGPROB_TOLERANCE[quant],
+        "greedy_identical": f"{same}/{len(PROMPTS)}",
+        "tokens": len(ids),
+    }
+
+
+def weight_bytes_per_token(cfg, active_ffn: float) -> float:
+    """Bytes of weights a decode step reads at 2 bytes per weight: every non-FFN matrix, the
+    active share of the FFN, one embedding row (the tied LM head is read in full)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
+    attention = layers * (2 * h * h + 2 * h * kv)
+    ffn = layers * 3 * h * cfg.intermediate_size * active_ffn
+    return 2 * (attention + ffn + cfg.vocab_size * h + h)
+
+
+def prepare(trials: list[str], out: Path, quant: str, threads: int) -> list[dict]:
+    """Export and convert every trial and the dense source; check parity of each."""
+    from harness.assets.models import load_model
+
+    models = []
+    for path in trials:
+        model, tokenizer, record = load_trial(path)
+        folder = out / record["trial_id"]
+        hf = folder / "hf"
+        if not (hf / "factorllm_export.json").exists():
+            export(model, tokenizer, heldout_ids(tokenizer, record, 2048), hf)
+        gguf = folder / f"model-{quant}.gguf"
+        if not gguf.exists():
+            serve.convert_to_gguf(hf, quant, gguf)
+        exported = json.loads((hf / "factorllm_export.json").read_text())
+        models.append(
+            {
+                "name": f"{record['setting']} {record['recipe'] or 'paper'}".strip(),
+                "gguf": gguf,
+                "hf": hf,
+                "record": record,
+                "tokenizer": tokenizer,
+                "export": exported,
+                "active_ffn": record["active_fraction"],
+            }
+        )
+    source = json.loads((Path(trials[0]) / "model" / "source.json").read_text())
+    dense = load_model(source["name"], dtype=torch.float32, device="cpu")
+    gguf = out / "dense" / f"model-{quant}.gguf"
+    if not gguf.exists():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        serve.convert_to_gguf(dense.source.location, quant, gguf)
+    models.insert(
+        0,
+        {
+            "name": "dense",
+            "gguf": gguf,
+            "hf": Path(dense.source.location),
+            "record": models[0]["record"],
+            "tokenizer": dense.tokenizer,
+            "export": None,
+            "active_ffn": 1.0,
+        },
+    )
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dense_config = AutoConfig.from_pretrained(models[0]["hf"])
+    for m in models:
+        hf_model = AutoModelForCausalLM.from_pretrained(m["hf"], dtype=torch.float32)
+        ids = heldout_ids(m["tokenizer"], m["record"], 2048).flatten()[:256]
+        m["parity"] = parity(hf_model, m["gguf"], ids, m["tokenizer"], quant, threads)
+        m["ideal_bytes"] = weight_bytes_per_token(dense_config, m["active_ffn"])
+        print(f"parity {m['name']}: {m['parity']}", flush=True)
+    return models
+
+
+def time_all(models: list[dict], threads: int, rounds: int, prefill: int, decode: int) -> None:
+    """Interleaved rounds: every model once per round, in the same order."""
+    ids = heldout_ids(models[0]["tokenizer"], models[0]["record"], 2048).flatten().tolist()
+    prompt, steps = ids[:prefill], ids[prefill : prefill + decode]
+    if len(steps) < decode:
+        raise ValueError(f"the held-out text has {len(ids)} tokens; {prefill + decode} are needed")
+    contexts = [serve.load(m["gguf"], threads, n_ctx=prefill + decode + 8) for m in models]
+    for llm in contexts:
+        serve.time_once(llm, prompt[:64], steps[:8])  # warm-up
+    for m in models:
+        m["rounds"] = []
+    for _ in range(rounds):
+        for m, llm in zip(models, contexts):
+            m["rounds"].append(serve.time_once(llm, prompt, steps))
+
+
+def table(models: list[dict], quant: str, threads: int) -> str:
+    dense = models[0]
+    lines = [
+        f"llama.cpp (llama-cpp-python {serve.LLAMA_CPP_VERSION}), {quant}, {threads} threads, "
+        f"{len(dense['rounds'])} interleaved rounds; medians [min, max]",
+        "",
+        "| model | active FFN | exact export | logprob Δ mean / max (tol.) | greedy same | prefill tok/s | "
+        "decode tok/s | prefill x dense | decode x dense | ideal decode x |",
+        "|---|---:|---|---|---|---|---|---|---|---:|",
+    ]
+    for m in models:
+        pre = [r.prefill_tokens_per_s for r in m["rounds"]]
+        dec = [r.decode_tokens_per_s for r in m["rounds"]]
+        pre_x = [r.prefill_tokens_per_s / d.prefill_tokens_per_s for r, d in zip(m["rounds"], dense["rounds"])]
+        dec_x = [r.decode_tokens_per_s / d.decode_tokens_per_s for r, d in zip(m["rounds"], dense["rounds"])]
+        p = m["parity"]
+        exact = "-" if m["export"] is None else ("yes" if m["export"]["exact"] else "no")
+        lines.append(
+            f"| {m['name']} | {m['active_ffn']:.0%} | {exact} | {p['mean_abs_logprob_diff']:.4f} / "
+            f"{p['max_abs_logprob_diff']:.3f} ({p['tolerance']}) | {p['greedy_identical']} | {_spread(pre, 0)} | "
+            f"{_spread(dec, 1)} | {_spread(pre_x, 2)} | {_spread(dec_x, 2)} | "
+            f"{dense['ideal_bytes'] / m['ideal_bytes']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _spread(values: list[float], digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trials", nargs="+", help="completed trial folders (<records>/<trial_id>)")
+    parser.add_argument("--out", default="runs/served", help="exports and GGUF files go here (reused)")
+    parser.add_argument("--quant", default="f16", choices=sorted(serve.LOGPROB_TOLERANCE))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=128)
+    args = parser.parse_args(argv)
+    try:
+        serve.llama_class(), serve.llama_cpp_source()
+    except serve.ServeUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    models = prepare(args.trials, Path(args.out), args.quant, args.threads)
+    bad = [m["name"] for m in models if not m["parity"]["ok"]]
+    if bad:
+        print(
+            f"error: llama.cpp does not compute what transformers computes for {', '.join(bad)}: not timed",
+            file=sys.stderr,
+        )
+        return 1
+    time_all(models, args.threads, args.rounds, args.prefill, args.decode)
+    text = table(models, args.quant, args.threads)
+    print(text)
+    Path(args.out, f"served_speed-{args.quant}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
