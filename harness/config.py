@@ -247,6 +247,9 @@ class FlopsConfig:
         return [] if self.seq_len >= 8 else [f"flops.seq_len: {self.seq_len} must be >= 8"]
 
 
+ENGINES = ("eager", "llama.cpp")
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     """Prefill tokens/s and decode ms/token, median of `repeats` after `warmup` runs.
@@ -254,6 +257,10 @@ class LatencyConfig:
     dispatch: the factorized model's expert dispatch while it is timed: auto (the
         fast path for the device) or a path by name (reference, sorted, grouped,
         fused). Training, evaluation and FLOP counting always use auto.
+    engine: eager (PyTorch, always measured) | llama.cpp: also time the model served by
+        llama.cpp against the dense model converted the same way (f16, the trial's
+        threads; harness/measure/served.py). Needs the llama.cpp extra
+        (FACTORLLM_SERVE=1 bash install.sh) and a model that exports exactly.
     """
 
     enabled: bool = True
@@ -263,10 +270,13 @@ class LatencyConfig:
     repeats: int = 5
     warmup: int = 2
     dispatch: str = "auto"
+    engine: str = option("eager", axis=False, factor=None, added_later=True)
 
     def problems(self) -> list[str]:
         bad = [n for n in ("batch_size", "prefill_len", "decode_tokens", "repeats") if getattr(self, n) < 1]
         out = [f"latency.{n}: {getattr(self, n)} must be >= 1" for n in bad]
+        if self.engine not in ENGINES:
+            out.append(f"latency.engine: {short(self.engine)} must be one of {', '.join(ENGINES)}")
         allowed = ["auto", *DISPATCH.names()]
         if self.dispatch not in allowed:
             out.append(f"latency.dispatch: {self.dispatch!r} is not a dispatch path; allowed: {', '.join(allowed)}")
@@ -419,7 +429,7 @@ class TrialConfig:
 
 
 # The config classes whose fields declare options (factorllm_core/options.py), by section.
-OPTION_CLASSES = {"factor": FactorConfig, "train": TrainConfig}
+OPTION_CLASSES = {"factor": FactorConfig, "train": TrainConfig, "latency": LatencyConfig}
 
 
 def options() -> list[Declared]:

@@ -41,6 +41,7 @@ from harness.measure.analysis import ChurnMonitor, analyze_routing
 from harness.measure.flops import count_dense_flops_cached, count_flops
 from harness.measure.latency import measure_latency
 from harness.measure.probe import probe_tokens
+from harness.measure.served import served_latency
 from harness.train import dense_teacher, make_batches, train
 from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_json_atomic, write_record
 
@@ -171,7 +172,7 @@ class Trial:
             cache_dir=self.cache_dir,
             trust_remote_code=self.config.trust_remote_code,
         )
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model, self.tokenizer, self._source = loaded.model, loaded.tokenizer, loaded.source
         cfg = self.model.config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or self.config.flops.seq_len
         self.flops_len = min(self.config.flops.seq_len, self.max_len)
@@ -223,6 +224,19 @@ class Trial:
         if not self.config.is_dense:
             self.record["dense_reference"]["latency"] = latency["dense"]
             self.record["speedup"] = _speedup(latency["dense"], latency["model"])
+            if self.config.latency.engine == "llama.cpp":
+                del models
+                lat = self.config.latency
+                self.record["served"] = served_latency(
+                    self.dir / MODEL_DIR,
+                    self._source,
+                    self.probe,
+                    lat.prefill_len,
+                    lat.decode_tokens,
+                    lat.repeats,
+                    torch.get_num_threads(),
+                    self.cache_dir,
+                )
 
     def _in_eval_dtype(self, model):
         dtype = self._eval_dtype()

@@ -61,12 +61,14 @@ def with_ci(row, name: str, digits: int) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def _speed(row) -> str:
-    if math.isnan(row["prefill_speedup"]):
+def _speed(row, name: str = "prefill_speedup") -> str:
+    """A speedup's median and, when the rounds differ, their range."""
+    if math.isnan(row[name]):
         return "n/a"
-    if math.isnan(row["prefill_speedup_min"]) or row["prefill_speedup_min"] == row["prefill_speedup_max"]:
-        return fmt(row["prefill_speedup"], 2)
-    return f"{row['prefill_speedup']:.2f} ({row['prefill_speedup_min']:.2f}-{row['prefill_speedup_max']:.2f})"
+    low, high = row[f"{name}_min"], row[f"{name}_max"]
+    if math.isnan(low) or low == high:
+        return fmt(row[name], 2)
+    return f"{row[name]:.2f} ({low:.2f}-{high:.2f})"
 
 
 def main_table(frame: pd.DataFrame, model: str) -> str:
@@ -89,7 +91,11 @@ def main_table(frame: pd.DataFrame, model: str) -> str:
         "FFN red. %",
         "total red. %",
         "prefill x",
+        "decode x",
     ]
+    served = rows["served_prefill_speedup"].notna().any() or (rows["served_error"] != "").any()
+    if served:  # latency.engine: llama.cpp
+        header += ["served prefill x", "served decode x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in rows.iterrows():
         budget = fmt(r["budget"], 0) + (f" ({r['calibration_tokens']:.0f})" if r["calibration_tokens"] > 0 else "")
@@ -111,7 +117,10 @@ def main_table(frame: pd.DataFrame, model: str) -> str:
             fmt(r["ffn_reduction_pct"], 1),
             fmt(r["total_reduction_pct"], 1),
             _speed(r),
+            _speed(r, "decode_speedup"),
         ]
+        if served:
+            cells += [_speed(r, "served_prefill_speedup"), _speed(r, "served_decode_speedup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -316,8 +325,11 @@ HOW_TO_READ = (
     "model's (items resampled jointly for both); chance-norm. maint. % = share of the dense model's "
     "above-chance accuracy kept, 100 x sum(acc - chance) / sum(dense - chance), over the benchmarks where the "
     "dense model is above chance (0 = guessing, 100 = dense). GF = GFLOPs per token counted by fvcore "
-    "(1 FLOP = 1 multiply-add) on a fixed real text; prefill x = measured prefill speed vs dense on the "
-    "trial's device, median (and range) over interleaved rounds."
+    "(1 FLOP = 1 multiply-add) on a fixed real text; prefill x, decode x = measured speed vs dense in eager "
+    "PyTorch on the trial's device, median (and range) over interleaved rounds; served prefill x, served "
+    "decode x (latency.engine: llama.cpp) = the same in llama.cpp, both models converted alike to f16 GGUF, "
+    "where the model exports exactly (n/a otherwise, with the reason in the record's `served.error`). Eager "
+    "timings of a small model are bound by per-operation overhead; served ones are what a deployment sees."
 )
 
 

@@ -35,6 +35,8 @@ DIRECTIONS = {
     "total_reduction_pct": "higher",
     "prefill_speedup": "higher",
     "decode_speedup": "higher",
+    "served_prefill_speedup": "higher",
+    "served_decode_speedup": "higher",
     "expert_similarity": "lower",
     "router_agreement": "higher",
     "load_max_over_mean": "lower",
@@ -157,11 +159,14 @@ def _row(record: dict, tasks: list[str]) -> dict:
     row["dense_attention_share"] = (
         dense_flops["attention_gflops_per_token"] / dense_flops["total_gflops_per_token"] if dense_flops else math.nan
     )
-    speed = record.get("speedup") or {}
-    row["prefill_speedup"], row["decode_speedup"] = speed.get("prefill", math.nan), speed.get("decode", math.nan)
-    rounds = speed.get("prefill_rounds") or []
-    row["prefill_speedup_min"] = min(rounds) if rounds else math.nan
-    row["prefill_speedup_max"] = max(rounds) if rounds else math.nan
+    # speed against dense, eager (speedup) and served by an engine (served), medians and round ranges
+    for prefix, speed in (("", record.get("speedup") or {}), ("served_", record.get("served") or {})):
+        for phase in ("prefill", "decode"):
+            rounds = speed.get(f"{phase}_rounds") or []
+            row[f"{prefix}{phase}_speedup"] = speed.get(phase, math.nan)
+            row[f"{prefix}{phase}_speedup_min"] = min(rounds) if rounds else math.nan
+            row[f"{prefix}{phase}_speedup_max"] = max(rounds) if rounds else math.nan
+    row["served_error"] = (record.get("served") or {}).get("error", "")
     summary = (record.get("routing") or {}).get("summary") or {}
     for key in ("expert_similarity", "router_agreement", "load_max_over_mean", "routing_entropy_normalized"):
         row[key] = _number(summary.get(key))

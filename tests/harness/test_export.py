@@ -138,3 +138,48 @@ def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train with factor.router_bias: false" in err[0]
     assert main([str(folder), "--out", str(tmp_path / "hf")]) == 2  # not an empty folder
+
+
+def test_a_trial_asked_for_served_latency_says_why_a_model_is_not_exportable(tmp_path, cache_dir):
+    """latency.engine: llama.cpp on a biased router: no served numbers, and the reason, without llama.cpp."""
+    import sweep_assets
+
+    from harness.config import ConfigError, TrialConfig
+    from harness.trial import Trial
+
+    assets = sweep_assets.make_assets(tmp_path)
+    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
+    config = {
+        "model": str(assets / "ckpt"),
+        "device": "cpu",
+        "factor": {"n_experts": 4, "top_k": 2, "combine": "weighted"},
+        "train": {
+            "data_budget_tokens": 200,
+            "corpus": str(assets / "corpus.txt"),
+            "seq_len": 32,
+            "batch_size": 2,
+            "lr": 1e-3,
+        },
+        "eval": {
+            "benchmarks": False,
+            "heldout_text": str(assets / "heldout.txt"),
+            "heldout_tokens": 64,
+            "heldout_seq_len": 32,
+        },
+        "flops": {"enabled": False},
+        "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0, "engine": "llama.cpp"},
+    }
+    trial = TrialConfig.from_dict(config)
+    eager = TrialConfig.from_dict(config | {"latency": config["latency"] | {"engine": "eager"}})
+    assert trial.trial_id != eager.trial_id
+    assert (
+        eager.trial_id
+        == TrialConfig.from_dict(
+            config | {"latency": {k: v for k, v in config["latency"].items() if k != "engine"}}
+        ).trial_id
+    )
+    record = Trial(trial, tmp_path / "runs").run()
+    assert record["status"] == "completed", record["error"]
+    assert "router_bias: false" in record["served"]["error"] and "prefill" not in record["served"]
+    with pytest.raises(ConfigError, match="latency.engine: 'vllm' must be one of eager, llama.cpp"):
+        TrialConfig.from_dict(config | {"latency": {"engine": "vllm"}})

@@ -490,3 +490,25 @@ def test_rebuilding_a_report_keeps_one_dense_baseline_per_evaluation(records, tm
     text = (sweep / "report" / "report.md").read_text()
     main_table = text.split("## Main table: m")[1].split("###")[0]
     assert main_table.count("| dense |") == 1
+
+
+def test_served_speed_shows_beside_the_eager_one_when_measured(records, tmp_path):
+    k1 = next(r for r in records if r["trial_id"] == "k1")
+    k1["speedup"] |= {"decode": 1.05, "decode_rounds": [1.0, 1.05, 1.1]}
+    k1["served"] = {
+        "engine": "llama.cpp",
+        "prefill": 1.4,
+        "prefill_rounds": [1.38, 1.4, 1.45],
+        "decode": 1.79,
+        "decode_rounds": [1.75, 1.79, 1.8],
+    }
+    k2 = next(r for r in records if r["trial_id"] == "k2")
+    k2["served"] = {"engine": "llama.cpp", "error": "1R4E2K cannot be exported as mixtral: ..."}
+    text = build_report(records, tmp_path).read_text()
+    table = text.split("## Main table: m")[1].split("###")[0]
+    assert "| prefill x | decode x | served prefill x | served decode x |" in table
+    assert "| 1.30 (1.20-1.40) | 1.05 (1.00-1.10) | 1.40 (1.38-1.45) | 1.79 (1.75-1.80) |" in table
+    k2_row = next(line for line in table.splitlines() if "| 1R4E2K | 50.0 | par |" in line)
+    assert k2_row.endswith("| n/a | n/a |")  # not exportable: no served numbers
+    without = build_report([r for r in records if r["trial_id"] not in ("k1", "k2")], tmp_path / "eager").read_text()
+    assert "served prefill x |" not in without.split("## Main table: m")[1].split("###")[0]
