@@ -102,23 +102,9 @@ def _tile(pid_m, counts_ptr, starts_ptr, N_EXPERTS: tl.constexpr, BLOCK_M: tl.co
 
 
 @triton.jit
-def _gate_up(
-    x_ptr,
-    wg_ptr,
-    wu_ptr,
-    token_ptr,
-    scale_ptr,
-    counts_ptr,
-    starts_ptr,
-    hidden_ptr,
-    H,
-    W,
-    M_BUCKET,
-    N_EXPERTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _gate_up(x_ptr, wg_ptr, wu_ptr, token_ptr, scale_ptr, counts_ptr, starts_ptr, hidden_ptr,
+             H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     expert, rows, row_ok = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -148,21 +134,9 @@ def _gate_up(
 
 
 @triton.jit
-def _down(
-    hidden_ptr,
-    wd_ptr,
-    order_ptr,
-    counts_ptr,
-    starts_ptr,
-    out_ptr,
-    H,
-    W,
-    M_BUCKET,
-    N_EXPERTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _down(hidden_ptr, wd_ptr, order_ptr, counts_ptr, starts_ptr, out_ptr,
+          H, W, M_BUCKET, N_EXPERTS: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     expert, rows, row_ok = _tile(tl.program_id(0), counts_ptr, starts_ptr, N_EXPERTS, BLOCK_M)
     if expert < 0:
         return

@@ -118,13 +118,14 @@ def _mixtral_config(source, n, k, width, shared):
     )
 
 
+def _routed(prefix: str, router: str, layer: Layer) -> dict:
+    """The router and the routed experts, gate and up fused, as transformers 5 stores them."""
+    return {prefix + router: layer.router, prefix + "experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
+            prefix + "experts.down_proj": layer.down}  # fmt: skip
+
+
 def _mixtral_tensors(i: int, layer: Layer, source) -> dict:
-    p = f"model.layers.{i}.mlp."
-    return {
-        p + "gate.weight": layer.router,
-        p + "experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
-        p + "experts.down_proj": layer.down,
-    }
+    return _routed(f"model.layers.{i}.mlp.", "gate.weight", layer)
 
 
 def _granite_config(source, n, k, width, shared):
@@ -146,11 +147,7 @@ def _granite_config(source, n, k, width, shared):
 
 def _granite_tensors(i: int, layer: Layer, source) -> dict:
     p = f"model.layers.{i}."
-    out = {
-        p + "block_sparse_moe.router.weight": layer.router,
-        p + "block_sparse_moe.experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
-        p + "block_sparse_moe.experts.down_proj": layer.down,
-    }
+    out = _routed(p + "block_sparse_moe.", "router.weight", layer)
     if layer.shared is not None:
         gate, up, down = layer.shared
         out |= {
@@ -181,12 +178,8 @@ def _qwen2_moe_config(source, n, k, width, shared):
 
 def _qwen2_moe_tensors(i: int, layer: Layer, source) -> dict:
     p = f"model.layers.{i}."
-    out = {
-        p + "mlp.gate.weight": layer.router,
-        p + "mlp.experts.gate_up_proj": torch.cat([layer.gate, layer.up], 1),
-        p + "mlp.experts.down_proj": layer.down,
-        p + "mlp.shared_expert_gate.weight": torch.zeros(1, source.hidden_size),
-    }  # sigmoid(0) = 0.5
+    out = _routed(p + "mlp.", "gate.weight", layer)
+    out[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, source.hidden_size)  # sigmoid(0) = 0.5
     gate, up, down = (
         layer.shared
         if layer.shared is not None

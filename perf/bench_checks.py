@@ -19,3 +19,10 @@ def check_close(what: str, expected: torch.Tensor, got: torch.Tensor, dtype: tor
     if not rel <= limit:  # also catches NaN
         raise SystemExit(f"correctness check failed: {what} relative error {rel:.2e} > {limit}")
     print(f"correctness: {what} relative error {rel:.1e} (limit {limit:.0e})")
+
+
+# SmolLM2-135M's architecture, for the scripts that time random weights of its shape
+# fmt: off
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+# fmt: on

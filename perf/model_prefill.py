@@ -22,65 +22,26 @@ import statistics
 import time
 
 import torch
-from bench_checks import check_close  # beside this script
+from bench_checks import SMOLLM2_135M, check_close  # beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from factorllm_core import FactorConfig, factorize, factorized_layers
 
+# fmt: off
 PRESETS = {
     # TinyLlama-1.1B's architecture
-    "tinyllama-gpu": dict(
-        config=dict(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-        ),
-        batch=8,
-        seq=2048,
-        device="cuda",
-        dtype="bfloat16",
-        repeats=10,
-    ),
-    # SmolLM2-135M's architecture
-    "smollm2-cpu": dict(
-        config=dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-        ),
-        batch=1,
-        seq=512,
-        device="cpu",
-        dtype="float32",
-        repeats=7,
-    ),
+    "tinyllama-gpu": dict(config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                      max_position_embeddings=2048),
+                          batch=8, seq=2048, device="cuda", dtype="bfloat16", repeats=10),
+    "smollm2-cpu": dict(config=SMOLLM2_135M, batch=1, seq=512, device="cpu", dtype="float32", repeats=7),
     # for the test suite: seconds on a CPU
-    "tiny-cpu": dict(
-        config=dict(
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=256,
-        ),
-        batch=2,
-        seq=64,
-        device="cpu",
-        dtype="float32",
-        repeats=3,
-    ),
+    "tiny-cpu": dict(config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                 max_position_embeddings=256),
+                     batch=2, seq=64, device="cpu", dtype="float32", repeats=3),
 }
+# fmt: on
 VARIANTS = {"1R4E1K": FactorConfig(4, 1), "1R4E2K": FactorConfig(4, 2)}
 
 

@@ -24,34 +24,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_checks, beside this script
 
 import torch  # noqa: E402
+from bench_checks import SMOLLM2_135M  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from factorllm_core import FactorConfig, factorize  # noqa: E402
 from harness.eval.packed_scoring import Scorer  # noqa: E402
 
+# fmt: off
 SIZES = {
-    "smollm2": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=512,
-    ),
+    "smollm2": SMOLLM2_135M,
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
 }
+# fmt: on
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.02}  # per answer; per answer token for bf16
 
 

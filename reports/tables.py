@@ -281,6 +281,10 @@ def dense_above_chance(dense: dict, tasks: list[str]) -> tuple[list[str], list[s
     return above, at_chance
 
 
+# a − b for maintenance (points), held-out loss and KL, each with its 95% interval, and the verdict
+DIFFERENCE_COLUMNS = [f"{m}_diff{s}" for m in ("maintenance", "loss", "kl") for s in ("", "_lo", "_hi")] + ["verdict"]
+
+
 def pair_differences(records: list[dict]) -> pd.DataFrame:
     """Every pair of factorized trials (same model and evaluation) that differ in one
     factor: differences in maintenance (points of %), held-out loss and KL, paired over
@@ -296,23 +300,7 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
             if len(differ) != 1:
                 continue
             rows.append(_pair_row(a, b, differ[0], va, vb, dense.get(eval_key(a))))
-    columns = [
-        "model",
-        "factor",
-        "a",
-        "b",
-        "maintenance_diff",
-        "maintenance_diff_lo",
-        "maintenance_diff_hi",
-        "loss_diff",
-        "loss_diff_lo",
-        "loss_diff_hi",
-        "kl_diff",
-        "kl_diff_lo",
-        "kl_diff_hi",
-        "verdict",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=["model", "factor", "a", "b", *DIFFERENCE_COLUMNS])
 
 
 def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | None) -> dict:
@@ -358,22 +346,7 @@ def recipe_comparison(records: list[dict]) -> pd.DataFrame:
         if paper is None or r is paper:
             continue
         rows.append(_pair_row(r, paper, "recipe", {}, {}, dense.get(eval_key(r))) | {"active_pct": key(r)[2]})
-    columns = [
-        "model",
-        "active_pct",
-        "a",
-        "b",
-        "maintenance_diff",
-        "maintenance_diff_lo",
-        "maintenance_diff_hi",
-        "loss_diff",
-        "loss_diff_lo",
-        "loss_diff_hi",
-        "kl_diff",
-        "kl_diff_lo",
-        "kl_diff_hi",
-        "verdict",
-    ]
+    columns = ["model", "active_pct", "a", "b", *DIFFERENCE_COLUMNS]
     return pd.DataFrame(rows, columns=columns).sort_values(["model", "active_pct", "loss_diff"]).reset_index(drop=True)
 
 

@@ -15,15 +15,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+# fmt: off
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+# fmt: on
+
+# a calibrated recipe with every calibrated option: shared expert, coact, mean_comp, fitted routers
+# fmt: off
+CALIBRATED = {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp", "partition": "coact",
+              "router_init": "fit", "pseudo_label": "min_recon"}
+# fmt: on
 
 FAMILIES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),

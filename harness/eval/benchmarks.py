@@ -138,75 +138,32 @@ def _mmlu_splits(subject: str) -> dict:
 
 
 def _register(name: str, **fields) -> None:
-    BENCHMARKS.register(name)(Benchmark(**fields))
+    """One benchmark; its lm-eval task is its own name unless `lm_eval_task` says otherwise."""
+    BENCHMARKS.register(name)(Benchmark(**{"lm_eval_task": name, "fewshot_split": None} | fields))
 
 
-_register(
-    "hellaswag",
-    lm_eval_task="hellaswag",
-    metric="acc_norm",
-    eval_split="validation",
-    local_splits=lambda: {"validation": local_split("hellaswag/none/validation")},
-    fewshot_split=None,
-)
-_register(
-    "openbookqa",
-    lm_eval_task="openbookqa",
-    metric="acc_norm",
-    eval_split="test",
-    local_splits=_openbookqa_splits,
-    fewshot_split="validation",
-)
-_register(
-    "winogrande",
-    lm_eval_task="winogrande",
-    metric="acc",
-    eval_split="validation",
-    local_splits=lambda: {"validation": local_split("winogrande/winogrande_xl/validation")},
-    fewshot_split=None,
-)
-_register(
-    "arc_easy",
-    lm_eval_task="arc_easy",
-    metric="acc_norm",
-    eval_split="test",
-    local_splits=lambda: _arc_splits("ARC-Easy", "arc_easy"),
-    fewshot_split="validation",
-)
-_register(
-    "arc_challenge",
-    lm_eval_task="arc_challenge",
-    metric="acc_norm",
-    eval_split="test",
-    local_splits=lambda: _arc_splits("ARC-Challenge", "arc_challenge"),
-    fewshot_split="validation",
-)
-_register(
-    "boolq",
-    lm_eval_task="boolq",
-    metric="acc",
-    eval_split="validation",
-    local_splits=_boolq_splits,
-    fewshot_split=None,
-    chance_rule="majority",
-)  # yes/no: "always yes" is a real baseline
-_register(
-    "piqa",
-    lm_eval_task="piqa",
-    metric="acc_norm",
-    eval_split="validation",
-    local_splits=lambda: {"validation": local_split("piqa/plain_text/validation")},
-    fewshot_split=None,
-)
-_register(
-    "mmlu",
-    lm_eval_task="mmlu",
-    metric="acc",
-    eval_split="test",
-    local_splits=_mmlu_splits,
-    fewshot_split="dev",
-    subtasks=mmlu_subjects,
-)
+def _one_split(split: str, path: str) -> Callable[[], dict]:
+    return lambda: {split: local_split(path)}
+
+
+# fmt: off
+_register("hellaswag", metric="acc_norm", eval_split="validation",
+          local_splits=_one_split("validation", "hellaswag/none/validation"))
+_register("openbookqa", metric="acc_norm", eval_split="test", local_splits=_openbookqa_splits,
+          fewshot_split="validation")
+_register("winogrande", metric="acc", eval_split="validation",
+          local_splits=_one_split("validation", "winogrande/winogrande_xl/validation"))
+_register("arc_easy", metric="acc_norm", eval_split="test", fewshot_split="validation",
+          local_splits=functools.partial(_arc_splits, "ARC-Easy", "arc_easy"))
+_register("arc_challenge", metric="acc_norm", eval_split="test", fewshot_split="validation",
+          local_splits=functools.partial(_arc_splits, "ARC-Challenge", "arc_challenge"))
+_register("boolq", metric="acc", eval_split="validation", local_splits=_boolq_splits,
+          chance_rule="majority")  # yes/no: "always yes" is a real baseline
+_register("piqa", metric="acc_norm", eval_split="validation",
+          local_splits=_one_split("validation", "piqa/plain_text/validation"))
+_register("mmlu", metric="acc", eval_split="test", local_splits=_mmlu_splits, fewshot_split="dev",
+          subtasks=mmlu_subjects)
+# fmt: on
 
 
 def resolve_task_names(names: str | list[str]) -> list[str]:

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import CALIBRATED
 
 from factorllm_core import (
     PSEUDO_LABELS,
@@ -37,15 +38,7 @@ FULL = [
     dict(n_experts=4, top_k=4, combine="unscaled"),
     dict(n_experts=4, top_k=4, combine="mean_comp"),
     dict(n_experts=3, top_k=3, n_shared=1, combine="unscaled", partition="coact"),
-    dict(
-        n_experts=2,
-        top_k=2,
-        n_shared=2,
-        combine="mean_comp",
-        partition="coact",
-        router_init="fit",
-        pseudo_label="min_recon",
-    ),
+    CALIBRATED | {"n_experts": 2, "top_k": 2, "n_shared": 2},  # every calibrated option at K = N
     dict(n_experts=3, top_k=3, n_shared=1, combine="scaled", partition="cluster"),
 ]
 
@@ -209,15 +202,7 @@ def test_router_fit_on_a_real_layer_beats_chance_and_is_reported(tiny_model_fact
 
 def test_calibrated_model_trains_and_round_trips(tmp_path, tiny_model_factory, token_ids):
     model = tiny_model_factory("llama")
-    config = FactorConfig(
-        n_experts=3,
-        top_k=1,
-        n_shared=1,
-        partition="coact",
-        combine="mean_comp",
-        router_init="fit",
-        pseudo_label="min_recon",
-    )
+    config = FactorConfig(**CALIBRATED)
     calibrated(model, config)
     model.train()
     with collect_aux(model) as aux:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import CALIBRATED
 
 from harness.config import ConfigError, TrialConfig
 
@@ -97,17 +98,6 @@ def test_the_scoring_lm_is_checked_and_part_of_the_id():
         TrialConfig.from_dict({"eval": {"lm": "vllm"}})
     assert TrialConfig().eval.lm == "shared"
     assert TrialConfig.from_dict({"eval": {"lm": "hflm"}}).trial_id != TrialConfig().trial_id
-
-
-CALIBRATED = {
-    "n_experts": 3,
-    "top_k": 1,
-    "n_shared": 1,
-    "combine": "mean_comp",
-    "partition": "coact",
-    "router_init": "fit",
-    "pseudo_label": "min_recon",
-}
 
 
 def test_calibration_options_and_their_tokens_must_go_together():

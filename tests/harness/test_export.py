@@ -94,34 +94,36 @@ def test_approximate_mode_exports_a_constant_combine_and_measures_its_error(
     assert saved["max_abs_logit_diff"] == check["max_abs_logit_diff"]
 
 
-def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, cache_dir, capsys):
+def trial_config(folder, data_budget_tokens: int = 300) -> dict:
+    """A tiny trial over the sweep tests' assets: no benchmarks, no FLOPs."""
     import sweep_assets
+
+    assets = sweep_assets.make_assets(folder)
+    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
+    train = {
+        "data_budget_tokens": data_budget_tokens,
+        "corpus": str(assets / "corpus.txt"),
+        "seq_len": 32,
+        "batch_size": 2,
+        "lr": 1e-3,
+    }
+    heldout = {"heldout_text": str(assets / "heldout.txt"), "heldout_tokens": 64, "heldout_seq_len": 32}
+    return {
+        "model": str(assets / "ckpt"),
+        "device": "cpu",
+        "train": train,
+        "eval": {"benchmarks": False} | heldout,
+        "flops": {"enabled": False},
+    }
+
+
+def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, cache_dir, capsys):
 
     from harness.config import TrialConfig
     from harness.export import main
     from harness.trial import Trial
 
-    assets = sweep_assets.make_assets(tmp_path)
-    common = {
-        "model": str(assets / "ckpt"),
-        "device": "cpu",
-        "train": {
-            "data_budget_tokens": 300,
-            "corpus": str(assets / "corpus.txt"),
-            "seq_len": 32,
-            "batch_size": 2,
-            "lr": 1e-3,
-        },
-        "eval": {
-            "benchmarks": False,
-            "heldout_text": str(assets / "heldout.txt"),
-            "heldout_tokens": 64,
-            "heldout_seq_len": 32,
-        },
-        "flops": {"enabled": False},
-        "latency": {"enabled": False},
-    }
-    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
+    common = trial_config(tmp_path) | {"latency": {"enabled": False}}
     trained = TrialConfig.from_dict(
         common | {"factor": {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}}
     )
@@ -142,31 +144,12 @@ def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, c
 
 def test_a_trial_asked_for_served_latency_says_why_a_model_is_not_exportable(tmp_path, cache_dir):
     """latency.engine: llama.cpp on a biased router: no served numbers, and the reason, without llama.cpp."""
-    import sweep_assets
 
     from harness.config import ConfigError, TrialConfig
     from harness.trial import Trial
 
-    assets = sweep_assets.make_assets(tmp_path)
-    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
-    config = {
-        "model": str(assets / "ckpt"),
-        "device": "cpu",
+    config = trial_config(tmp_path, data_budget_tokens=200) | {
         "factor": {"n_experts": 4, "top_k": 2, "combine": "weighted"},
-        "train": {
-            "data_budget_tokens": 200,
-            "corpus": str(assets / "corpus.txt"),
-            "seq_len": 32,
-            "batch_size": 2,
-            "lr": 1e-3,
-        },
-        "eval": {
-            "benchmarks": False,
-            "heldout_text": str(assets / "heldout.txt"),
-            "heldout_tokens": 64,
-            "heldout_seq_len": 32,
-        },
-        "flops": {"enabled": False},
         "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0, "engine": "llama.cpp"},
     }
     trial = TrialConfig.from_dict(config)

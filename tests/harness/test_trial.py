@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import CALIBRATED
 
 from factorllm_core import factorized_layers
 from harness.config import ConfigError, TrialConfig
@@ -267,15 +268,7 @@ def test_fused_dispatch_is_refused_for_training():
 def test_calibrated_recipe_with_distillation_spends_the_budget_once(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path):
     data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0).to_dict()
     data["train"]["calibration_tokens"] = 200
-    data["factor"] |= {
-        "n_experts": 3,
-        "top_k": 1,
-        "n_shared": 1,
-        "combine": "mean_comp",
-        "partition": "coact",
-        "router_init": "fit",
-        "pseudo_label": "min_recon",
-    }
+    data["factor"] |= CALIBRATED
     _, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]
     assert record["calibration"]["tokens"] == 200 and record["training"]["tokens"] == 800  # 1000 in all
@@ -316,15 +309,7 @@ def test_the_calibrated_recipe_on_the_gpu_path_on_cpu(tiny_checkpoint, tiny_corp
     with distillation, the forced `grouped` dispatch, mean_comp's means, a shared expert
     and the layer-wise stage; bf16 evaluation. It completes with finite numbers."""
     data = config(tiny_checkpoint, tiny_corpus, lambda_kd=1.0, calibration_tokens=200, layerwise_steps=5).to_dict()
-    data["factor"] |= {
-        "n_experts": 3,
-        "top_k": 1,
-        "n_shared": 1,
-        "combine": "mean_comp",
-        "partition": "coact",
-        "router_init": "fit",
-        "pseudo_label": "min_recon",
-    }
+    data["factor"] |= CALIBRATED
     data.update(precision="bf16", dispatch="grouped")
     trial, record = run(TrialConfig.from_dict(data), tmp_path)
     assert record["status"] == "completed", record["error"]

@@ -159,65 +159,23 @@ def routing(similarity=0.2, agreement=None, imbalance=1.2, layers=None):
 @pytest.fixture
 def records():
     dense_scores = {n: 0.6 for n in TASKS} | {"mmlu": 0.25}  # mmlu at chance for the dense model
+    # fmt: off
     return [
         record("dense", scores=dense_scores, ffn=1.0, loss=3.0),
-        record(
-            "k1",
-            factor(1),
-            scores=0.4,
-            ffn=0.26,
-            routing=routing(imbalance=2.5),
-            loss=6.0,
-            kl=2.5,
-            seed=1,
-            speedup={"prefill": 1.3, "prefill_rounds": [1.2, 1.3, 1.4]},
-        ),
-        record(
-            "k2",
-            factor(2),
-            scores={n: 0.57 for n in TASKS} | {"mmlu": 0.2},
-            ffn=0.51,
-            routing=routing(),
-            loss=3.5,
-            kl=0.5,
-            seed=2,
-            speedup={"prefill": 0.95, "prefill_rounds": [0.9, 0.95, 0.97]},
-        ),
-        record(
-            "k2rand",
-            factor(2, "random"),
-            scores=0.3,
-            ffn=0.51,
-            routing=routing(similarity=0.5),
-            loss=7.0,
-            kl=3.0,
-            seed=3,
-        ),
-        record(
-            "k3",
-            factor(3),
-            scores={n: 0.58 for n in TASKS},
-            ffn=0.76,
-            routing=routing(),
-            drop=("mmlu",),
-            loss=3.2,
-            kl=0.2,
-            seed=4,
-        ),  # a missing benchmark
-        record(
-            "2r",
-            factor(2, r=2),
-            scores={n: 0.55 for n in TASKS} | {"mmlu": 0.2},
-            ffn=0.52,
-            attention=0.9,
-            routing=routing(agreement=0.55, similarity=0.95),
-            loss=3.6,
-            kl=0.6,
-            seed=5,
-            churn=[[s, 0.4] for s in range(1, 10)],
-        ),
+        record("k1", factor(1), scores=0.4, ffn=0.26, routing=routing(imbalance=2.5), loss=6.0, kl=2.5, seed=1,
+               speedup={"prefill": 1.3, "prefill_rounds": [1.2, 1.3, 1.4]}),
+        record("k2", factor(2), scores={n: 0.57 for n in TASKS} | {"mmlu": 0.2}, ffn=0.51, routing=routing(),
+               loss=3.5, kl=0.5, seed=2, speedup={"prefill": 0.95, "prefill_rounds": [0.9, 0.95, 0.97]}),
+        record("k2rand", factor(2, "random"), scores=0.3, ffn=0.51, routing=routing(similarity=0.5), loss=7.0,
+               kl=3.0, seed=3),
+        record("k3", factor(3), scores={n: 0.58 for n in TASKS}, ffn=0.76, routing=routing(), drop=("mmlu",),
+               loss=3.2, kl=0.2, seed=4),  # a missing benchmark
+        record("2r", factor(2, r=2), scores={n: 0.55 for n in TASKS} | {"mmlu": 0.2}, ffn=0.52, attention=0.9,
+               routing=routing(agreement=0.55, similarity=0.95), loss=3.6, kl=0.6, seed=5,
+               churn=[[s, 0.4] for s in range(1, 10)]),
         record("boom", factor(1, "lm_only"), status="failed"),
     ]
+    # fmt: on
 
 
 def test_bootstrap_interval_covers_a_planted_difference_and_excludes_zero():
