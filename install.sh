@@ -38,7 +38,7 @@ if [ "${FACTORLLM_SERVE:-0}" = "1" ]; then
   [ -f "$VENV/src/$LLAMA_CPP.tar.gz" ] || pip download --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$VENV/src"
   [ -d "$VENV/src/$LLAMA_CPP" ] || tar xzf "$VENV/src/$LLAMA_CPP.tar.gz" -C "$VENV/src"
   start=$(date +%s)
-  pip install "$VENV/src/$LLAMA_CPP" sentencepiece protobuf  # the converter's own imports
+  pip install "$VENV/src/$LLAMA_CPP.tar.gz" sentencepiece protobuf  # the converter's own imports (a built wheel is cached)
   echo "llama-cpp-python built and installed in $(( $(date +%s) - start )) s"
 fi
 "$VENV/bin/python" -c "import factorllm_core, torch, transformers; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -166,3 +166,22 @@ def test_a_trial_asked_for_served_latency_says_why_a_model_is_not_exportable(tmp
     assert "router_bias: false" in record["served"]["error"] and "prefill" not in record["served"]
     with pytest.raises(ConfigError, match="latency.engine: 'vllm' must be one of eager, llama.cpp"):
         TrialConfig.from_dict(config | {"latency": {"engine": "vllm"}})
+
+
+def test_a_wrong_mapping_is_caught_before_anything_is_written(
+    tiny_model_factory, tmp_path, word_tokenizer, monkeypatch
+):
+    """The check can fail: forgetting to fold N into the down projections is refused."""
+    from harness import export as export_module
+
+    model, _ = factorized(tiny_model_factory, combine="weighted")
+    right = export_module.layer_tensors
+
+    def forgets_n(ffn, factor, approximate):
+        layer = right(ffn, factor, approximate)
+        return export_module.Layer(layer.router, layer.gate, layer.up, layer.down / factor.n_experts, layer.shared)
+
+    monkeypatch.setattr(export_module, "layer_tensors", forgets_n)
+    with pytest.raises(RuntimeError, match="a bug in the mapping, nothing written"):
+        export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

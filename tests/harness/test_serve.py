@@ -18,13 +18,18 @@ def llama_cpp():
         pytest.skip(str(error))
 
 
-@pytest.mark.parametrize(
-    "factor", [{"n_experts": 4, "top_k": 4, "combine": "scaled"}, {"n_experts": 4, "top_k": 2, "combine": "weighted"}]
-)
-def test_llama_cpp_computes_what_transformers_computes(llama_cpp, tmp_path, factor):
+# K = N (the dense model) at f32 and f16, with greedy continuations; K = 1 `unscaled` at f32: each
+# chosen expert must weigh exactly 1, which holds in llama.cpp only if it renormalises the top-K
+# weights (without, the weight would be p < 1). Untrained routers are near-uniform: at f16 (and in
+# greedy decoding of a quarter-width FFN) rounding flips near-tied choices on many tokens, so the
+# K < N cases at f16 are checked on trained models (perf/served_speed.py).
+DENSE, QUARTER = {"n_experts": 4, "top_k": 4, "combine": "scaled"}, {"n_experts": 4, "top_k": 1, "combine": "unscaled"}
+
+
+@pytest.mark.parametrize("factor,quant", [(DENSE, "f32"), (DENSE, "f16"), (QUARTER, "f32")])
+def test_llama_cpp_computes_what_transformers_computes(llama_cpp, tmp_path, factor, quant):
     """The export in llama.cpp (f16) against transformers (fp32): per-token log-probabilities within
-    the f16 tolerance, and the same greedy continuations. At K = 2 this holds only if llama.cpp
-    renormalises the top-K weights as transformers does."""
+    the f16 tolerance, and the same greedy continuations."""
     from transformers import AutoModelForCausalLM
 
     from factorllm_core import FactorConfig, factorize
@@ -36,14 +41,18 @@ def test_llama_cpp_computes_what_transformers_computes(llama_cpp, tmp_path, fact
     text = "The quick brown fox jumps over the lazy dog. " * 8
     ids = torch.tensor(loaded.tokenizer(text)["input_ids"][:64])
     export(loaded.model, loaded.tokenizer, ids[None], tmp_path / "hf")
-    gguf = serve.convert_to_gguf(tmp_path / "hf", "f16")
+    gguf = serve.convert_to_gguf(tmp_path / "hf", quant)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         theirs = hf(ids[None]).logits[0].log_softmax(-1)[torch.arange(63), ids[1:]].double()
     llm = serve.load(gguf, threads=2, n_ctx=256, logits_all=True)
     ours = torch.tensor(serve.token_logprobs(llm, ids.tolist()))
-    assert float((ours - theirs).abs().mean()) < serve.LOGPROB_TOLERANCE["f16"]
+    check = serve.parity(ours.numpy(), theirs.numpy())
+    assert check["median_abs_logprob_diff"] < serve.LOGPROB_TOLERANCE[quant], check
+    if quant == "f32":  # the computation itself: no token may choose another expert
+        assert check["max_abs_logprob_diff"] < 0.1, check
     prompt = loaded.tokenizer("The capital of France is")["input_ids"]
     with torch.no_grad():
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
-    assert serve.greedy(llm, prompt, 8) == expected
+    if factor is DENSE:
+        assert serve.greedy(llm, prompt, 8) == expected
