@@ -48,7 +48,6 @@ log = logging.getLogger("harness.export")  # by name: this module also runs as _
 
 EXACT_TOLERANCE = 1e-4  # max |logit difference| of an exact export, fp32
 APPROXIMATE_ROUTER_SCALE = 2.0**-10  # a power of two: scaling keeps every logit's order exactly
-SOURCES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # dense families with a stock MoE counterpart
 
 
 class NotExportable(ValueError):
