@@ -439,13 +439,14 @@ def load_trial(path: str | Path, device: str = "cpu"):
     return load_trained_ffns(loaded.model, model_dir), loaded.tokenizer, record
 
 
-def heldout_ids(tokenizer, record: dict, max_len: int) -> torch.Tensor:
-    """The trial's own held-out text, its first two sequences: what the export is checked on."""
+def heldout_ids(tokenizer, record: dict, max_len: int, sequences: int | None = 2) -> torch.Tensor:
+    """The trial's own held-out text, its first `sequences` sequences (None: all): what the
+    export is checked on."""
     from harness.config import EvalConfig, build_section
     from harness.eval.heldout import heldout_sequences
 
     ev, _ = build_section(EvalConfig, record["config"]["eval"] | {"tasks": "all"}, "eval")
-    return heldout_sequences(tokenizer, ev, max_len)[:2]
+    return heldout_sequences(tokenizer, ev, max_len)[:sequences]
 
 
 def main(argv=None) -> int:
