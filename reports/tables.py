@@ -218,7 +218,7 @@ def _derived(
         )
     out |= _columns("delta_loss_vs_dense", paired_sequences([record, dense], "per_sequence_loss"))
     for name in configured:
-        v, d = (record.get("metrics") or {}).get(name), dense["metrics"].get(name)
+        v, d = (record.get("metrics") or {}).get(name), (dense.get("metrics") or {}).get(name)
         out[f"{name}_maintenance_pct"] = 100 * v["value"] / d["value"] if v and d and d["value"] else math.nan
     variant_flops, dense_flops = record.get("flops") or {}, dense.get("flops") or {}
     if variant_flops and dense_flops:
@@ -272,7 +272,7 @@ def dense_above_chance(dense: dict, tasks: list[str]) -> tuple[list[str], list[s
     """(benchmarks where the dense model's 95% interval lies above chance, the others)."""
     above, at_chance = [], []
     for name in tasks:
-        m = dense["metrics"].get(name) or {}
+        m = (dense.get("metrics") or {}).get(name) or {}  # none with eval.benchmarks: false
         if m.get("items") is None or m.get("chance") is None:
             at_chance.append(name)
             continue

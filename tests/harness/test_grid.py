@@ -25,7 +25,7 @@ def test_default_grid_is_the_embedded_default():
     best = sweep.trials[-1]
     assert best.factor.active_fraction == sweep.trials[1].factor.active_fraction == 0.5
     assert best.train.data_budget_tokens == sweep.trials[1].train.data_budget_tokens  # calibration included
-    assert best.recipe == "unscaled init=fit min_recon kd=1 cal=4096" and sweep.trials[1].recipe == ""
+    assert best.recipe == "unscaled init=fit min_recon bias=False kd=1 cal=4096" and sweep.trials[1].recipe == ""
     assert {t.model for t in sweep.trials} == {"smollm2-135m"}
 
 

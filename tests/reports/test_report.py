@@ -470,3 +470,13 @@ def test_served_speed_shows_beside_the_eager_one_when_measured(records, tmp_path
     assert k2_row.endswith("| n/a | n/a |")  # not exportable: no served numbers
     without = build_report([r for r in records if r["trial_id"] not in ("k1", "k2")], tmp_path / "eager").read_text()
     assert "served prefill x |" not in without.split("## Main table: m")[1].split("###")[0]
+
+
+def test_a_sweep_without_benchmarks_reports_held_out_measures(records, tmp_path):
+    """eval.benchmarks: false leaves records without metrics: the report shows held-out loss and
+    KL and says n/a for accuracy, instead of failing."""
+    for r in records:
+        r.pop("metrics", None)
+    text = build_report(records, tmp_path).read_text()
+    table = text.split("## Main table: m")[1].split("###")[0]
+    assert "| 1R4E2K | 50.0 | par | contiguous | paper | 20000 | 3.5" in table and "| n/a |" in table
