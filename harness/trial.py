@@ -230,6 +230,7 @@ class Trial:
                 self.record["served"] = served_latency(
                     self.dir / MODEL_DIR,
                     self._source,
+                    self.tokenizer,
                     self.probe,
                     lat.prefill_len,
                     lat.decode_tokens,

@@ -11,7 +11,6 @@ be exported exactly gets no served numbers: the record says why.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ SERVED_QUANT = "f16"
 def served_latency(
     model_dir: Path,
     source,
+    tokenizer,
     probe: torch.Tensor,
     prefill_len: int,
     decode_tokens: int,
@@ -56,16 +56,7 @@ def served_latency(
         tmp.replace(dense_gguf)
     with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
         stock.save_pretrained(tmp)
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.json",
-            "merges.txt",
-            "tokenizer.model",
-        ):
-            if (Path(source.location) / name).exists():
-                shutil.copy(Path(source.location) / name, Path(tmp) / name)
+        tokenizer.save_pretrained(tmp)  # the converter reads the vocabulary from the folder
         gguf = serve.convert_to_gguf(tmp, SERVED_QUANT)
         ids = probe.flatten().tolist()
         prompt, steps = ids[:prefill_len], ids[prefill_len : prefill_len + decode_tokens]
