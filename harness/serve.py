@@ -133,18 +133,25 @@ def greedy(llm, ids: list[int], n: int) -> list[int]:
 @dataclass
 class Timing:
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # after the prompt: each step attends over len(prompt)+ tokens
+    decode_empty_tokens_per_s: float  # from an empty context, as llama-bench's tg test
 
 
 def time_once(llm, prompt: list[int], decode: list[int]) -> Timing:
-    """Prefill `prompt` in one batch, then decode `decode` one token at a time (teacher-forced:
-    the cost of a step does not depend on which token it is)."""
+    """Decode `decode` one token at a time from an empty context; then prefill `prompt` in one
+    batch and decode `decode` again after it (teacher-forced: the cost of a step does not
+    depend on which token it is)."""
+    llm.reset()
+    empty = _decode(llm, decode)
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - start
+    return Timing(len(prompt) / prefill, len(decode) / _decode(llm, decode), len(decode) / empty)
+
+
+def _decode(llm, tokens: list[int]) -> float:
     start = time.perf_counter()
-    for token in decode:
+    for token in tokens:
         llm.eval([token])
-    decoded = time.perf_counter() - start
-    return Timing(len(prompt) / prefill, len(decode) / decoded)
+    return time.perf_counter() - start

@@ -6,8 +6,11 @@
 # dispatch, held-out loss/KL, latency with CUDA sync, routing analysis, an atomic
 # record; benchmarks and fvcore off: the device image has no lm-eval or fvcore), see
 # perf/gpu_trial.py: the paper's 1R4E2K and the calibrated recipe (calibration,
-# coact, shared expert, fitted routers, layer-wise stage, distillation), and the benchmark scorer's packed engine in fp32 and bf16 against HFLM-style
-# scoring (perf/packed_scoring_check.py).
+# coact, shared expert, fitted routers, layer-wise stage, distillation); when vLLM is
+# importable, the calibrated trial exported and timed in vLLM against its dense model
+# (perf/served_speed.py --engine vllm; up to 180 s more, skipped with a line otherwise);
+# and the benchmark scorer's packed engine in fp32 and bf16 against HFLM-style scoring
+# (perf/packed_scoring_check.py).
 #     bash perf/gpu_check.sh
 # Needs torch (CUDA), transformers and, for the `fused` column, triton; not ray,
 # lm-eval or fvcore, and the package need not be installed. Each step has its own
@@ -46,7 +49,15 @@ step 60 $PY perf/ffn_dispatch.py --preset tinyllama-gpu-256
 fused=$($PY -c "import triton" 2>/dev/null && echo ",fused")
 step 105 $PY perf/model_prefill.py --preset tinyllama-gpu --dispatch "grouped$fused"
 step 90 $PY perf/gpu_trial.py
-step 60 $PY perf/gpu_trial.py --recipe calibrated
+work=$(mktemp -d)
+step 60 $PY perf/gpu_trial.py --recipe calibrated --workdir "$work/calibrated"
+if $PY -c "import vllm" 2>/dev/null; then  # the exported calibrated trial against its dense model, in vLLM
+    step 180 $PY perf/served_speed.py --engine vllm --quant bf16 --out "$work/served" \
+        "$(ls -d "$work"/calibrated/runs/*/ | head -1)"
+else
+    echo; echo "### vLLM served speed: skipped, vLLM is not importable here (pip install vllm)"
+fi
 step 45 $PY perf/packed_scoring_check.py
+rm -rf "$work"
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "all steps ran"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi

@@ -91,6 +91,7 @@ RECIPES = {
             "router_init": "fit",
             "pseudo_label": "min_recon",
             "router_mode": "par",
+            "router_bias": False,  # as the recovery grid trains it: exported exactly (harness/export.py)
         },
         {"calibration_tokens": 2048, "layerwise_steps": 10, "lambda_kd": 1.0},
     ),
@@ -146,19 +147,23 @@ def main(argv=None) -> int:
         default="paper",
         help="paper: 1R4E2K; calibrated: the recovery recipe (+ layer-wise stage)",
     )
+    parser.add_argument("--workdir", help="keep the model, texts and the trial's folder here (default: a temp dir)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         checkpoint, corpus, heldout = make_assets(Path(tmp), args.size)
         config = trial_config(checkpoint, corpus, heldout, args.device, args.budget, args.recipe)
         trial_module.probe_tokens = probe_from(heldout)
         start = time.perf_counter()
         setup_console()
-        record = Trial(
+        trial = Trial(
             config,
             Path(tmp) / "runs",
             cache_dir=Path(tmp) / "cache",
             console_loggers=("harness.trial", "harness.train"),
-        ).run()
+        )
+        record = trial.run()
         print("\n".join(summary_lines(record)))
         if record["status"] == "completed":
             dispatch = (record.get("latency") or {}).get("dispatch")
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
                 f"train {record['training']['tokens_per_s']:.0f} tok/s, churn {record['training']['churn']['series']}"
             )
         print(f"whole trial: {record['status']} in {time.perf_counter() - start:.1f} s")
+        if args.workdir:
+            print(f"trial folder: {trial.dir}")
     return 0 if record["status"] == "completed" else 1
 
 

@@ -98,7 +98,7 @@ def test_fused_compile_check_flags_a_config_over_the_shared_memory(monkeypatch):
     assert down.problems == [] and down.pipelined and down.tensor_cores
 
 
-def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypatch):
+def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypatch, tmp_path):
     """The GPU check's whole-trial step, on a tiny model on the CPU: it must not import
     lm-eval or fvcore (the device image has neither) and must end completed."""
     import harness.trial
@@ -110,9 +110,27 @@ def test_gpu_trial_runs_a_whole_trial_without_lm_eval_or_fvcore(capsys, monkeypa
     assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "2048"]) == 0
     out = capsys.readouterr().out
     assert "whole trial: completed" in out and "KL(dense || model)" in out and "precision fp32" in out
-    assert gpu_trial.main(["--size", "tiny", "--device", "cpu", "--budget", "1024", "--recipe", "calibrated"]) == 0
+    work = tmp_path / "work"
+    argv = ["--size", "tiny", "--device", "cpu", "--budget", "1024", "--recipe", "calibrated", "--workdir", str(work)]
+    assert gpu_trial.main(argv) == 0
     out = capsys.readouterr().out
     assert "whole trial: completed" in out and "1R3E1K1S" in out and "layerwise" in out
+    # what the GPU check's vLLM step is given: the kept trial, which exports exactly
+    (folder,) = (work / "runs").iterdir()
+    assert f"trial folder: {folder}" in out
+    from harness import export
+
+    assert export.main([str(folder), "--out", str(tmp_path / "exported")]) == 0
+    assert '"exact": true' in (tmp_path / "exported" / "factorllm_export.json").read_text()
+
+
+def test_served_speed_says_when_vllm_is_absent(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not importable, as on this machine
+    assert load("served_speed").main(["some-trial", "--engine", "vllm", "--quant", "bf16"]) == 2
+    assert "vLLM is not importable here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        load("served_speed").main(["some-trial", "--engine", "vllm", "--quant", "q8_0"])
+    assert stop.value.code == 2 and "--quant q8_0: vllm takes bf16, f16, f32" in capsys.readouterr().err
 
 
 def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
