@@ -26,7 +26,23 @@ from harness.eval.benchmarks import LM_KINDS, resolve_task_names
 
 class _StrictLoader(yaml.SafeLoader):
     """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps
-    the last one silently, so a typo'd override would vanish)."""
+    the last one silently, so a typo'd override would vanish), and nesting is bounded
+    while the document is composed (PyYAML composes recursively: thousands of levels
+    end in RecursionError)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep; a grid or trial file needs a few", mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _mapping_without_duplicates(loader, node, deep=False):
@@ -44,6 +60,27 @@ def _mapping_without_duplicates(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 MAX_YAML_NODES = 100_000  # far above any real grid; stops alias "bombs" before anything walks them
+MAX_YAML_DEPTH = 32  # the deepest real grid nests 4 levels
+MAX_CONFIG_BYTES = 1 << 20  # the largest shipped grid is ~6 KB
+
+
+def read_config_text(path: str | Path) -> str:
+    """A grid or trial file's text: a regular file of at most MAX_CONFIG_BYTES, UTF-8. Checked
+    before it is parsed (reading at most one byte past the bound), so a huge file or a device
+    is refused at once. Raises ValueError (the caller names the file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError("no such file")
+    if not path.is_file():
+        raise ValueError("not a regular file (a folder or a device); give a .yaml file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MB; a grid or trial file is a few KB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte {error.start}); is it a YAML file?") from None
 
 
 def load_yaml(text: str):
@@ -420,9 +457,11 @@ class TrialConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrialConfig:
         try:
-            data = load_yaml(Path(path).read_text()) or {}
-        except (yaml.YAMLError, ValueError) as error:
+            data = load_yaml(read_config_text(path))
+        except (yaml.YAMLError, ValueError, OSError) as error:
             raise ConfigError([str(error)], str(path)) from None
+        if data is None:  # an empty file would silently mean "the default trial"
+            raise ConfigError(["the file is empty; a trial file names at least a model"], str(path))
         if not isinstance(data, dict):
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
         return cls.from_dict(data, source=str(path))
@@ -471,8 +510,8 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
         problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
     kwargs = {}
     for name, section_cls in SECTIONS.items():
-        section = data.get(name) or {}
-        built, section_problems = build_section(section_cls, section, name)
+        section = data.get(name)
+        built, section_problems = build_section(section_cls, {} if section is None else section, name)
         problems += section_problems
         if built is not None:
             problems += built.problems()
@@ -515,6 +554,8 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
         problems.append(f"seed: {kwargs['seed']} must be in [0, 2**31)")
     if isinstance(kwargs.get("model"), str) and not kwargs["model"].strip():
         problems.append("model: empty; give a packaged name, a checkpoint folder or a hub id")
+    elif problem := path_text_problem("model", kwargs.get("model")):
+        problems.append(problem)
     problems += _calibration_problems(kwargs.get("factor"), kwargs.get("train"))
     if (
         not problems
@@ -580,6 +621,8 @@ def build_section(cls, data, prefix: str):
         coerced, ok = _coerce(value, hints[key])
         if not ok:
             problems.append(f"{prefix}.{key}: {short(value)} is not {_type_name(hints[key])}")
+        elif problem := _size_problem(f"{prefix}.{key}", coerced) or path_text_problem(f"{prefix}.{key}", coerced):
+            problems.append(problem)
         else:
             values[key] = coerced
     if problems:
@@ -618,6 +661,52 @@ def _coerce(value, hint):
 
 
 MAX_NUMBER = 2**53  # larger numbers in a config are typos (and lose precision as floats)
+
+# Upper bounds of the size-like numbers, each far above real use and below what would exhaust
+# this kind of machine (a tensor of that many tokens, a loop of that many steps) before the
+# trial reached the point where it failed on its own.
+CONTEXT = 131_072  # tokens in one sequence: the longest context of the models this harness takes
+SIZE_LIMITS = {
+    "train.data_budget_tokens": (10**11, "tokens (100B: far beyond a conversion budget)"),
+    "train.calibration_tokens": (10**9, "tokens"),
+    "train.seq_len": (CONTEXT, "tokens per sequence"),
+    "train.batch_size": (4096, "sequences per step"),
+    "train.grad_accum": (4096, "micro-batches per step"),
+    "train.layerwise_steps": (10**6, "steps"),
+    "train.checkpoint_every": (10**9, "steps"),
+    "train.churn_points": (10_000, "measurements"),
+    "eval.limit": (10**6, "rows per benchmark (the largest set, MMLU, has 14,042)"),
+    "eval.num_fewshot": (64, "examples"),
+    "eval.batch_size": (4096, "requests per batch"),
+    "eval.heldout_tokens": (10**8, "tokens"),
+    "eval.heldout_seq_len": (CONTEXT, "tokens per sequence"),
+    "flops.seq_len": (CONTEXT, "tokens"),
+    "latency.batch_size": (1024, "sequences"),
+    "latency.prefill_len": (CONTEXT, "tokens"),
+    "latency.decode_tokens": (CONTEXT, "tokens"),
+    "latency.repeats": (1000, "timed runs"),
+    "latency.warmup": (1000, "untimed runs"),
+}
+
+
+def _size_problem(field: str, value) -> str | None:
+    bound = SIZE_LIMITS.get(field)
+    if bound is None or not isinstance(value, int) or value <= bound[0]:
+        return None
+    return f"{field}: {value} is above the limit of {bound[0]:,} {bound[1]}"
+
+
+def path_text_problem(field: str, value) -> str | None:
+    """A string that will become a file or folder path: no NUL or other control characters
+    (the OS refuses NUL; the others are typos or pasted binary), at most 4096 characters."""
+    if not isinstance(value, str):
+        return None
+    if len(value) > 4096:
+        return f"{field}: a path of {len(value)} characters; at most 4096"
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"{field}: {short(value)} contains the control character {bad!r}; give a plain path or name"
+    return None
 
 
 def _type_name(hint) -> str:

@@ -42,7 +42,7 @@ from transformers.utils.logging import disable_progress_bar
 from factorllm_core import COMBINES, FactorConfig, factorized_layers, load_trained_ffns
 from factorllm_core.registry import Registry
 from harness.logs import setup_console
-from reports.record import RECORD_FILE, read_record
+from reports.record import RECORD_FILE, output_problem, read_record
 
 log = logging.getLogger("harness.export")  # by name: this module also runs as __main__
 
@@ -464,7 +464,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_console()
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if why := output_problem(out, folder=True):
+        log.error("--out %s", why)
+        return 2
+    if out.exists() and any(out.iterdir()):
         log.error("--out %s exists and is not an empty folder", out)
         return 2
     if not Path(args.trial).exists():

@@ -27,9 +27,12 @@ from harness.config import (
     build_section,
     load_yaml,
     parse_trial,
+    path_text_problem,
+    read_config_text,
     resolve_precision,
     short,
 )
+from reports.record import output_problem
 
 REQUIRED_AXES = ("model", "n_experts", "top_k")
 
@@ -119,7 +122,7 @@ TOP_KEYS = (
 def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
     path = Path(path)
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(read_config_text(path))
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise ConfigError([str(error)], str(path)) from None
     if not isinstance(data, dict):
@@ -135,12 +138,10 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         f"{str(k)[:80]}: unknown key; allowed: {', '.join(TOP_KEYS)}"
         for k in sorted(set(data) - set(TOP_KEYS), key=str)
     ]
-    sections_ok = all(isinstance(data.get(s) or {}, dict) for s in (*SECTIONS, "factor"))
-    problems += [
-        f"{s}: {short(data[s])} must be a mapping"
-        for s in (*SECTIONS, "factor")
-        if not isinstance(data.get(s) or {}, dict)
-    ]
+    # a section is a mapping or absent (null: empty); 0, false, "" or [] are mistakes, not "defaults"
+    bad_sections = [s for s in (*SECTIONS, "factor", "resources", "failure") if not _mapping_or_none(data.get(s))]
+    sections_ok = not bad_sections
+    problems += [f"{s}: {short(data[s])} must be a mapping (or left out)" for s in bad_sections]
     name, storage, naming_problems = _name_and_storage(data, source)
     problems += naming_problems
     if not isinstance(data.get("dense_baseline", True), bool):
@@ -149,8 +150,8 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
     problems += axis_problems
     include_problems = _include_problems(data.get("include"))
     problems += include_problems
-    resources, p1 = _section(Resources, data.get("resources", {}), "resources")
-    failure, p2 = _section(Failure, data.get("failure", {}), "failure")
+    resources, p1 = _section(Resources, data.get("resources"), "resources")
+    failure, p2 = _section(Failure, data.get("failure"), "failure")
     problems += p1 + p2
     complete = all(k in axes for k in REQUIRED_AXES) and axes_usable and not include_problems and sections_ok
     candidates, skipped, expand_problems = _candidates(data, axes) if complete else ([], [], [])
@@ -166,8 +167,8 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
             axes, data.get("include") or [], [t for _, t in candidates], data.get("trust_remote_code") is True
         )
     for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
-        value = (data.get(section) or {}).get(key, default) if isinstance(data.get(section) or {}, dict) else default
-        if isinstance(value, str):  # other types are reported by the section's own check
+        value = (data.get(section) or {}).get(key, default) if sections_ok else default
+        if isinstance(value, str) and not path_text_problem("", value):  # else reported by the section's check
             problems += _check_corpus(value, f"{section}.{key}")
     problems = list(dict.fromkeys(problems))  # the same problem in many trials: say it once
     if problems:
@@ -195,10 +196,18 @@ def _name_and_storage(data: dict, source: str) -> tuple[str, str, list[str]]:
     storage = data.get("storage", "runs/sweeps")
     if not isinstance(storage, str) or not storage.strip():
         problems.append(f"storage: {short(storage)} must be a folder path (a string)")
+    elif problem := path_text_problem("storage", storage) or output_problem(storage, folder=True):
+        problems.append(problem if problem.startswith("storage") else f"storage: {problem}")
     return str(name), str(storage), problems
 
 
+def _mapping_or_none(value) -> bool:
+    return value is None or isinstance(value, dict)
+
+
 def _section(cls, data, prefix):
+    if not _mapping_or_none(data):
+        return None, []  # reported with the other sections
     built, problems = build_section(cls, data or {}, prefix)
     if built is not None:
         problems += built.problems()
@@ -285,6 +294,11 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
     for extra in data.get("include") or []:  # checked by _include_problems
         points.append({**{n: v[0] for n, v in axes.items()}, **extra})
     out, skipped = [], []
+    if points and rules and all(_skip_reason(p, rules) for p in points) and not problems:
+        problems.append(
+            f"skip: the rules skip all {len(points)} factorized combinations; the sweep would train nothing. "
+            "Narrow a rule's `when`"
+        )
     for point in points:
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         reason = _skip_reason(point, rules)
@@ -304,33 +318,60 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
     return out, skipped, problems
 
 
+SKIP_RULE_KEYS = ("when", "reason")
+
+
 def _skip_rules(raw) -> tuple[list[tuple[dict, str]], list[str]]:
+    """Each rule: `when` (axis -> value or list of values, each of the axis's type) and a
+    non-empty `reason`; nothing else. Validated like any other field: a rule that could never
+    match, or one that would match everything, is a mistake."""
     rules, problems = [], []
     if raw is not None and not isinstance(raw, list):
         return [], [f"skip: {short(raw)} must be a list of rules (when, reason)"]
     for i, rule in enumerate(raw or []):
-        if not isinstance(rule, dict) or not isinstance(rule.get("when"), dict) or "reason" not in rule:
-            problems.append(f"skip[{i}]: needs `when` (axis -> value or list) and `reason`")
+        where = f"skip[{i}]"
+        if not isinstance(rule, dict):
+            problems.append(f"{where}: {short(rule)} must be a mapping with `when` and `reason`")
             continue
-        unknown = set(rule["when"]) - set(axis_options())
+        unknown = sorted(set(rule) - set(SKIP_RULE_KEYS), key=str)
         if unknown:
+            problems.append(f"{where}: unknown key {short(unknown[0])}; a rule has only {', '.join(SKIP_RULE_KEYS)}")
+        when, reason = rule.get("when"), rule.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            problems.append(f"{where}.reason: {short(reason)} must be a sentence saying why (a non-empty string)")
+        if not isinstance(when, dict) or not when:
             problems.append(
-                f"skip[{i}].when: unknown axes {short(sorted(unknown, key=str))}; allowed: {', '.join(axis_options())}"
+                f"{where}.when: {short(when)} must map at least one axis to a value or list "
+                "(an empty `when` would skip every trial)"
             )
             continue
-        values = [v for value in rule["when"].values() for v in (value if isinstance(value, list) else [value])]
-        if any(not isinstance(v, (str, int, float, bool)) for v in values):
-            problems.append(f"skip[{i}].when: values must be single values or lists of them")
+        unknown_axes = set(when) - set(axis_options())
+        if unknown_axes:
+            problems.append(
+                f"{where}.when: unknown axes {short(sorted(unknown_axes, key=str))}; "
+                f"allowed: {', '.join(axis_options())}"
+            )
             continue
-        rules.append((rule["when"], str(rule["reason"])))
+        bad = []
+        for axis, value in when.items():
+            values = value if isinstance(value, list) else [value]
+            if not values or any(isinstance(v, (dict, list)) for v in values):
+                bad.append(f"{where}.when: values must be single values or lists of them")
+            else:
+                bad += [p for v in values if (p := _axis_value_problem(axis, v, f"{where}.when.{axis}"))]
+        problems += bad
+        if not bad and not unknown and isinstance(reason, str) and reason.strip():
+            rules.append((when, reason))
     return rules, problems
 
 
 def _skip_reason(point: dict, rules) -> str | None:
     """Built-in rule first (top_k > n_experts cannot exist), then the grid's own rules.
-    (Axis values are type-checked before expansion: top_k and n_experts are ints.)"""
-    if "n_experts" in point and point.get("top_k", 0) > point["n_experts"]:
-        return f"rule: top_k > n_experts ({point['top_k']} > {point['n_experts']})"
+    (Axis values are type-checked before expansion: top_k and n_experts are ints. The built-in
+    rule holds only for valid counts: n_experts = -1 is refused as invalid, not skipped.)"""
+    n, k = point.get("n_experts"), point.get("top_k", 0)
+    if isinstance(n, int) and n >= 1 and k >= 1 and k > n:
+        return f"rule: top_k > n_experts ({k} > {n})"
     for when, reason in rules:
         if all(point.get(k) in (v if isinstance(v, list) else [v]) for k, v in when.items()):
             return f"skip rule: {reason}"

@@ -33,7 +33,7 @@ from harness.assets.cache import DISK_FULL_BYTES
 from harness.assets.models import model_fingerprint
 from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Sweep, load_grid, trial_table
-from harness.logs import setup_console
+from harness.logs import FORMAT, setup_console
 from reports.record import RECORD_FILE, new_record, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
@@ -97,6 +97,30 @@ def resolve_resources(resources: Resources, cluster: dict) -> dict:
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
 
 
+class TrialErrorsToTrialLog(logging.Filter):
+    """Ray Tune logs a worker's failure (a killed worker's ActorDiedError, say) with its whole
+    traceback, some 24 lines, before the sweep's own one-line notice. This filter, on Tune's
+    controller logger, appends that record, traceback included, to the trial's own log
+    (records/<id>/trial.log) and keeps it off the console."""
+
+    PREFIX = "Trial task failed for trial "
+    LOGGER = "ray.tune.execution.tune_controller"
+
+    def __init__(self, folders: dict[str, Path]):
+        super().__init__()
+        self.folders = folders  # trial id -> its record folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        folder = self.folders.get(message[len(self.PREFIX) :].strip()) if message.startswith(self.PREFIX) else None
+        if folder is None:
+            return True
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "trial.log", "a", encoding="utf-8") as log_file:
+            log_file.write(logging.Formatter(FORMAT).format(record) + "\n")
+        return False
+
+
 def progress_callback(total: int, max_failures: int = 0):
     """A Tune callback printing one line per finished trial (Ray is imported lazily)."""
     from ray.tune import Callback
@@ -106,7 +130,9 @@ def progress_callback(total: int, max_failures: int = 0):
             self.done, self.start = 0, time.perf_counter()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.done += 1
+            # counted from the trials' states, so a restored sweep (--resume) goes on counting
+            # from the trials it had finished; this one is still RUNNING here
+            self.done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             numbers = ", ".join(
                 f"{k}={v:.3f}" for k, v in result.items() if k in ("avg_score", "ffn_gflops", "prefill_speedup")
             )
@@ -281,10 +307,15 @@ def run_sweep(
                 callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)],
             ),
         )
+    moved = TrialErrorsToTrialLog({t.trial_id: record_path(t, storage, sweep.name).parent for t in sweep.trials})
+    tune_logger = logging.getLogger(TrialErrorsToTrialLog.LOGGER)
+    tune_logger.addFilter(moved)
     try:
         results = fit(tuner, storage)
     except KeyboardInterrupt:
         return sweep, collect_records(sweep, storage)
+    finally:
+        tune_logger.removeFilter(moved)
     return sweep, collect_records(sweep, storage, results)
 
 

@@ -31,7 +31,7 @@ import torch
 from factorllm_core import calibrate, defactorize, factorize, factorized_layers, save_trained_ffns
 from harness.assets.corpora import pack, resolve_corpus, token_budget
 from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
-from harness.config import ConfigError, TrialConfig, resolve_precision
+from harness.config import DEVICE, ConfigError, TrialConfig, resolve_precision
 from harness.environment import environment
 from harness.eval.benchmarks import evaluate, make_lm
 from harness.eval.heldout import heldout_measures, heldout_sequences, next_token_logprobs
@@ -43,7 +43,15 @@ from harness.measure.latency import measure_latency
 from harness.measure.probe import probe_tokens
 from harness.measure.served import served_latency
 from harness.train import dense_teacher, make_batches, train
-from reports.record import RECORD_FILE, new_record, non_finite_paths, read_record, write_json_atomic, write_record
+from reports.record import (
+    RECORD_FILE,
+    new_record,
+    non_finite_paths,
+    output_problem,
+    read_record,
+    write_json_atomic,
+    write_record,
+)
 
 # by name, not __name__: this module also runs as __main__
 log = logging.getLogger("harness.trial")  # the console's: one line per stage and per finished trial
@@ -432,7 +440,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
     args = parser.parse_args(argv)
     setup_console()
-    try:
+    try:  # every argument is checked before anything loads
+        if why := output_problem(args.out, folder=True):
+            raise ValueError(f"--out {why}")
+        if args.device is not None and not DEVICE.match(args.device):
+            raise ValueError(f"--device {args.device!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
         config = TrialConfig.from_yaml(args.config)
         if args.device:
             config = replace(config, device=args.device)

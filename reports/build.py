@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import plots
 from .findings import findings
-from .record import load_records, read_record, write_json_atomic, write_text_atomic
+from .record import RECORD_FILE, load_records, output_problem, read_record, write_json_atomic, write_text_atomic
 from .stats import N_BOOT
 from .tables import (
     DIRECTIONS,
@@ -457,8 +457,11 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out} is a file; give a folder", file=sys.stderr)
+    if args.out and (why := output_problem(args.out, folder=True)):
+        print(f"error: --out {why}", file=sys.stderr)
+        return 2
+    if not any((sweep_dir / "records").glob(f"**/{RECORD_FILE}")) and not (sweep_dir / MANIFEST).is_file():
+        print(f"error: {sweep_dir}/records holds no {RECORD_FILE}: nothing to report", file=sys.stderr)
         return 2
     print(f"report: {build_sweep_report(sweep_dir, args.out)}")
     return 0

@@ -39,6 +39,7 @@ REQUIRED = (
     "stage_seconds",
 )
 STATUSES = ("running", "completed", "failed")
+METRIC_FIELDS = ("metric", "value", "n")  # what a report reads of every benchmark result
 
 
 def new_record(described: dict, **fields) -> dict:
@@ -62,6 +63,13 @@ def problem(record) -> str | None:
         return f"status {record['status']!r} is none of {', '.join(STATUSES)}"
     if not isinstance(record["config"], dict) or not isinstance(record["config"].get("train"), dict):
         return "config is not a trial config"
+    metrics = record.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        return "metrics is not a mapping of benchmark -> result"
+    for name, result in (metrics or {}).items():
+        missing = [key for key in METRIC_FIELDS if not isinstance(result, dict) or key not in result]
+        if missing:
+            return f"metrics.{name}: missing field(s) {', '.join(missing)}"
     return None
 
 
@@ -90,6 +98,28 @@ def read_record(path: str | Path) -> dict | None:
 def load_records(folder: str | Path) -> list[dict]:
     """Every readable record.json below `folder` (see read_record)."""
     return [r for path in sorted(Path(folder).glob(f"**/{RECORD_FILE}")) if (r := read_record(path)) is not None]
+
+
+def output_problem(path: str | Path, folder: bool) -> str | None:
+    """Why `path` cannot be written as a folder (`folder`) or a file, or None: checked by every
+    command before it loads anything, so a bad --out is refused at once, not after the work.
+    (Missing parents are fine: writes create them.)"""
+    text = str(path)
+    if "\0" in text or not text.strip():
+        return f"{text!r} is not a path"
+    path = Path(path).expanduser()
+    if path.exists() and folder and not path.is_dir():
+        return f"{path} is a file; give a folder"
+    if path.exists() and not folder and path.is_dir():
+        return f"{path} is a folder; give a file name"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, so {path} cannot be created"
+            if not os.access(parent, os.W_OK):
+                return f"{parent} is not writable"
+            break
+    return None
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -23,10 +23,12 @@ Never point a corpus at a benchmark's evaluation split.
 from __future__ import annotations
 
 import bz2
+import codecs
 import hashlib
 import html
 import importlib.util
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -139,34 +141,80 @@ def strip_wiki_markup(text: str) -> str:
     return html.unescape(text).strip()
 
 
+MAX_FOLDER_ENTRIES = 100_000  # a corpus folder holds documents, not a file system
+
+
 def _corpus_files(path: Path) -> list[Path]:
-    """The files a local corpus reads: the file itself, or a folder's .txt/.jsonl files."""
-    return (
-        sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if path.is_dir()
-        else [path]
-    )
+    """The files a local corpus reads: the file itself, or a folder's .txt/.jsonl regular
+    files (symlinks to devices are not regular files). A folder with more than
+    MAX_FOLDER_ENTRIES entries below it (`/`, a home folder) is refused, not walked."""
+    if not path.is_dir():
+        return [path]
+    files, seen = [], 0
+    for folder, dirs, names in os.walk(path):
+        seen += len(dirs) + len(names)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise ValueError(
+                f"corpus={str(path)!r}: the folder holds more than {MAX_FOLDER_ENTRIES:,} entries; "
+                "give the folder that holds the corpus's .txt/.jsonl files"
+            )
+        files += [Path(folder, n) for n in names if Path(n).suffix in (".txt", ".jsonl")]
+    return sorted(p for p in files if p.is_file())
+
+
+TEXT_CHECK_BYTES = 1 << 16  # what validation reads of each file to tell text from binary
+
+
+def _check_text(files: list[Path]) -> None:
+    """Each file's first TEXT_CHECK_BYTES decode as UTF-8 (a multi-byte character cut at the
+    end is allowed) and hold no NUL byte: a binary file is named here, before any trial."""
+    for file in files:
+        with open(file, "rb") as f:
+            head = f.read(TEXT_CHECK_BYTES)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            if b"\0" in head:
+                raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); is it binary?") from None
 
 
 def _local_documents(path: Path) -> Iterator[str]:
-    files = _corpus_files(path)
-    for file in files:
-        if file.suffix == ".jsonl":
-            with open(file) as f:
-                for line_number, line in enumerate(f, 1):
-                    if line.strip():
+    for file in _corpus_files(path):
+        try:
+            yield from _file_documents(file)
+        except UnicodeDecodeError as error:  # past the part validation reads
+            raise ValueError(f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); is it binary?") from None
+
+
+def _file_documents(file: Path) -> Iterator[str]:
+    if file.suffix == ".jsonl":
+        with open(file, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
                         row = json.loads(line)
-                        if "text" not in row:
-                            raise ValueError(f"{file}:{line_number}: JSONL rows need a 'text' field")
-                        yield row["text"]
-        else:
-            yield from (p.strip() for p in re.split(r"\n\s*\n", file.read_text()) if p.strip())
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{file}:{line_number}: not a JSON row ({error.msg})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise ValueError(f"{file}:{line_number}: JSONL rows need a 'text' field holding a string")
+                    yield row["text"]
+    else:
+        yield from (p.strip() for p in re.split(r"\n\s*\n", file.read_text(encoding="utf-8")) if p.strip())
 
 
 def _path_fingerprint(path: Path) -> str:
+    """Changes when the text could differ: each file's name, size and modification time, and
+    its first and last MB (bounded: a 10 GB corpus is not read whole to validate a grid)."""
     digest = hashlib.sha256()
     for file in _corpus_files(path):  # only what is read: a folder's other files change nothing
-        digest.update(file.read_bytes())
+        stat = file.stat()
+        digest.update(f"{file.name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if stat.st_size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
@@ -193,10 +241,13 @@ def resolve_corpus(spec: str) -> Corpus:
         return CORPORA.get(spec)()
     path = Path(spec).expanduser()
     if path.exists():
+        if not (path.is_file() or path.is_dir()):  # a device or a pipe would be read without end
+            raise ValueError(f"corpus={spec!r} is not a regular file or folder (a device or a pipe?)")
         if path.is_file() and path.suffix not in (".txt", ".jsonl"):
             raise ValueError(f"corpus={spec!r}: local corpus files must be .txt or .jsonl")
         if path.is_dir() and not _corpus_files(path):
             raise ValueError(f"corpus={spec!r}: the folder holds no .txt or .jsonl file")
+        _check_text(_corpus_files(path))
         return Corpus(str(path), lambda: _local_documents(path), f"local:{_path_fingerprint(path)}")
     raise ValueError(
         f"corpus={spec!r} is not a known corpus ({', '.join(CORPORA.names())}), "

@@ -358,6 +358,11 @@ def evaluate(
             result = replace(result, lm_paths=dict(lm.paths - paths_before))
         results[name] = result
         log.info("%s: %s=%.4f (n=%d, %.1f s)", name, result.metric, result.value, result.n, result.seconds)
+        if limit is not None and result.n < limit:  # the record's n is the effective sample size
+            log.warning(
+                "eval.limit=%d is more than %s has: all of its %d items were evaluated (n=%d in the record)",
+                limit, name, result.n, result.n,
+            )  # fmt: skip
     return results
 
 

@@ -16,7 +16,7 @@ import torch
 from harness.assets.models import ModelUnavailable, load_model, resolve_device, use_offline_mode_if_hub_unreachable
 from harness.eval.benchmarks import LM_KINDS, TASK_SET, BenchmarkResult, evaluate, make_lm, resolve_task_names
 from harness.logs import setup_console
-from reports.record import write_json_atomic
+from reports.record import output_problem, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def main(argv=None):
             for name, low in (("limit", 1), ("batch_size", 1), ("num_fewshot", 0))
             if getattr(args, name) is not None and getattr(args, name) < low
         ]
+        if args.json and (why := output_problem(args.json, folder=False)):
+            problems.append(f"--json {why}")
         if not names:
             problems.append(
                 f"--tasks {args.tasks!r} names no benchmark; use 'all' or a comma list of {', '.join(TASK_SET)}"

@@ -213,3 +213,18 @@ def test_mmlu_group_aggregate_and_stderr_fallback():
     assert result.n == 5 and result.value == pytest.approx((1.0 + 4 * 0.25) / 5)  # weighted by size
     # a 1-row subject has no stderr: all 5 rows are treated as one sample
     assert result.stderr == pytest.approx((0.4 * 0.6 / 4) ** 0.5)
+
+
+def test_a_limit_above_the_split_says_so_and_records_the_effective_n(monkeypatch, caplog):
+    """eval.limit=501 on OpenBookQA's 500 rows: all 500 are evaluated, said in a warning, and
+    the result's n (what the record and the report show) is 500."""
+    from harness.eval import benchmarks
+
+    rows = sample_plan(local_sizes("openbookqa"), 501, seed=0)
+    assert len(rows["openbookqa"]) == 500
+    fake = benchmarks.BenchmarkResult("openbookqa", "acc_norm", 0.3, 0.02, len(rows["openbookqa"]), 1.0, {})
+    monkeypatch.setattr(benchmarks, "_run_lm_eval", lambda *a, **k: ({}, rows))
+    monkeypatch.setattr(benchmarks, "_parse", lambda *a, **k: fake)
+    results = benchmarks.evaluate(object(), ["openbookqa"], limit=501)
+    assert results["openbookqa"].n == 500
+    assert "eval.limit=501 is more than openbookqa has: all of its 500 items were evaluated" in caplog.text

@@ -64,3 +64,17 @@ def test_offline_default_corpus_is_real_english(word_tokenizer):
     assert len(docs) > 100
     assert sum(len(d.split()) for d in docs) > 400_000
     assert not any("{{" in d or "[[" in d for d in docs)
+
+
+def test_a_binary_corpus_is_named_whether_its_binary_part_is_read_at_validation_or_later(tmp_path):
+    from harness.assets.corpora import TEXT_CHECK_BYTES, resolve_corpus
+
+    early = tmp_path / "early.txt"
+    early.write_bytes(b"text\n\x00\xff binary")
+    with pytest.raises(ValueError, match=f"{early} is not UTF-8 text"):
+        resolve_corpus(str(early))
+    late = tmp_path / "late.txt"  # text for longer than validation reads, then bytes that are not UTF-8
+    late.write_bytes(b"word " * (TEXT_CHECK_BYTES // 5 + 10) + b"\xff\xfe")
+    corpus = resolve_corpus(str(late))
+    with pytest.raises(ValueError, match=f"{late} is not UTF-8 text"):
+        list(corpus.documents())

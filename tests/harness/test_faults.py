@@ -200,3 +200,31 @@ def test_retries_are_announced_in_one_line(capsys):
         "[sweep] 1R4E2K-abc: its worker failed; Ray retries it (failure 1 of at most 3), resuming from its checkpoint",
         "[sweep] 1R4E2K-abc: failed 3 time(s) in Ray; no retries left (failure.max_failures = 2)",
     ]
+
+
+def test_rays_failure_traceback_goes_to_the_trial_log_not_the_console(tmp_path):
+    import logging
+
+    folder = tmp_path / "records" / "1R4E2K-abc"
+    moved = sweep_module.TrialErrorsToTrialLog({"1R4E2K-abc": folder})
+    try:
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+    except RuntimeError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    make = logging.getLogger(moved.LOGGER).makeRecord
+    failed = make(moved.LOGGER, logging.ERROR, __file__, 1, "Trial task failed for trial 1R4E2K-abc", (), exc_info)
+    other = make(moved.LOGGER, logging.ERROR, __file__, 1, "Trial task failed for trial someone-else", (), None)
+    assert moved.filter(failed) is False  # kept off the console
+    assert moved.filter(other) is True  # not one of this sweep's trials: left alone
+    log = (folder / "trial.log").read_text()
+    assert "Trial task failed for trial 1R4E2K-abc" in log and "Traceback" in log and "actor died" in log
+
+
+def test_the_progress_counter_goes_on_after_resume(capsys):
+    """After --resume, Tune's restored trials are TERMINATED already: the count continues."""
+    pytest.importorskip("ray")
+    progress = sweep_module.progress_callback(total=4)
+    done = [SimpleNamespace(status="TERMINATED") for _ in range(2)]
+    running = SimpleNamespace(status="RUNNING")
+    progress.on_trial_result(0, [*done, running, SimpleNamespace(status="PENDING")], running, {"trial": "t3"})
+    assert "[sweep 3/4," in capsys.readouterr().out

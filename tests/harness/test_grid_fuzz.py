@@ -2,6 +2,7 @@
 traceback or a hang. Known bad inputs first, then seeded mutations of the shipped grids."""
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -164,3 +165,196 @@ def test_mutated_shipped_grids_exit_0_or_2_never_a_traceback(seed, tmp_path, cap
             assert captured.err.startswith("error: "), (source.name, edits)
             assert max(len(line) for line in captured.err.splitlines()) < 2000  # values are cut short
         assert time.perf_counter() - start < 10, (source.name, edits)
+
+
+# Structure-level inputs (second pass): each class was a traceback, a hang, a silent default
+# or a silent wrong acceptance before. The grid is refused in one message naming the field.
+PATH_FIELDS = ("storage", "train.corpus", "eval.heldout_text", "axes.model")
+SECTIONS = ("train", "eval", "flops", "latency", "factor", "resources", "failure")
+STRUCTURE = {
+    **{
+        f"{section} {value!r}": (default(**{section: value}), f"{section}: {value!r} must be a mapping")
+        for section in SECTIONS
+        for value in (0, False, "", [])
+    },
+    **{
+        f"{field} with {char!r}": (
+            default(**{field: [f"runs{char}x"] if field == "axes.model" else f"runs{char}x"}),
+            "control character",
+        )
+        for field in PATH_FIELDS
+        for char in ("\0", "\n", "\x1b")
+    },
+    "include negative n_experts": (default(include=[{"n_experts": -1, "top_k": 1}]), "factor.n_experts"),
+    "skip empty when": (default(skip=[{"when": {}, "reason": "x"}]), "skip[0].when: {} must map at least one axis"),
+    "skip null reason": (default(skip=[{"when": {"top_k": 1}, "reason": None}]), "skip[0].reason: None must be"),
+    "skip number reason": (default(skip=[{"when": {"top_k": 1}, "reason": 3}]), "skip[0].reason: 3 must be"),
+    "skip unknown key": (
+        default(skip=[{"when": {"top_k": 1}, "reason": "x", "unless": 1}]),
+        "skip[0]: unknown key 'unless'",
+    ),
+    "skip wrong type": (default(skip=[{"when": {"top_k": "1"}, "reason": "x"}]), "skip[0].when.top_k: '1' is not"),
+    "skip everything": (
+        default(skip=[{"when": {"model": ["smollm2-135m"]}, "reason": "x"}]),
+        "the rules skip all 4 factorized combinations",
+    ),
+    **{
+        f"{field} too large": (default(**{field: 0x7FFFFFFF}), f"{field}: 2147483647 is above the limit")
+        for field in ("flops.seq_len", "train.seq_len", "train.batch_size", "latency.decode_tokens", "eval.limit")
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRUCTURE))
+def test_structure_level_mistakes_exit_2_naming_the_field(case, tmp_path, capsys):
+    data, message = STRUCTURE[case]
+    start = time.perf_counter()
+    assert sweep_main([str(write(tmp_path, data)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert time.perf_counter() - start < 10
+
+
+def test_a_negative_n_experts_in_include_is_invalid_not_skipped(tmp_path, capsys):
+    assert sweep_main([str(write(tmp_path, default(include=[{"n_experts": -1, "top_k": 1}]))), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "n_experts" in err and "skipped" not in err and "top_k > n_experts" not in err
+
+
+def test_a_null_section_is_an_empty_one(tmp_path):
+    """`flops:` with everything under it commented out is YAML null: the defaults, as if absent."""
+    data = default()
+    data.pop("flops", None)
+    with_null = default(flops=None)
+    assert {t.trial_id for t in load_grid(write(tmp_path, with_null, "a.yaml")).trials} == {
+        t.trial_id for t in load_grid(write(tmp_path, data, "b.yaml")).trials
+    }
+
+
+@pytest.mark.parametrize("field", ["train.corpus", "eval.heldout_text"])
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_special_files_are_not_read_as_text(field, special, tmp_path, capsys):
+    if special == "fifo":
+        special = str(tmp_path / "pipe.txt")
+        os.mkfifo(special)  # opening it would block until a writer came
+    start = time.perf_counter()
+    assert sweep_main([str(write(tmp_path, default(**{field: special}))), "--dry-run"]) == 2
+    assert "is not a regular file or folder" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+
+
+def test_a_binary_corpus_is_named_at_validation(tmp_path, capsys):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    assert sweep_main([str(write(tmp_path, default(**{"train.corpus": str(binary)}))), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{binary} is not UTF-8 text" in err
+
+
+def _nested(depth: int) -> str:
+    return "name: deep\naxes: " + "{a: " * depth + "1" + "}" * depth + "\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (_nested(5000), "nested more than 32 levels deep"),
+        ("name: deep\naxes:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(200)), "nested more than"),
+        ("x: [" + "[" * 10000 + "]" * 10000 + "]", "nested more than"),
+    ],
+    ids=["flow mappings", "block mappings", "flow lists"],
+)
+def test_deep_nesting_is_refused_while_parsing(text, message, tmp_path, capsys):
+    start = time.perf_counter()
+    assert sweep_main([str(write(tmp_path, text)), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - start < 5
+
+
+def test_a_huge_grid_is_refused_before_it_is_parsed(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: big\naxes: {model: [smollm2-135m], n_experts: [4], top_k: [1]}\n" + "# x\n" * 5_000_000)
+    start = time.perf_counter()
+    assert sweep_main([str(path), "--dry-run"]) == 2
+    assert "larger than 1 MB" in capsys.readouterr().err
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "folder", "binary", "missing"])
+def test_the_grid_file_itself_must_be_a_regular_text_file(target, tmp_path, capsys):
+    path = {"folder": tmp_path, "missing": tmp_path / "nope.yaml", "/dev/zero": Path("/dev/zero")}.get(target)
+    if target == "binary":
+        path = tmp_path / "g.yaml"
+        path.write_bytes(b"name: x\n\xff\xfe\x00")
+    assert sweep_main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) <= 3, err
+
+
+# Generators for the structure-level fuzz: each returns grid text or data from a seeded rng.
+def _deep(rng):
+    return _nested(rng.choice([31, 33, 200, 3000]))
+
+
+def _big(rng):
+    return yaml.safe_dump(default()) + "# padding\n" * rng.choice([10, 200_000])
+
+
+def _special(rng):
+    field = rng.choice(["train.corpus", "eval.heldout_text", "storage"])
+    return default(**{field: rng.choice(["/dev/zero", "/dev/null", "/dev/urandom", "/proc/self/mem", "/"])})
+
+
+def _control(rng):
+    field = rng.choice(PATH_FIELDS + ("name",))
+    char = chr(rng.choice([0, 1, 9, 10, 13, 27, 127]))
+    value = f"a{char}b"
+    return default(**{field: [value] if field == "axes.model" else value})
+
+
+def _falsy(rng):
+    return default(**{rng.choice(SECTIONS): rng.choice([0, False, "", [], None])})
+
+
+def _bad_include(rng):
+    axis = rng.choice(["n_experts", "top_k", "n_routers", "seed", "model", "nope"])
+    return default(include=[{axis: rng.choice([-1, 0, 10**6, "x", None, [1], {"a": 1}, 1.5, True])}])
+
+
+def _bad_skip(rng):
+    rule = {"when": rng.choice([{}, {"top_k": rng.choice([1, "1", [1, "x"], None, [], {"a": 1}])}, None, []])}
+    rule |= rng.choice([{"reason": rng.choice(["why", None, 3, "", []])}, {}, {"reason": "x", "extra": 1}])
+    return default(skip=rng.choice([[rule], rule, [rule, rule]]))
+
+
+def _huge_number(rng):
+    field = rng.choice(["flops.seq_len", "train.seq_len", "eval.heldout_tokens", "latency.prefill_len"])
+    return default(**{field: rng.choice([0x7FFFFFFF, 2**40, 10**12, -(2**31)])})
+
+
+GENERATORS = [_deep, _big, _special, _control, _falsy, _bad_include, _bad_skip, _huge_number]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_structure_fuzz_exits_0_or_2_within_a_time_bound(seed, tmp_path, capsys):
+    """4 x 16 seeded grids from the structure-level generators, one to three at once."""
+    rng = random.Random(1000 + seed)
+    for i in range(16):
+        made = [rng.choice(GENERATORS) for _ in range(rng.randint(1, 3))]
+        produced = [g(rng) for g in made]
+        data = next((p for p in produced if isinstance(p, str)), None)
+        if data is None:  # merge the data-level edits into one grid
+            data = default()
+            for p in produced:
+                data.update({k: v for k, v in p.items() if v != default().get(k)})
+        path = write(tmp_path, data, f"s{i}.yaml")
+        start = time.perf_counter()
+        try:
+            code = sweep_main([str(path), "--dry-run"])
+        except Exception as error:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{[g.__name__ for g in made]}: {type(error).__name__}: {error}")
+        captured = capsys.readouterr()
+        assert code in (0, 2), ([g.__name__ for g in made], code)
+        if code == 2:
+            assert captured.err.startswith("error: ")
+        assert time.perf_counter() - start < 10, [g.__name__ for g in made]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp
 
     resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    counts = re.findall(r"\[sweep (\d+)/4,", resumed.stdout + resumed.stderr)
+    assert counts and counts[-1] == "4", counts  # the count goes on from the restored trials, not from 1
     records = {p: json.loads(p.read_text()) for p in records_dir.glob("**/record.json")}
     assert len(records) == 4 and all(r["status"] == "completed" for r in records.values())
     for path, started in first.items():
