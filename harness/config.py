@@ -155,6 +155,16 @@ class TrainConfig:
     churn_points: how many times, evenly spaced over training, routing churn is
         measured (the share of probe tokens whose chosen expert set changed since
         the previous measurement; the early-instability signal); 0 = never.
+    report_every: optimizer steps between intermediate results (step, tokens, the loss
+        terms, lr, tokens/s, churn where measured), kept in the record's training series
+        and, in a sweep, reported to Ray Tune (its result files, TensorBoard, schedulers);
+        the last step is always reported. 0 = the last step only.
+    heldout_every: optimizer steps between held-out losses on the first
+        heldout_slice_tokens of the held-out text (eval.heldout_text), added to that
+        step's result (the metric an early-stopping scheduler reads); the last step always
+        has one. 0 = off. The slice's forward pass costs about a sixth of a training step.
+    report_every, heldout_every and heldout_slice_tokens change what is reported, not what
+    is trained: they are not part of the trial id.
     """
 
     data_budget_tokens: int = option(20_000, factor="budget")
@@ -162,7 +172,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 4e-5
+    lr: float = option(4e-5, factor=None)  # an axis; the label shows it when not this default
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
@@ -179,10 +189,14 @@ class TrainConfig:
     calibration_tokens: int = option(0, recipe=True, tag="cal={}", factor=None, added_later=True)
     checkpoint_every: int = 20
     churn_points: int = 20
+    report_every: int = 1
+    heldout_every: int = 5
+    heldout_slice_tokens: int = 512
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("data_budget_tokens", "calibration_tokens", "layerwise_steps", "checkpoint_every", "churn_points"):
+        for name in ("data_budget_tokens", "calibration_tokens", "layerwise_steps", "checkpoint_every", "churn_points",
+                     "report_every", "heldout_every"):  # fmt: skip
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 0")
         for name in ("batch_size", "grad_accum"):
@@ -190,6 +204,8 @@ class TrainConfig:
                 out.append(f"train.{name}: {getattr(self, name)} must be >= 1")
         if self.seq_len < 2:
             out.append(f"train.seq_len: {self.seq_len} must be >= 2")
+        if self.heldout_slice_tokens < 2:
+            out.append(f"train.heldout_slice_tokens: {self.heldout_slice_tokens} must be >= 2")
         for name in ("lr", "layerwise_lr"):
             if not getattr(self, name) > 0:
                 out.append(f"train.{name}: {getattr(self, name)} must be > 0")
@@ -367,9 +383,12 @@ class TrialConfig:
         """The label without the model: setting, router mode, partition, recipe, budget."""
         if self.factor is None:
             return "dense"
-        f = self.factor
+        f, lr = self.factor, self.train.lr
+        shown_lr = f"lr={lr:g}" if lr != TrainConfig.lr else ""
         return " ".join(
-            filter(None, [f.name, f.router_mode, f.partition, self.recipe, f"{self.train.data_budget_tokens}tok"])
+            filter(
+                None, [f.name, f.router_mode, f.partition, self.recipe, f"{self.train.data_budget_tokens}tok", shown_lr]
+            )
         )
 
     def _options(self) -> list[tuple[Declared, object]]:
@@ -402,7 +421,7 @@ class TrialConfig:
             return {}
         values = {d.factor_name: v for d, v in self._options() if d.factor_name}
         declared_train = {d.name for d in options() if d.path[0] == "train" and (d.factor_name or d.option.in_recipe)}
-        other = {k: v for k, v in asdict(self.train).items() if k not in declared_train}
+        other = {k: v for k, v in asdict(self.train).items() if k not in declared_train and k not in REPORTING_ONLY}
         return values | {"other training settings": json.dumps(other, sort_keys=True)}
 
     def describe(self) -> dict:
@@ -426,6 +445,8 @@ class TrialConfig:
         data = self.to_dict()
         data.pop("device")
         data.pop("keep_checkpoints")  # what is kept on disk, not what is measured
+        for name in REPORTING_ONLY:  # what is reported while training, not what is trained
+            data["train"].pop(name)
         if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
         if self.eval.benchmarks:
@@ -466,6 +487,8 @@ class TrialConfig:
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
         return cls.from_dict(data, source=str(path))
 
+
+REPORTING_ONLY = ("report_every", "heldout_every", "heldout_slice_tokens")  # train fields outside the trial id
 
 # The config classes whose fields declare options (factorllm_core/options.py), by section.
 OPTION_CLASSES = {"factor": FactorConfig, "train": TrainConfig, "latency": LatencyConfig}
@@ -675,6 +698,9 @@ SIZE_LIMITS = {
     "train.layerwise_steps": (10**6, "steps"),
     "train.checkpoint_every": (10**9, "steps"),
     "train.churn_points": (10_000, "measurements"),
+    "train.report_every": (10**9, "steps"),
+    "train.heldout_every": (10**9, "steps"),
+    "train.heldout_slice_tokens": (10**7, "tokens"),
     "eval.limit": (10**6, "rows per benchmark (the largest set, MMLU, has 14,042)"),
     "eval.num_fewshot": (64, "examples"),
     "eval.batch_size": (4096, "requests per batch"),

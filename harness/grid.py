@@ -69,6 +69,48 @@ class Failure:
         return [] if self.max_failures >= 0 else [f"failure.max_failures: {self.max_failures} must be >= 0"]
 
 
+SCHEDULERS = ("none", "asha")
+SCHEDULER_METRICS = ("heldout_loss", "lm")  # what every training result carries (harness/train.py)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """Early stopping by Ray Tune (`scheduler:` in the grid; default none: every trial runs its
+    whole budget). asha: asynchronous successive halving on `metric` (heldout_loss: the
+    held-out slice's loss, reported every train.heldout_every steps; or lm, the training
+    loss) against tokens seen: a trial is stopped at a rung (grace_tokens x
+    reduction_factor^k, below max_tokens) unless it is in the best 1/reduction_factor of the
+    trials that reached that rung; a trial past the last rung trains to its budget. A
+    stopped trial gets a record with status `stopped`, its last reported metrics and the
+    tokens it used."""
+
+    type: str = "none"
+    metric: str = "heldout_loss"
+    mode: str = "min"
+    grace_tokens: int = 4096
+    reduction_factor: int = 2
+    max_tokens: int = 10**9
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.type not in SCHEDULERS:
+            out.append(f"scheduler.type: {short(self.type)} must be one of {', '.join(SCHEDULERS)}")
+        if self.metric not in SCHEDULER_METRICS:
+            out.append(f"scheduler.metric: {short(self.metric)} must be one of {', '.join(SCHEDULER_METRICS)}")
+        if self.mode not in ("min", "max"):
+            out.append(f"scheduler.mode: {short(self.mode)} must be min or max")
+        if not 1 <= self.grace_tokens <= 10**11:
+            out.append(f"scheduler.grace_tokens: {self.grace_tokens} must be in [1, 10**11]")
+        if not 2 <= self.reduction_factor <= 100:
+            out.append(f"scheduler.reduction_factor: {self.reduction_factor} must be in [2, 100]")
+        if not self.grace_tokens <= self.max_tokens <= 10**12:
+            out.append(f"scheduler.max_tokens: {self.max_tokens} must be in [grace_tokens={self.grace_tokens}, 10**12]")
+        return out
+
+
+TRACKERS = ("tensorboard", "mlflow")
+
+
 @dataclass(frozen=True)
 class Skipped:
     label: str
@@ -84,6 +126,8 @@ class Sweep:
     resources: Resources = field(default_factory=Resources)
     failure: Failure = field(default_factory=Failure)
     source: str = ""
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    tracking: tuple[str, ...] = ("tensorboard",)
 
     def with_precision(self, on_gpu: bool) -> Sweep:
         """Every trial's `precision: auto` fixed for where it runs (GPU workers: bf16, CPU:
@@ -116,6 +160,8 @@ TOP_KEYS = (
     "precision",
     "dispatch",
     "keep_checkpoints",
+    "scheduler",
+    "tracking",
 )
 
 
@@ -139,7 +185,9 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         for k in sorted(set(data) - set(TOP_KEYS), key=str)
     ]
     # a section is a mapping or absent (null: empty); 0, false, "" or [] are mistakes, not "defaults"
-    bad_sections = [s for s in (*SECTIONS, "factor", "resources", "failure") if not _mapping_or_none(data.get(s))]
+    bad_sections = [
+        s for s in (*SECTIONS, "factor", "resources", "failure", "scheduler") if not _mapping_or_none(data.get(s))
+    ]
     sections_ok = not bad_sections
     problems += [f"{s}: {short(data[s])} must be a mapping (or left out)" for s in bad_sections]
     name, storage, naming_problems = _name_and_storage(data, source)
@@ -152,7 +200,9 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
     problems += include_problems
     resources, p1 = _section(Resources, data.get("resources"), "resources")
     failure, p2 = _section(Failure, data.get("failure"), "failure")
-    problems += p1 + p2
+    scheduler, p3 = _section(Scheduler, data.get("scheduler"), "scheduler")
+    tracking, p4 = _tracking(data.get("tracking", ["tensorboard"]))
+    problems += p1 + p2 + p3 + p4
     complete = all(k in axes for k in REQUIRED_AXES) and axes_usable and not include_problems and sections_ok
     candidates, skipped, expand_problems = _candidates(data, axes) if complete else ([], [], [])
     problems += expand_problems
@@ -170,12 +220,37 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         value = (data.get(section) or {}).get(key, default) if sections_ok else default
         if isinstance(value, str) and not path_text_problem("", value):  # else reported by the section's check
             problems += _check_corpus(value, f"{section}.{key}")
+    if scheduler is not None and scheduler.type != "none" and scheduler.metric == "heldout_loss":
+        if any(t.train.heldout_every == 0 for t in trials if not t.is_dense):
+            problems.append(
+                "scheduler.metric: heldout_loss needs train.heldout_every > 0 (the held-out loss is what the "
+                "scheduler compares); set it, or use metric: lm"
+            )
     problems = list(dict.fromkeys(problems))  # the same problem in many trials: say it once
     if problems:
         raise ConfigError(problems, source)
     unique = list({t.trial_id: t for t in trials}.values())
     unique.sort(key=lambda t: not t.is_dense)
-    return Sweep(name, storage, unique, skipped, resources, failure, source)
+    return Sweep(name, storage, unique, skipped, resources, failure, source, scheduler, tracking)
+
+
+def _tracking(raw) -> tuple[tuple[str, ...], list[str]]:
+    """`tracking`: a tracker or a list of them (tensorboard, the default; mlflow through Ray's
+    MLflow callback, which needs the mlflow package and MLFLOW_TRACKING_URI)."""
+    values = raw if isinstance(raw, list) else [raw]
+    bad = [v for v in values if v not in TRACKERS]
+    if bad:
+        return (), [f"tracking: {short(bad[0])} is not a tracker; allowed: {', '.join(TRACKERS)} (or a list)"]
+    problems = []
+    if "mlflow" in values:
+        import importlib.util
+        import os
+
+        if importlib.util.find_spec("mlflow") is None:
+            problems.append("tracking: mlflow needs the mlflow package (pip install mlflow)")
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            problems.append("tracking: mlflow needs MLFLOW_TRACKING_URI (e.g. file:///path/to/mlruns or a server URL)")
+    return tuple(dict.fromkeys(values)), problems
 
 
 # A sweep's name becomes a folder under storage: a plain name, never a path, and not
@@ -423,8 +498,8 @@ def _check_corpus(corpus, field: str) -> list[str]:
 def trial_table(sweep: Sweep) -> str:
     """The expanded trials and the skipped combinations, as a markdown table (for --dry-run)."""
     lines = [
-        "| # | trial_id | model | setting | active FFN | router_mode | partition | recipe | budget | seed |",
-        "|---:|---|---|---|---:|---|---|---|---:|---:|",
+        "| # | trial_id | model | setting | active FFN | router_mode | partition | recipe | budget | lr | seed |",
+        "|---:|---|---|---|---:|---|---|---|---:|---:|---:|",
     ]
     for i, t in enumerate(sweep.trials, 1):
         f = t.factor
@@ -433,7 +508,8 @@ def trial_table(sweep: Sweep) -> str:
             f"{'100%' if f is None else f'{f.active_fraction:.1%}'} | "
             f"{'-' if f is None else f.router_mode} | {'-' if f is None else f.partition} | "
             f"{'-' if f is None else t.recipe or 'paper'} | "
-            f"{'-' if f is None else t.train.data_budget_tokens} | {t.seed} |"
+            f"{'-' if f is None else t.train.data_budget_tokens} | "
+            f"{'-' if f is None else f'{t.train.lr:g}'} | {t.seed} |"
         )
     if sweep.skipped:
         lines += ["", f"skipped {len(sweep.skipped)} combination(s):"]

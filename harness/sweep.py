@@ -18,7 +18,9 @@ import argparse
 import errno
 import fcntl
 import hashlib
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,13 +29,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from harness.assets.cache import DISK_FULL_BYTES
 from harness.assets.models import model_fingerprint
 from harness.config import ConfigError, TrialConfig
-from harness.grid import Resources, Sweep, load_grid, trial_table
+from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
 from harness.logs import FORMAT, setup_console
+from harness.train import TRAIN_STATE
 from reports.record import RECORD_FILE, new_record, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
@@ -53,21 +57,47 @@ def record_path(config: TrialConfig, storage: Path, name: str) -> Path:
 
 
 def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int) -> None:
-    """Runs inside a Ray worker: one trial, then one report to Tune."""
+    """Runs inside a Ray worker: one trial. Each intermediate training result goes to Tune as
+    it comes (`tune.report`), with the training checkpoint when one was written, so Tune's
+    result files, TensorBoard and schedulers see the trial while it runs; then one final
+    report with the record's numbers. A trial restarted by Ray (a retry, --resume, another
+    node) resumes from its own checkpoint folder, or from Tune's copy when that folder is
+    gone (`tune.get_checkpoint()`)."""
     import ray
     import torch
     from ray import tune
 
     from harness.assets.models import use_offline_mode_if_hub_unreachable
-    from harness.trial import run_trial
+    from harness.trial import CHECKPOINT_DIR, run_trial
 
     torch.set_num_threads(cpus)
     use_offline_mode_if_hub_unreachable()
     config = TrialConfig.from_dict(tune_config["params"]["config"])
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
     setup_console()  # in the worker: its stdout is what Ray forwards to the driver's console
-    record = run_trial(config, trial_dir(config, Path(storage), name), cache_dir=cache_dir, where=where)
-    tune.report(tune_metrics(record))
+    out_dir = trial_dir(config, Path(storage), name)
+    restore_checkpoint(tune.get_checkpoint(), out_dir / config.trial_id / CHECKPOINT_DIR)
+    last: dict = {}
+
+    def report(point: dict, checkpoint: Path | None) -> None:
+        last.update(point)
+        saved = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        tune.report(dict(point), checkpoint=saved)
+
+    record = run_trial(config, out_dir, cache_dir=cache_dir, where=where, on_report=report)
+    tune.report(tune_metrics(record) | {k: last[k] for k in ("tokens", "heldout_loss", "lm") if k in last})
+
+
+def restore_checkpoint(checkpoint, local: Path) -> None:
+    """Tune's copy of a trial's training checkpoint into the trial's own folder, when that
+    folder has none (a trial moved to another node, or its folder was lost)."""
+    if checkpoint is None or (local / TRAIN_STATE).exists():
+        return
+    with checkpoint.as_directory() as folder:
+        if (Path(folder) / TRAIN_STATE).exists():
+            local.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder) / TRAIN_STATE, local / TRAIN_STATE)
+            log.info("restored the training checkpoint from Tune's copy into %s", local)
 
 
 def tune_metrics(record: dict) -> dict:
@@ -82,6 +112,8 @@ def tune_metrics(record: dict) -> dict:
         out["ffn_gflops"] = record["flops"]["ffn_gflops_per_token"]
     if record.get("speedup"):
         out["prefill_speedup"] = record["speedup"]["prefill"]
+    if record.get("heldout"):
+        out["heldout_loss_full"] = record["heldout"]["loss"]
     return out
 
 
@@ -121,15 +153,53 @@ class TrialErrorsToTrialLog(logging.Filter):
         return False
 
 
-def progress_callback(total: int, max_failures: int = 0):
-    """A Tune callback printing one line per finished trial (Ray is imported lazily)."""
+def make_scheduler(config):
+    """Ray Tune's scheduler for the grid's `scheduler` section (None: FIFO, every trial whole)."""
+    if config.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="tokens",
+        metric=config.metric,
+        mode=config.mode,
+        grace_period=config.grace_tokens,
+        reduction_factor=config.reduction_factor,
+        max_t=config.max_tokens,
+        stop_last_trials=False,  # a trial that trains to max_tokens finishes (evaluation and record)
+    )
+
+
+def loggers(tracking: tuple[str, ...], name: str) -> list:
+    """Tune's result files (result.json, progress.csv) always; TensorBoard event files and
+    MLflow runs as `tracking` asks."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    out = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if "tensorboard" in tracking:
+        from ray.tune.logger import TBXLoggerCallback
+
+        out.append(TBXLoggerCallback())
+    if "mlflow" in tracking:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], experiment_name=name))
+    return out
+
+
+def progress_callback(total: int, max_failures: int = 0, sweep: Sweep | None = None, storage: Path | None = None):
+    """A Tune callback printing one line per finished trial, and writing the record of a
+    trial a scheduler stopped (its worker never gets to). Ray is imported lazily."""
     from ray.tune import Callback
 
     class Progress(Callback):
         def __init__(self):
             self.done, self.start = 0, time.perf_counter()
+            self.configs = {t.trial_id: t for t in (sweep.trials if sweep else [])}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "status" not in result:
+                return  # an intermediate training result: shown by TensorBoard, not here
             # counted from the trials' states, so a restored sweep (--resume) goes on counting
             # from the trials it had finished; this one is still RUNNING here
             self.done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
@@ -146,6 +216,34 @@ def progress_callback(total: int, max_failures: int = 0):
                 result.get("status"),
                 numbers,
                 error,
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            config = self.configs.get(trial.config["params"]["id"])
+            if config is None or storage is None:
+                return  # not a sweep's trial (a test's callback)
+            if not config.keep_checkpoints:  # Tune's copies of the training state, like the trial's own
+                for copy in (storage / sweep.name / config.trial_id).glob("checkpoint_*"):
+                    shutil.rmtree(copy, ignore_errors=True)
+            if "status" in last:
+                return  # the worker reported its record
+            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+            record = stopped_record(config, last, _results_file(trial))
+            write_record(record_path(config, storage, sweep.name), record)
+            if not config.keep_checkpoints:
+                from harness.trial import CHECKPOINT_DIR
+
+                shutil.rmtree(record_path(config, storage, sweep.name).parent / CHECKPOINT_DIR, ignore_errors=True)
+            log.info(
+                "[sweep %d/%d, %.0f s] %s: stopped by the scheduler at %s tokens (%s %.4f)",
+                self.done,
+                total,
+                time.perf_counter() - self.start,
+                config.trial_id,
+                last.get("tokens"),
+                sweep.scheduler.metric,
+                last.get(sweep.scheduler.metric, math.nan),
             )
 
         def on_trial_recover(self, iteration, trials, trial, **info):
@@ -168,6 +266,36 @@ def progress_callback(total: int, max_failures: int = 0):
     return Progress()
 
 
+def _results_file(trial) -> Path | None:
+    """Tune's result.json of a trial (one JSON result per line), where its logger wrote it."""
+    path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+    return Path(path) / "result.json" if path else None
+
+
+SERIES_KEYS = ("step", "tokens", "lm", "pa", "balance", "kd", "lr", "tokens_per_s", "churn", "heldout_loss")
+
+
+def stopped_record(config: TrialConfig, last: dict, results: Path | None) -> dict:
+    """The record of a trial a scheduler stopped: status `stopped`, the last metrics it
+    reported, the tokens it trained on, and its training series from Tune's result file."""
+    series = []
+    if results is not None and results.exists():
+        for line in results.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue  # a line being written when the trial stopped
+            if "status" not in result:
+                series.append({k: result[k] for k in SERIES_KEYS if k in result})
+    last_point = {k: last[k] for k in SERIES_KEYS if k in last}
+    return new_record(
+        config.describe(),
+        status="stopped",
+        stopped={"by": "scheduler", "last": last_point, "tokens": last.get("tokens", 0)},
+        training={"tokens": last.get("tokens", 0), "steps": last.get("step", 0), "series": series},
+    )
+
+
 def quiet_ray() -> None:
     """Keep Ray's own noise out of the user's way."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -175,7 +303,10 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the loggers are chosen in `loggers`
+    # intermediate results carry the held-out loss only every train.heldout_every steps: a
+    # scheduler acts on the results that have its metric (ASHA waits for the next one)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # workers keep the driver's working directory (lm-eval asks git there for its hash)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
@@ -289,11 +420,13 @@ def run_sweep(
     if resume and tune.Tuner.can_restore(str(experiment)):
         tuner = restore_tuner(tune, experiment, trainable)
     else:
-        params = [{"id": t.trial_id, "config": t.to_dict()} for t in sweep.trials]
+        # the label too: TensorBoard's hyperparameter view shows it beside each run (named by its id)
+        params = [{"id": t.trial_id, "label": t.label, "config": t.to_dict()} for t in sweep.trials]
         tuner = tune.Tuner(
             trainable,
             param_space={"params": tune.grid_search(params)},
             tune_config=tune.TuneConfig(
+                scheduler=make_scheduler(sweep.scheduler),
                 max_concurrent_trials=sweep.resources.max_concurrent_trials or None,
                 reuse_actors=True,  # keeps imports and the lm-eval task index warm
                 trial_name_creator=lambda t: t.config["params"]["id"],
@@ -304,7 +437,11 @@ def run_sweep(
                 storage_path=str(storage),
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
-                callbacks=[progress_callback(len(sweep.trials), sweep.failure.max_failures)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest training state
+                callbacks=[
+                    progress_callback(len(sweep.trials), sweep.failure.max_failures, sweep, storage),
+                    *loggers(sweep.tracking, sweep.name),
+                ],
             ),
         )
     moved = TrialErrorsToTrialLog({t.trial_id: record_path(t, storage, sweep.name).parent for t in sweep.trials})
@@ -369,6 +506,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--storage", default=None, help="override the grid's storage path")
     parser.add_argument("--cache-dir", default=None, help="model/corpus cache (default $FACTORLLM_CACHE)")
+    parser.add_argument(
+        "--no-scheduler",
+        action="store_true",
+        help="run every trial to its budget, ignoring the grid's scheduler, as the sweep <name>-full (to "
+        "compare early stopping against the full grid)",
+    )
     args = parser.parse_args(argv)
     setup_console()
     try:
@@ -376,6 +519,8 @@ def main(argv=None) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
+    if args.no_scheduler:
+        sweep = replace(sweep, name=f"{sweep.name}-full", scheduler=Scheduler())
     sweep = sweep.with_precision(on_gpu=_expect_gpu(sweep))
     log.info(trial_table(sweep))
     if args.dry_run:
@@ -418,7 +563,8 @@ def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path
     from reports.build import build_sweep_report, write_manifest
 
     unfinished = [tid for tid, r in records.items() if r is None]
-    failed = [tid for tid, r in records.items() if r and r["status"] != "completed"]
+    failed = [tid for tid, r in records.items() if r and r["status"] not in ("completed", "stopped")]
+    stopped = [tid for tid, r in records.items() if r and r["status"] == "stopped"]
     sweep_dir = storage / sweep.name
     write_manifest(
         sweep_dir,
@@ -429,9 +575,10 @@ def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path
     )
     report = build_sweep_report(sweep_dir)
     log.info(
-        "sweep %s: %d completed, %d failed, %d unfinished in %.1f min",
+        "sweep %s: %d completed, %d stopped early, %d failed, %d unfinished in %.1f min",
         sweep.name,
-        len(records) - len(unfinished) - len(failed),
+        len(records) - len(unfinished) - len(failed) - len(stopped),
+        len(stopped),
         len(failed),
         len(unfinished),
         seconds / 60,

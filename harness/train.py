@@ -31,6 +31,7 @@ from harness.measure.analysis import ChurnMonitor
 from reports.record import write_atomic
 
 log = logging.getLogger(__name__)
+TRAIN_STATE = "train_state.pt"  # the resumable training state, in a trial's checkpoint folder
 
 
 class NonFiniteLoss(RuntimeError):
@@ -49,6 +50,9 @@ class TrainSummary:
     resumed_from_step: int = 0
     trainable_params: int = 0
     churn: dict | None = None  # {"every": steps, "series": [[step, churn], ...]} (see ChurnMonitor)
+    series: list = field(default_factory=list)  # the intermediate results (see `train`'s on_report)
+    total_steps: int = 0
+    heldout_seconds: float = 0.0  # spent on the held-out slice (part of `seconds`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,24 +108,31 @@ def train(
     churn: ChurnMonitor | None = None,
     bf16: bool | None = None,
     teacher: torch.nn.Module | None = None,
+    heldout: Callable[[], float] | None = None,
+    on_report: Callable[[dict, Path | None], None] | None = None,
 ) -> TrainSummary:
     """Train in place. Resumes from `checkpoint_dir/train_state.pt` when present.
     Progress: a log line about every 10% of the budget. `churn`, if given, measures routing churn after
     its steps (its state is checkpointed with the rest). `bf16`: autocast to bf16
     (default: on CUDA only). `teacher` (lambda_kd > 0): the dense model to distil from,
     by default `dense_teacher(model)` as it is now; pass one built earlier when the
-    experts have changed since factorization (the layer-wise stage)."""
+    experts have changed since factorization (the layer-wise stage).
+    Intermediate results: every `config.report_every` steps and at the last, a point
+    {step, tokens, lm, pa, balance, kd, lr, tokens_per_s, churn where measured at that step,
+    heldout_loss every `config.heldout_every` steps and at the last, from `heldout()`} is
+    appended to the summary's series and passed to `on_report(point, checkpoint folder if
+    one was written at that step)`."""
     bf16 = device.startswith("cuda") if bf16 is None else bf16
     # built before a resume loads trained weights into `model`
     teacher = (teacher or dense_teacher(model)) if config.lambda_kd else None
     summary = TrainSummary(trainable_params=mark_trainable(model))
-    total_steps = math.ceil(len(batches) / config.grad_accum)
+    total_steps = summary.total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio)
     )
-    state_path = checkpoint_dir / "train_state.pt" if checkpoint_dir else None
+    state_path = checkpoint_dir / TRAIN_STATE if checkpoint_dir else None
     if state_path and state_path.exists():
         _load_state(model, optimizer, scheduler, summary, state_path, churn)
     if churn is not None:
@@ -152,15 +163,21 @@ def train(
                 _fmt(terms["kd"]),
                 rate,
             )
+        last = step + 1 == total_steps
         if churn is not None:
-            churn.after_step(step + 1, last=step + 1 == total_steps)
-        if (
-            state_path
-            and config.checkpoint_every
-            and (step + 1) % config.checkpoint_every == 0
-            and step + 1 < total_steps
-        ):
+            churn.after_step(step + 1, last=last)
+        save = bool(state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and not last)
+        point = _point(summary, terms, scheduler, rate, churn, config, last or save)
+        if point is not None:
+            if point.pop("heldout_due") and heldout is not None:
+                clock = time.perf_counter()
+                point["heldout_loss"] = _heldout_loss(model, heldout)
+                summary.heldout_seconds += time.perf_counter() - clock
+            summary.series.append(point)
+        if save:  # after the point, so that a resume keeps it in the series
             _save_state(model, optimizer, scheduler, summary, state_path, churn)
+        if on_report and point is not None:
+            on_report(point, state_path.parent if save else None)
         if on_step:
             on_step(step + 1)
     model.eval()
@@ -169,6 +186,44 @@ def train(
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else None
     return summary
+
+
+def _point(summary: TrainSummary, terms: dict, scheduler, rate: float, churn, config: TrainConfig, force: bool):
+    """This step's intermediate result, or None when none is due (`force`: the last step, or
+    a checkpoint is written). Its `heldout_due` says whether the held-out loss is due; the
+    caller measures it (the last step always has one)."""
+    step, last = summary.steps, summary.steps == summary.total_steps
+    due = force or (config.report_every and step % config.report_every == 0)
+    heldout_due = bool(config.heldout_every) and (last or step % config.heldout_every == 0)
+    if not (due or heldout_due):
+        return None
+    point = {
+        "step": step,
+        "tokens": summary.tokens,
+        **{k: terms[k] for k in ("lm", "pa", "balance", "kd") if terms.get(k) is not None},
+        "lr": scheduler.get_last_lr()[0],
+        "tokens_per_s": rate,
+    }
+    if churn is not None and churn.series and churn.series[-1][0] == step:
+        point["churn"] = churn.series[-1][1]
+    point["heldout_due"] = heldout_due
+    return point
+
+
+def _heldout_loss(model, heldout: Callable[[], float]) -> float:
+    """`heldout()` in eval mode, in the weights' own dtype (fp32: a 512-token forward pass,
+    no autocast), leaving the model in training mode and the routers' random streams where
+    they were (random routing draws in every forward pass: an evaluation must not change what
+    training draws next)."""
+    layers = factorized_layers(model)
+    rng = [layer.router.rng_state() for _, layer in layers]
+    try:
+        with torch.no_grad():
+            return float(heldout())
+    finally:
+        for (_, layer), state in zip(layers, rng):
+            layer.router.set_rng_state(state)
+        model.train()
 
 
 def dense_teacher(model) -> torch.nn.Module:

@@ -79,13 +79,16 @@ class Trial:
         on_train_step: Callable[[int], None] | None = None,
         where: dict | None = None,
         console_loggers: tuple[str, ...] = ("harness.trial",),
+        on_report: Callable[[dict, Path | None], None] | None = None,
     ):
         """`where`: facts about the place it runs that the record should carry (a Ray
         worker adds its node id and IP). `console_loggers`: whose progress shows on the
-        console while the trial runs (everything goes to <trial dir>/trial.log)."""
+        console while the trial runs (everything goes to <trial dir>/trial.log).
+        `on_report`: each intermediate training result and the checkpoint folder written
+        with it, if any (harness/train.py; a Ray worker reports them to Tune)."""
         self.config, self.cache_dir = config, cache_dir
         self.dir = Path(out_dir) / config.trial_id
-        self.on_train_step, self.console_loggers = on_train_step, console_loggers
+        self.on_train_step, self.console_loggers, self.on_report = on_train_step, console_loggers, on_report
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.record = new_record(config.describe(), environment=environment(self.device) | (where or {}))
@@ -302,6 +305,8 @@ class Trial:
             churn=self._churn_monitor(math.ceil(len(batches) / cfg.grad_accum)),
             bf16=self.precision == "bf16",
             teacher=teacher,
+            heldout=self._heldout_slice_loss if cfg.heldout_every else None,
+            on_report=self.on_report,
         )
         if summary.tokens != train_tokens:
             raise TrialFailed(
@@ -309,6 +314,12 @@ class Trial:
                 f"{cfg.calibration_tokens} calibration tokens = {train_tokens}"
             )
         self.record["training"] = summary.to_dict()
+
+    def _heldout_slice_loss(self) -> float:
+        """Mean next-token loss on the held-out text's first train.heldout_slice_tokens (whole
+        sequences of eval.heldout_seq_len, at least one): the same fixed slice every time."""
+        rows = max(1, self.config.train.heldout_slice_tokens // self.heldout.shape[1])
+        return heldout_measures(self.model, self.heldout[:rows], self.device)["loss"]
 
     def _save_model(self) -> None:
         """The trained factorized layers (fp32, before evaluation may cast the model) and

@@ -28,9 +28,11 @@ from .tables import (
     THRESHOLDS,
     completed,
     data_efficiency,
+    early_stopping,
     eval_key,
     failed_trials,
     failure_flags,
+    last_heldout_slice_loss,
     pair_differences,
     pareto_front,
     recipe_comparison,
@@ -251,12 +253,48 @@ def build_report(
         frame["pareto"] = pareto_front(frame)
         frame.drop(columns=["eval_key", "tasks"]).to_csv(out_dir / "trials.csv", index=False)
         sections += _body(frame, records, out_dir)
+    sections += _early_stopping(records)
+    if plots.heldout_curves(records, out_dir / "heldout_during_training.png"):
+        sections += [
+            "## Held-out loss during training",
+            "",
+            "Loss on the held-out slice (train.heldout_slice_tokens of eval.heldout_text) against training "
+            "tokens; dashed: stopped early by the scheduler.",
+            "",
+            "![heldout_during_training.png](heldout_during_training.png)",
+            "",
+        ]
     sections += ["## Failed and missing trials", "", _markdown(failed_trials(records, expected)), ""]
     if skipped:
         sections += ["## Skipped combinations", ""] + [f"- {s['label']}: {s['reason']}" for s in skipped] + [""]
     path = out_dir / "report.md"
     write_text_atomic(path, "\n".join(sections))
     return path
+
+
+def _early_stopping(records: list[dict]) -> list[str]:
+    found = early_stopping(records)
+    if found is None:
+        return []
+    table, summary = found
+    best = summary["best"]
+    ranked = (
+        f"Best completed trial by the full held-out loss: {best['trial_id']} ({best['label']}), "
+        f"{best['heldout']['loss']:.4f} (its last held-out slice loss {last_heldout_slice_loss(best):.4f})."
+        if best
+        else "No factorized trial completed."
+    )
+    return [
+        "## Stopped early",
+        "",
+        f"The scheduler stopped {summary['stopped']} trial(s). Training tokens spent by the factorized trials: "
+        f"{summary['spent']:,} of the {summary['full']:,} the full grid would spend "
+        f"({summary['spent'] / max(1, summary['full']):.0%}). {ranked} Stopped trials are never paired with "
+        "completed ones nor counted as failed: their numbers are from a shorter training.",
+        "",
+        _markdown(table),
+        "",
+    ]
 
 
 def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:

@@ -109,6 +109,25 @@ def churn(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def heldout_curves(records: list[dict], path: Path) -> Path | None:
+    """Held-out slice loss against training tokens, one line per trial that measured it;
+    trials a scheduler stopped are dashed."""
+    curves = []
+    for r in records:
+        points = [p for p in (r.get("training") or {}).get("series") or [] if p.get("heldout_loss") is not None]
+        if points and r.get("status") in ("completed", "stopped"):
+            curves.append((r["label"], r["status"] == "stopped", points))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, stopped, points in curves:
+        ax.plot([p["tokens"] for p in points], [p["heldout_loss"] for p in points], "x--" if stopped else "o-",
+                ms=3, label=label + (" (stopped)" if stopped else ""))  # fmt: skip
+    ax.set(xlabel="training tokens", ylabel="held-out slice loss (nats)", title="Held-out loss during training")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
 def expert_load_heatmap(record: dict, path: Path) -> Path | None:
     layers = (record.get("routing") or {}).get("layers") or []
     if not layers:

@@ -38,7 +38,7 @@ REQUIRED = (
     "config",
     "stage_seconds",
 )
-STATUSES = ("running", "completed", "failed")
+STATUSES = ("running", "completed", "failed", "stopped")  # stopped: by an early-stopping scheduler
 METRIC_FIELDS = ("metric", "value", "n")  # what a report reads of every benchmark result
 
 

@@ -456,7 +456,7 @@ def failed_trials(records: list[dict], expected: list[dict] | None = None) -> pd
     rows = [
         {"trial_id": r["trial_id"], "label": r["label"], "status": r["status"], "reason": r.get("error") or ""}
         for r in records
-        if r.get("status") != "completed"
+        if r.get("status") not in ("completed", "stopped")  # stopped trials have their own table
     ]
     seen = {r["trial_id"] for r in records}
     for trial in expected or []:  # TrialConfig.describe() of every trial the sweep expected
@@ -470,3 +470,40 @@ def failed_trials(records: list[dict], expected: list[dict] | None = None) -> pd
                 }
             )
     return pd.DataFrame(rows, columns=["trial_id", "label", "status", "reason"])
+
+
+def last_heldout_slice_loss(record: dict) -> float:
+    """The last held-out slice loss of a trial's training series (what a scheduler compared)."""
+    points = [p for p in (record.get("training") or {}).get("series") or [] if p.get("heldout_loss") is not None]
+    return points[-1]["heldout_loss"] if points else math.nan
+
+
+def early_stopping(records: list[dict]) -> tuple[pd.DataFrame, dict] | None:
+    """Trials stopped early by a scheduler, and what the sweep spent: training tokens of the
+    factorized trials (a stopped trial's tokens, a completed one's) against what the full
+    grid would have spent (every one of them to its budget). None when nothing was stopped."""
+    stopped = [r for r in records if r.get("status") == "stopped"]
+    if not stopped:
+        return None
+    rows = [
+        {
+            "trial_id": r["trial_id"],
+            "label": r["label"],
+            "tokens used": r["stopped"]["tokens"],
+            "budget": r["config"]["train"]["data_budget_tokens"],
+            "last held-out slice loss": r["stopped"]["last"].get("heldout_loss", math.nan),
+        }
+        for r in stopped
+    ]
+    factorized = [r for r in records if r["config"].get("factor") and r.get("status") in ("completed", "stopped")]
+    spent = sum(
+        r["stopped"]["tokens"] if r["status"] == "stopped" else (r.get("training") or {}).get("tokens", 0)
+        for r in factorized
+    )
+    full = sum(
+        r["config"]["train"]["data_budget_tokens"] - r["config"]["train"]["calibration_tokens"] for r in factorized
+    )
+    done = [r for r in factorized if r["status"] == "completed" and r.get("heldout")]
+    best = min(done, key=lambda r: r["heldout"]["loss"]) if done else None
+    summary = {"spent": spent, "full": full, "stopped": len(stopped), "best": best}
+    return pd.DataFrame(rows), summary

@@ -226,5 +226,6 @@ def test_the_progress_counter_goes_on_after_resume(capsys):
     progress = sweep_module.progress_callback(total=4)
     done = [SimpleNamespace(status="TERMINATED") for _ in range(2)]
     running = SimpleNamespace(status="RUNNING")
-    progress.on_trial_result(0, [*done, running, SimpleNamespace(status="PENDING")], running, {"trial": "t3"})
+    trials = [*done, running, SimpleNamespace(status="PENDING")]
+    progress.on_trial_result(0, trials, running, {"trial": "t3", "status": "completed"})
     assert "[sweep 3/4," in capsys.readouterr().out

@@ -416,8 +416,8 @@ def test_recipes_are_compared_with_the_paper_recipe_at_equal_width_and_budget(re
     report = build_report(records + [best], tmp_path).read_text()
     assert "## Conversion recipes against the paper's" in report
     assert re.search(
-        r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok +\| "
-        r"1R4E2K par contiguous 20000tok +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]",
+        r"\| 50\.0 +\| 1R3E1K1S par coact unscaled init=fit min_recon cal=4096 20000tok lr=0\.001 +\| "
+        r"1R4E2K par contiguous 20000tok lr=0\.001 +\| -0\.\d{3} \[-0\.\d{3}, -0\.\d{3}\]",
         report,
     )
     assert "| 1R3E1K1S | 50.0 | par | coact | unscaled init=fit min_recon cal=4096 | 20000 (4096) |" in report
