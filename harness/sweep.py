@@ -38,7 +38,7 @@ from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
 from harness.logs import FORMAT, setup_console
 from harness.train import TRAIN_STATE
-from reports.record import RECORD_FILE, new_record, read_record, write_record
+from reports.record import RECORD_FILE, new_record, output_problem, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -514,6 +514,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     setup_console()
+    if args.storage and (why := output_problem(args.storage, folder=True)):
+        log.error("--storage %s", why)
+        return 2
     try:
         sweep = load_grid(args.grid)
     except ConfigError as error:

@@ -310,11 +310,9 @@ def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
             "",
             HOW_TO_READ,
             "",
-            f"### Per benchmark: {model}",
-            "",
-            benchmark_table(frame, model, tasks),
-            "",
         ]
+        if any(r.get("metrics") for r in completed(records)):  # none when eval.benchmarks is false
+            lines += [f"### Per benchmark: {model}", "", benchmark_table(frame, model, tasks), ""]
     recipes = recipe_comparison(records)
     if not recipes.empty:
         lines += [
@@ -395,10 +393,12 @@ def _setup_note(records: list[dict]) -> str:
         if "heldout_text" in ev
         else "no held-out text"
     )
-    return (
-        f"Setup: lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}; {heldout}; "
-        f"training budgets {budgets} tokens; devices {devices}."
+    scoring = (
+        f"lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}"
+        if ev.get("benchmarks", True)
+        else "benchmarks off (eval.benchmarks: false)"
     )
+    return f"Setup: {scoring}; {heldout}; training budgets {budgets} tokens; devices {devices}."
 
 
 def _plots(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:

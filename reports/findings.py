@@ -35,6 +35,12 @@ def _variant_name(row) -> str:
 
 def dense_sentence(dense, n_tasks: int) -> str:
     at_chance = [b for b in dense["dense_at_chance"].split(",") if b]
+    if math.isnan(estimate(dense, "average").value) and len(at_chance) == n_tasks:  # no benchmark results
+        return (
+            f"The dense {dense['model']} has no benchmark results here (eval.benchmarks: false) and reaches "
+            f"held-out LM loss {show(estimate(dense, 'heldout_loss'), 3)} nats: the held-out loss and KL are the "
+            "measures to read."
+        )
     text = (
         f"The dense {dense['model']} averages {show(estimate(dense, 'average'), 3)} over {n_tasks} "
         f"benchmarks and reaches held-out LM loss {show(estimate(dense, 'heldout_loss'), 3)} nats."

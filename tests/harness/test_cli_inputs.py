@@ -153,3 +153,9 @@ def test_harness_export_checks_out_first(where, message, places, no_loading, cap
 def test_harness_sweep_refuses_a_grid_that_is_not_a_file(where, message, places, capsys):
     assert _exit(sweep_module.main, [str(places[where]), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_harness_sweep_checks_storage_before_loading_the_grid(places, capsys):
+    assert _exit(sweep_module.main, [str(places["missing"]), "--storage", str(places["file"])]) == 2
+    line = _one_error_line(capsys)
+    assert "--storage" in line and "is a file; give a folder" in line  # before the (missing) grid is read

@@ -477,6 +477,10 @@ def test_a_sweep_without_benchmarks_reports_held_out_measures(records, tmp_path)
     KL and says n/a for accuracy, instead of failing."""
     for r in records:
         r.pop("metrics", None)
+        r["config"]["eval"]["benchmarks"] = False
     text = build_report(records, tmp_path).read_text()
-    table = text.split("## Main table: m")[1].split("###")[0]
+    table = text.split("## Main table: m")[1].split("## ")[0]
     assert "| 1R4E2K | 50.0 | par | contiguous | paper | 20000 | 3.5" in table and "| n/a |" in table
+    # it says there are no benchmark results, rather than that the dense model is at chance on them
+    assert "has no benchmark results here (eval.benchmarks: false)" in text and "On none of them" not in text
+    assert "### Per benchmark" not in text and "Setup: benchmarks off" in text
