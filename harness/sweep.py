@@ -37,7 +37,7 @@ from harness.assets.models import model_fingerprint
 from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
 from harness.logs import FORMAT, setup_console
-from harness.train import TRAIN_STATE
+from harness.train import SERIES_KEYS, TRAIN_STATE
 from reports.record import RECORD_FILE, new_record, output_problem, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
@@ -200,9 +200,7 @@ def progress_callback(total: int, max_failures: int = 0, sweep: Sweep | None = N
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "status" not in result:
                 return  # an intermediate training result: shown by TensorBoard, not here
-            # counted from the trials' states, so a restored sweep (--resume) goes on counting
-            # from the trials it had finished; this one is still RUNNING here
-            self.done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+            self.done = _count_with(trials, trial)
             numbers = ", ".join(
                 f"{k}={v:.3f}" for k, v in result.items() if k in ("avg_score", "ffn_gflops", "prefill_speedup")
             )
@@ -228,13 +226,13 @@ def progress_callback(total: int, max_failures: int = 0, sweep: Sweep | None = N
                     shutil.rmtree(copy, ignore_errors=True)
             if "status" in last:
                 return  # the worker reported its record
-            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-            record = stopped_record(config, last, _results_file(trial))
-            write_record(record_path(config, storage, sweep.name), record)
+            self.done = _count_with(trials, trial)
+            path = record_path(config, storage, sweep.name)
+            write_record(path, stopped_record(config, last, _results_file(trial)))
             if not config.keep_checkpoints:
                 from harness.trial import CHECKPOINT_DIR
 
-                shutil.rmtree(record_path(config, storage, sweep.name).parent / CHECKPOINT_DIR, ignore_errors=True)
+                shutil.rmtree(path.parent / CHECKPOINT_DIR, ignore_errors=True)
             log.info(
                 "[sweep %d/%d, %.0f s] %s: stopped by the scheduler at %s tokens (%s %.4f)",
                 self.done,
@@ -266,13 +264,16 @@ def progress_callback(total: int, max_failures: int = 0, sweep: Sweep | None = N
     return Progress()
 
 
+def _count_with(trials, trial) -> int:
+    """The finished trials, this one included (it is still RUNNING when Tune calls back),
+    counted from the trials' states: a restored sweep (--resume) goes on counting."""
+    return 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+
+
 def _results_file(trial) -> Path | None:
     """Tune's result.json of a trial (one JSON result per line), where its logger wrote it."""
     path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
     return Path(path) / "result.json" if path else None
-
-
-SERIES_KEYS = ("step", "tokens", "lm", "pa", "balance", "kd", "lr", "tokens_per_s", "churn", "heldout_loss")
 
 
 def stopped_record(config: TrialConfig, last: dict, results: Path | None) -> dict:

@@ -51,7 +51,6 @@ class TrainSummary:
     trainable_params: int = 0
     churn: dict | None = None  # {"every": steps, "series": [[step, churn], ...]} (see ChurnMonitor)
     series: list = field(default_factory=list)  # the intermediate results (see `train`'s on_report)
-    total_steps: int = 0
     heldout_seconds: float = 0.0  # spent on the held-out slice (part of `seconds`)
 
     def to_dict(self) -> dict:
@@ -126,7 +125,7 @@ def train(
     # built before a resume loads trained weights into `model`
     teacher = (teacher or dense_teacher(model)) if config.lambda_kd else None
     summary = TrainSummary(trainable_params=mark_trainable(model))
-    total_steps = summary.total_steps = math.ceil(len(batches) / config.grad_accum)
+    total_steps = math.ceil(len(batches) / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -167,9 +166,11 @@ def train(
         if churn is not None:
             churn.after_step(step + 1, last=last)
         save = bool(state_path and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and not last)
-        point = _point(summary, terms, scheduler, rate, churn, config, last or save)
-        if point is not None:
-            if point.pop("heldout_due") and heldout is not None:
+        heldout_due = heldout is not None and config.heldout_every > 0 and _every(step + 1, config.heldout_every, last)
+        point = None
+        if heldout_due or save or _every(step + 1, config.report_every, last):
+            point = _point(summary, terms, scheduler, rate, churn)
+            if heldout_due:
                 clock = time.perf_counter()
                 point["heldout_loss"] = _heldout_loss(model, heldout)
                 summary.heldout_seconds += time.perf_counter() - clock
@@ -188,15 +189,18 @@ def train(
     return summary
 
 
-def _point(summary: TrainSummary, terms: dict, scheduler, rate: float, churn, config: TrainConfig, force: bool):
-    """This step's intermediate result, or None when none is due (`force`: the last step, or
-    a checkpoint is written). Its `heldout_due` says whether the held-out loss is due; the
-    caller measures it (the last step always has one)."""
-    step, last = summary.steps, summary.steps == summary.total_steps
-    due = force or (config.report_every and step % config.report_every == 0)
-    heldout_due = bool(config.heldout_every) and (last or step % config.heldout_every == 0)
-    if not (due or heldout_due):
-        return None
+# The keys of an intermediate result (`_point`, then `heldout_loss` where measured).
+SERIES_KEYS = ("step", "tokens", "lm", "pa", "balance", "kd", "lr", "tokens_per_s", "churn", "heldout_loss")
+
+
+def _every(step: int, every: int, last: bool) -> bool:
+    """Whether something done every `every` steps (0 = at the last step only) is due."""
+    return last or bool(every and step % every == 0)
+
+
+def _point(summary: TrainSummary, terms: dict, scheduler, rate: float, churn) -> dict:
+    """This step's intermediate result, without the held-out loss (the caller adds it)."""
+    step = summary.steps
     point = {
         "step": step,
         "tokens": summary.tokens,
@@ -206,7 +210,6 @@ def _point(summary: TrainSummary, terms: dict, scheduler, rate: float, churn, co
     }
     if churn is not None and churn.series and churn.series[-1][0] == step:
         point["churn"] = churn.series[-1][1]
-    point["heldout_due"] = heldout_due
     return point
 
 

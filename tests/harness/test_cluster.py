@@ -16,11 +16,6 @@ import yaml
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return sweep_assets.make_assets(tmp_path_factory.mktemp("assets"))
-
-
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     """A Ray head and one worker node: two separate raylets on this machine (1 CPU each).

@@ -65,6 +65,28 @@ BAD = {  # each was accepted silently or gave a traceback before
 }
 
 
+SCHEDULER = {  # the early-stopping and tracking sections (issue 25)
+    "type": (default(scheduler={"type": "hyperband"}), "scheduler.type: 'hyperband' must be one of none, asha"),
+    "metric": (default(scheduler={"type": "asha", "metric": "acc"}), "scheduler.metric: 'acc' must be one of"),
+    "mode": (default(scheduler={"type": "asha", "mode": "up"}), "scheduler.mode: 'up' must be min or max"),
+    "grace": (default(scheduler={"type": "asha", "grace_tokens": 0}), "scheduler.grace_tokens: 0 must be in"),
+    "factor": (default(scheduler={"type": "asha", "reduction_factor": 1}), "scheduler.reduction_factor: 1 must"),
+    "max": (
+        default(scheduler={"type": "asha", "grace_tokens": 1000, "max_tokens": 10}),
+        "scheduler.max_tokens: 10 must be in [grace_tokens=1000",
+    ),
+    "unknown key": (default(scheduler={"type": "asha", "patience": 3}), "scheduler.patience: unknown key"),
+    "not a mapping": (default(scheduler="asha"), "scheduler: 'asha' must be a mapping"),
+    "string tokens": (default(scheduler={"type": "asha", "grace_tokens": "4k"}), "scheduler.grace_tokens: '4k' is"),
+    "no held-out loss": (
+        default(scheduler={"type": "asha"}, **{"train.heldout_every": 0}),
+        "scheduler.metric: heldout_loss needs train.heldout_every > 0",
+    ),
+    "tracking": (default(tracking="wandb"), "tracking: 'wandb' is not a tracker"),
+}
+BAD |= {f"scheduler {case}": value for case, value in SCHEDULER.items()}
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_grids_exit_2_with_the_field_named(case, tmp_path, capsys):
     data, message = BAD[case]
@@ -358,34 +380,6 @@ def test_structure_fuzz_exits_0_or_2_within_a_time_bound(seed, tmp_path, capsys)
         if code == 2:
             assert captured.err.startswith("error: ")
         assert time.perf_counter() - start < 10, [g.__name__ for g in made]
-
-
-SCHEDULER = {
-    "type": (default(scheduler={"type": "hyperband"}), "scheduler.type: 'hyperband' must be one of none, asha"),
-    "metric": (default(scheduler={"type": "asha", "metric": "acc"}), "scheduler.metric: 'acc' must be one of"),
-    "mode": (default(scheduler={"type": "asha", "mode": "up"}), "scheduler.mode: 'up' must be min or max"),
-    "grace": (default(scheduler={"type": "asha", "grace_tokens": 0}), "scheduler.grace_tokens: 0 must be in"),
-    "factor": (default(scheduler={"type": "asha", "reduction_factor": 1}), "scheduler.reduction_factor: 1 must"),
-    "max": (
-        default(scheduler={"type": "asha", "grace_tokens": 1000, "max_tokens": 10}),
-        "scheduler.max_tokens: 10 must be in [grace_tokens=1000",
-    ),
-    "unknown key": (default(scheduler={"type": "asha", "patience": 3}), "scheduler.patience: unknown key"),
-    "not a mapping": (default(scheduler="asha"), "scheduler: 'asha' must be a mapping"),
-    "string tokens": (default(scheduler={"type": "asha", "grace_tokens": "4k"}), "scheduler.grace_tokens: '4k' is"),
-    "no held-out loss": (
-        default(scheduler={"type": "asha"}, **{"train.heldout_every": 0}),
-        "scheduler.metric: heldout_loss needs train.heldout_every > 0",
-    ),
-    "tracking": (default(tracking="wandb"), "tracking: 'wandb' is not a tracker"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(SCHEDULER))
-def test_scheduler_and_tracking_fields_are_validated(case, tmp_path, capsys):
-    data, message = SCHEDULER[case]
-    assert sweep_main([str(write(tmp_path, data)), "--dry-run"]) == 2
-    assert message in capsys.readouterr().err
 
 
 def test_a_valid_scheduler_leaves_the_trial_ids_alone(tmp_path):

@@ -9,28 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import sweep_assets
 
 from harness.grid import load_grid
 from harness.sweep import finish, run_sweep
 
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return sweep_assets.make_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, ray_cluster, cache_dir, capsys):

@@ -3,7 +3,6 @@ TensorBoard events, early stopping by ASHA with stopped trials recorded as such,
 scheduler's fields validated."""
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -13,21 +12,6 @@ import yaml
 
 from harness.grid import load_grid
 from harness.sweep import finish, run_sweep
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return sweep_assets.make_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def grid(tmp_path: Path, assets: Path, **changes) -> Path:
