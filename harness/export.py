@@ -16,6 +16,10 @@ compensation, and its combine rule is
   - anything at K = N, where every expert runs: the router is zeroed, each weight is 1/N.
 Shared experts become GraniteMoeShared's shared MLP (weight 1) or Qwen2-MoE's shared
 expert, whose zero gate gives sigmoid(0) = 0.5, so its down projection is doubled.
+A Qwen2 source (q/k/v biases) goes to GraniteMoeShared with `attention_bias` (o's bias
+zero), which llama.cpp runs: llama.cpp computes Qwen2-MoE's shared-expert gate as
+silu(x) / x (src/models/qwen2moe.cpp), 0/0 = NaN at the zero gate an exact export needs,
+so `--arch qwen2_moe` is for transformers and vLLM only and refused with `--format gguf`.
 Before anything is written the export's logits are compared with the factorized model's
 on held-out text (fp32): an exact mapping must agree within 1e-4, or within twice the
 rounding by which the factorized model's own two implementations (reference and sorted
@@ -73,6 +77,7 @@ class Target:
     tensors: object  # (layer index, Layer, source config) -> {state dict key: tensor}
     shared: str  # "none" | "optional" | "required": what it does with shared experts
     attention_bias: bool  # can carry the source's q/k/v biases
+    gguf_problem: str | None = None  # why llama.cpp cannot run this class as exported, if it cannot
 
 
 TARGETS: Registry[Target] = Registry("export architecture")
@@ -203,7 +208,16 @@ def _qwen2_moe_tensors(i: int, layer: Layer, source) -> dict:
 
 TARGETS.register("mixtral")(Target(_mixtral_config, _mixtral_tensors, shared="none", attention_bias=False))
 TARGETS.register("granitemoeshared")(Target(_granite_config, _granite_tensors, shared="optional", attention_bias=True))
-TARGETS.register("qwen2_moe")(Target(_qwen2_moe_config, _qwen2_moe_tensors, shared="optional", attention_bias=True))
+TARGETS.register("qwen2_moe")(
+    Target(
+        _qwen2_moe_config,
+        _qwen2_moe_tensors,
+        shared="optional",
+        attention_bias=True,
+        gguf_problem="llama.cpp computes Qwen2-MoE's shared-expert gate as silu(x)/x (src/models/qwen2moe.cpp), "
+        "0/0 = NaN at the zero gate this exact export writes: use --arch granitemoeshared for llama.cpp",
+    )
+)
 
 
 def _has_qkv_bias(source) -> bool:
@@ -212,13 +226,18 @@ def _has_qkv_bias(source) -> bool:
 
 def pick_arch(arch: str, factor: FactorConfig, architecture: str) -> str:
     """`auto`: Mixtral for a Llama source without shared experts, GraniteMoeShared with them
-    (llama.cpp runs both), Qwen2-MoE for a Qwen2 source (its q/k/v biases)."""
+    and for a Qwen2 source (its q/k/v biases as Granite's attention biases); llama.cpp runs both."""
     if arch != "auto":
         TARGETS.get(arch, "--arch")
         return arch
     if architecture == "Qwen2ForCausalLM":
-        return "qwen2_moe"
+        return "granitemoeshared"
     return "granitemoeshared" if factor.n_shared else "mixtral"
+
+
+def gguf_problem(arch: str) -> str | None:
+    """Why llama.cpp cannot run `arch` as this module exports it (None: it can)."""
+    return TARGETS.get(arch, "--arch").gguf_problem
 
 
 def factor_problems(factor: FactorConfig, arch: str, approximate: bool) -> list[str]:
@@ -260,7 +279,7 @@ def source_problems(source, arch: str, has_ffn_bias: bool) -> list[str]:
         ]
     out = []
     if _has_qkv_bias(source) and not TARGETS.get(arch).attention_bias:
-        out.append(f"the source's attention has q/k/v biases, which {arch} lacks: use --arch qwen2_moe")
+        out.append(f"the source's attention has q/k/v biases, which {arch} lacks: use --arch granitemoeshared")
     if getattr(source, "mlp_bias", False) or has_ffn_bias:
         out.append("the FFN has biases, which stock MoE experts lack")
     if getattr(source, "use_sliding_window", False):
@@ -478,6 +497,8 @@ def main(argv=None) -> int:
         factor = FactorConfig.from_dict(record["config"]["factor"])
         arch = pick_arch(args.arch, factor, record["model"]["architecture"])
         reasons = factor_problems(factor, arch, args.approximate)  # before loading anything
+        if args.format == "gguf" and (why := gguf_problem(arch)):
+            reasons.append(why)
         if reasons:
             raise NotExportable(f"{factor.name} cannot be exported as {arch}: " + "; ".join(reasons))
         disable_progress_bar()  # transformers' weight-loading bars

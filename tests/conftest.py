@@ -26,10 +26,31 @@ CALIBRATED = {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "mean_comp",
               "router_init": "fit", "pseudo_label": "min_recon"}
 # fmt: on
 
+
+def with_attention_biases(model):
+    """Random q/k/v biases: a random model's start at zero, where code that dropped them (or an
+    export that did not permute them with the weights) would go unnoticed."""
+    for name, parameter in model.named_parameters():
+        if name.endswith("_proj.bias") and ".self_attn." in name:
+            parameter.data.normal_()
+    return model
+
+
+# Shaped like the packaged models at toy size: Qwen2.5 (q/k/v biases, untied head, as its GGUF
+# loads), Gemma3 (GELU-tanh gated FFN, four norms per layer, a sliding-attention layer beside a
+# full-attention one, query_pre_attn_scalar, tied embedding; test_shared_prefix narrows the window).
 FAMILIES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**TINY, head_dim=16)),
+    "qwen2": lambda: with_attention_biases(Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=False))),
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **TINY,
+            head_dim=16,
+            sliding_window=64,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+    ),
 }
 
 

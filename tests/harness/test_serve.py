@@ -56,3 +56,36 @@ def test_llama_cpp_computes_what_transformers_computes(llama_cpp, tmp_path, fact
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
     if factor is DENSE:
         assert serve.greedy(llm, prompt, 8) == expected
+
+
+@pytest.mark.parametrize("factor", [{"n_experts": 3, "top_k": 1, "n_shared": 1, "combine": "unscaled"}, QUARTER])
+def test_a_qwen2_source_exported_to_granite_runs_in_llama_cpp(llama_cpp, tmp_path, factor):
+    """Qwen2's q/k/v biases ride as Granite's attention biases: llama.cpp's converter must permute
+    them with the q/k weights for its rope layout. A tiny Qwen2 with random biases (so that a
+    dropped or unpermuted bias shows), SmolLM2's tokenizer (one the converter knows), f32."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from factorllm_core import FactorConfig, calibrate, factorize
+    from harness.assets.models import resolve_source
+    from harness.export import export
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m").location)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    for name, parameter in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            parameter.data.normal_(std=0.5)
+    ids = torch.tensor(tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"][:64])
+    config = FactorConfig(**factor, router_bias=False)
+    factorize(model, config, calibrate(model, [ids], "cpu") if config.needs_calibration else None)
+    check = export(model, tokenizer, ids[None], tmp_path / "hf")
+    assert check["class"] == "GraniteMoeSharedForCausalLM" and check["exact"]
+    llm = serve.load(serve.convert_to_gguf(tmp_path / "hf", "f32"), threads=2, n_ctx=256, logits_all=True, kv_f32=True)
+    with torch.no_grad():
+        theirs = model(ids[None]).logits[0].log_softmax(-1)[torch.arange(63), ids[1:]].double()
+    parity = serve.parity(serve.token_logprobs(llm, ids.tolist()), theirs.numpy())
+    assert parity["max_abs_logprob_diff"] < 1e-3, parity
