@@ -127,6 +127,13 @@ def main_table(frame: pd.DataFrame, model: str) -> str:
     return "\n".join(lines)
 
 
+def served_notes(frame: pd.DataFrame, model: str) -> list[str]:
+    """Why a trial that asked for served speed has none (e.g. Gemma3: no stock MoE class)."""
+    rows = frame[(frame["model"] == model) & (frame["served_error"] != "")]
+    notes = [f"- {r['setting']} {r['recipe']}".rstrip() + f": {r['served_error']}" for _, r in rows.iterrows()]
+    return ["No served speed (n/a above):", "", *notes, ""] if notes else []
+
+
 def benchmark_table(frame: pd.DataFrame, model: str, tasks: list[str]) -> str:
     """Per-benchmark accuracy (lm-eval stderr) with each benchmark's chance level; † marks a
     benchmark on which the dense model is not above chance."""
@@ -311,6 +318,7 @@ def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
             HOW_TO_READ,
             "",
         ]
+        lines += served_notes(frame, model)
         if any(r.get("metrics") for r in completed(records)):  # none when eval.benchmarks is false
             lines += [f"### Per benchmark: {model}", "", benchmark_table(frame, model, tasks), ""]
     recipes = recipe_comparison(records)

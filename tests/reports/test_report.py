@@ -468,6 +468,7 @@ def test_served_speed_shows_beside_the_eager_one_when_measured(records, tmp_path
     assert "| 1.30 (1.20-1.40) | 1.05 (1.00-1.10) | 1.40 (1.38-1.45) | 1.79 (1.75-1.80) |" in table
     k2_row = next(line for line in table.splitlines() if "| 1R4E2K | 50.0 | par |" in line)
     assert k2_row.endswith("| n/a | n/a |")  # not exportable: no served numbers
+    assert "- 1R4E2K paper: 1R4E2K cannot be exported as mixtral: ..." in text.split("No served speed (n/a above):")[1]
     without = build_report([r for r in records if r["trial_id"] not in ("k1", "k2")], tmp_path / "eager").read_text()
     assert "served prefill x |" not in without.split("## Main table: m")[1].split("###")[0]
 
