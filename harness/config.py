@@ -242,6 +242,11 @@ class EvalConfig:
         in file order.
     heldout_tokens, heldout_seq_len: its first heldout_tokens tokens, cut into
         sequences of heldout_seq_len (the units its confidence intervals resample).
+    heldout_documents: 0 (default) cuts tokens as above: per-token figures, to compare
+        within one model (which text the tokens cover depends on the tokenizer). N > 0
+        instead takes the text's first N documents whole, one sequence each, from the
+        tokenizer's start token, so that every model reads the same text: the record then
+        carries bits per byte (the report's cross-model measure), paired by document.
     benchmarks: false skips the lm-eval benchmarks (the held-out measures still run):
         for path checks on machines without lm-eval or the benchmark data.
     lm: shared (default) runs each distinct context once, its answer choices packed
@@ -258,6 +263,7 @@ class EvalConfig:
     heldout_text: str = "lee-news"
     heldout_tokens: int = 2048
     heldout_seq_len: int = 128
+    heldout_documents: int = 0
     benchmarks: bool = True
     lm: str = "shared"
 
@@ -276,6 +282,11 @@ class EvalConfig:
             out.append(f"eval.source: {self.source!r} must be one of local, hub")
         if self.num_fewshot < 0 or self.batch_size < 1:
             out.append("eval.num_fewshot must be >= 0 and eval.batch_size >= 1")
+        if self.heldout_documents == 1 or self.heldout_documents < 0:
+            out.append(
+                f"eval.heldout_documents: {self.heldout_documents} must be 0 (cut by tokens) or >= 2 "
+                "(confidence intervals resample documents)"
+            )
         if self.heldout_seq_len < 2:
             out.append(f"eval.heldout_seq_len: {self.heldout_seq_len} must be >= 2 (next-token prediction)")
         elif self.heldout_tokens < 2 * self.heldout_seq_len:
@@ -451,6 +462,8 @@ class TrialConfig:
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
         if self.eval.benchmarks:
             data["eval"].pop("benchmarks")  # likewise
+        if self.eval.heldout_documents == 0:
+            data["eval"].pop("heldout_documents")  # likewise
         for name in ("precision", "dispatch"):  # the same, for these two
             if data[name] == "auto" or (name == "dispatch" and self.factor is None):
                 data.pop(name)
@@ -706,6 +719,7 @@ SIZE_LIMITS = {
     "eval.batch_size": (4096, "requests per batch"),
     "eval.heldout_tokens": (10**8, "tokens"),
     "eval.heldout_seq_len": (CONTEXT, "tokens per sequence"),
+    "eval.heldout_documents": (10**5, "documents"),
     "flops.seq_len": (CONTEXT, "tokens"),
     "latency.batch_size": (1024, "sequences"),
     "latency.prefill_len": (CONTEXT, "tokens"),

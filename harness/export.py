@@ -462,10 +462,10 @@ def heldout_ids(tokenizer, record: dict, max_len: int, sequences: int | None = 2
     """The trial's own held-out text, its first `sequences` sequences (None: all): what the
     export is checked on."""
     from harness.config import EvalConfig, build_section
-    from harness.eval.heldout import heldout_sequences
+    from harness.eval.heldout import as_batch, heldout_sequences
 
     ev, _ = build_section(EvalConfig, record["config"]["eval"] | {"tasks": "all"}, "eval")
-    return heldout_sequences(tokenizer, ev, max_len)[:sequences]
+    return as_batch(heldout_sequences(tokenizer, ev, max_len), sequences)
 
 
 def main(argv=None) -> int:

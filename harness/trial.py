@@ -34,7 +34,7 @@ from harness.assets.models import load_model, pretraining_tokens, resolve_device
 from harness.config import DEVICE, ConfigError, TrialConfig, resolve_precision
 from harness.environment import environment
 from harness.eval.benchmarks import evaluate, make_lm
-from harness.eval.heldout import heldout_measures, heldout_sequences, next_token_logprobs
+from harness.eval.heldout import document_bytes, first_tokens, heldout_measures, heldout_sequences, next_token_logprobs
 from harness.layerwise import layerwise_fit
 from harness.logs import setup_console, trial_log
 from harness.measure.analysis import ChurnMonitor, analyze_routing
@@ -167,7 +167,9 @@ class Trial:
         with self.stage("evaluate"):
             self._evaluate()
         with self.stage("heldout"):
-            self.record["heldout"] = heldout_measures(self.model, self.heldout, self.device, self.dense_logprobs)
+            self.record["heldout"] = heldout_measures(
+                self.model, self.heldout, self.device, self.dense_logprobs, self.heldout_bytes
+            )
             self.dense_logprobs = None
         with self.stage("measure"):
             self._measure()
@@ -189,6 +191,7 @@ class Trial:
         self.flops_len = min(self.config.flops.seq_len, self.max_len)
         self.probe = probe_tokens(self.tokenizer, max(self.flops_len, self.config.latency.prefill_len, ANALYSIS_TOKENS))
         self.heldout = heldout_sequences(self.tokenizer, self.config.eval, self.max_len)
+        self.heldout_bytes = document_bytes(self.config.eval) if self.config.eval.heldout_documents else None
         self.dense_logprobs = None  # the dense model's, for KL(dense || factorized); set before factorizing
         self._tokens = None  # the data budget's tokens, drawn when first needed
         self.record["model"] = {
@@ -317,9 +320,9 @@ class Trial:
 
     def _heldout_slice_loss(self) -> float:
         """Mean next-token loss on the held-out text's first train.heldout_slice_tokens (whole
-        sequences of eval.heldout_seq_len, at least one): the same fixed slice every time."""
-        rows = max(1, self.config.train.heldout_slice_tokens // self.heldout.shape[1])
-        return heldout_measures(self.model, self.heldout[:rows], self.device)["loss"]
+        sequences or documents, at least one): the same fixed slice every time."""
+        rows = first_tokens(self.heldout, self.config.train.heldout_slice_tokens)
+        return heldout_measures(self.model, rows, self.device)["loss"]
 
     def _save_model(self) -> None:
         """The trained factorized layers (fp32, before evaluation may cast the model) and

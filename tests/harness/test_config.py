@@ -91,6 +91,16 @@ def test_heldout_sizes_are_checked():
         TrialConfig.from_dict({"eval": {"heldout_tokens": 200, "heldout_seq_len": 128}})
     with pytest.raises(ConfigError, match=r"eval.heldout_seq_len: 1 must be >= 2"):
         TrialConfig.from_dict({"eval": {"heldout_seq_len": 1}})
+    for documents in (1, -3):
+        with pytest.raises(ConfigError, match=rf"eval.heldout_documents: {documents} must be 0 .* or >= 2"):
+            TrialConfig.from_dict({"eval": {"heldout_documents": documents}})
+    with pytest.raises(ConfigError, match=r"eval.heldout_documents: 200000 is above the limit of 100,000"):
+        TrialConfig.from_dict({"eval": {"heldout_documents": 200_000}})
+
+
+def test_held_out_documents_are_part_of_the_id_only_when_asked_for():
+    assert TrialConfig.from_dict({"eval": {"heldout_documents": 0}}).trial_id == "dense-ab3b5e75ac"  # pinned
+    assert TrialConfig.from_dict({"eval": {"heldout_documents": 64}}).trial_id != "dense-ab3b5e75ac"
 
 
 def test_the_scoring_lm_is_checked_and_part_of_the_id():
