@@ -46,8 +46,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _mapping_without_duplicates(loader, node, deep=False):
+    """Merge keys (`<<: *base`) merge as in yaml.safe_load, the mapping's own keys overriding the
+    merged ones; a key written twice in the mapping itself is refused."""
     keys = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # construct_mapping merges it
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, (str, int, float, bool)):
             continue  # construct_mapping itself rejects unhashable keys

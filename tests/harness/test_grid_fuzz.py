@@ -100,6 +100,19 @@ def test_duplicate_keys_are_refused(tmp_path):
         load_grid(write(tmp_path, text))
 
 
+def test_merge_keys_merge_and_the_mapping_own_keys_override(tmp_path):
+    text = (
+        "axes: {model: [smollm2-135m], n_experts: [4], top_k: [2]}\n"
+        "include:\n  - &base {n_experts: 3, top_k: 1, combine: unscaled, seed: 4}\n"
+        "  - {<<: *base, top_k: 2, n_experts: 6}\n"
+    )
+    trials = load_grid(write(tmp_path, text)).trials
+    assert [(t.factor.name, t.factor.combine, t.seed) for t in trials if t.factor] == [
+        ("1R4E2K", "scaled", 0), ("1R3E1K", "unscaled", 4), ("1R6E2K", "unscaled", 4)]  # fmt: skip
+    with pytest.raises(ConfigError, match="duplicate key 'top_k'"):  # still refused within one mapping
+        load_grid(write(tmp_path, text.replace("top_k: 2, n_experts: 6", "top_k: 2, top_k: 3")))
+
+
 def test_an_alias_bomb_is_refused_quickly(tmp_path):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [
