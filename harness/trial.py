@@ -203,6 +203,9 @@ class Trial:
             "hidden_size": cfg.hidden_size,
             "ffn_width": cfg.intermediate_size,
             "params": sum(p.numel() for p in self.model.parameters()),
+            # with the above, what a decode step reads (reports/scaling.py): one embedding row, the head in full
+            "vocab_size": cfg.vocab_size,
+            "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
             "pretraining_tokens": pretraining_tokens(self.config.model),
         }
         self.record["eval_dtype"] = str(self._eval_dtype()).removeprefix("torch.")

@@ -22,6 +22,7 @@ import pandas as pd
 from . import plots
 from .findings import findings
 from .record import RECORD_FILE, load_records, output_problem, read_record, write_json_atomic, write_text_atomic
+from .scaling_section import scaling_section
 from .stats import N_BOOT
 from .tables import (
     DIRECTIONS,
@@ -363,6 +364,7 @@ def _body(frame: pd.DataFrame, records: list[dict], out_dir: Path) -> list[str]:
         if name != "attention_share_rise"
     ]
     lines += ["", "Better direction per metric: " + ", ".join(f"{k} {v}" for k, v in DIRECTIONS.items()), ""]
+    lines += scaling_section(frame, records, out_dir)
     lines += ["## Plots", ""] + _plots(frame, records, out_dir)
     return lines
 
@@ -401,6 +403,11 @@ def _setup_note(records: list[dict]) -> str:
         if "heldout_text" in ev
         else "no held-out text"
     )
+    if ev.get("heldout_documents"):
+        heldout = (
+            f"held-out text {ev['heldout_text']!r}, its first {ev['heldout_documents']} documents whole (the same "
+            "text for every model)"
+        )
     scoring = (
         f"lm-eval, {ev['num_fewshot']}-shot, source {ev['source']}, {sample}"
         if ev.get("benchmarks", True)

@@ -148,3 +148,62 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def gap_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
+    """The gap to dense (bits per byte) against parameters, one line per conversion."""
+    points = rows.dropna(subset=["params_m", "gap_bpb"])
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for conversion, group in points.groupby("conversion"):
+        group = group.sort_values("params_m")
+        ax.errorbar(group["params_m"], group["gap_bpb"], yerr=_yerr(group, "gap_bpb"), fmt="o-", capsize=3,
+                    label=conversion)  # fmt: skip
+    ax.set(xscale="log", xlabel="parameters (M)", ylabel="gap to dense (bits per byte, 95% CI)",
+           title="Quality lost by the conversion, against model size")  # fmt: skip
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def decode_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
+    """Decode speedup against parameters: eager and served where measured, the ideal from bytes."""
+    points = rows.dropna(subset=["params_m", "ideal_decode"])
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for conversion, group in points.groupby("conversion"):
+        group = group.sort_values("params_m")
+        line = ax.plot(group["params_m"], group["ideal_decode"], "--", label=f"{conversion}: ideal (bytes)")[0]
+        for column, marker, what in (("decode_speedup", "o", "eager"), ("served_decode_speedup", "s", "served")):
+            measured = group.dropna(subset=[column]) if column in group else group.iloc[0:0]
+            if not measured.empty:
+                ax.plot(measured["params_m"], measured[column], marker, color=line.get_color(),
+                        label=f"{conversion}: {what}")  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xscale="log", xlabel="parameters (M)", ylabel="decode speed vs dense (x)",
+           title="Decode speedup against model size")  # fmt: skip
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def gap_vs_tokens(curves: list, path: Path) -> Path | None:
+    """The gap to dense against training tokens (log axis), with the fitted power law."""
+    import numpy as np
+
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in curves:
+        values = [g.value for g in c.gaps]
+        yerr = [[max(0, g.value - g.low) for g in c.gaps], [max(0, g.high - g.value) for g in c.gaps]]
+        dots = ax.errorbar(c.tokens, values, yerr=yerr, fmt="o", capsize=3, label=f"{c.model} {c.conversion}")
+        if c.fit is not None:
+            cc, a, b = c.fit.point
+            for low, high, style in ((min(c.tokens), max(c.tokens), "-"), (max(c.tokens), 10 * max(c.tokens), ":")):
+                grid = np.geomspace(low, high, 50)
+                ax.plot(grid, cc + a * grid**-b, style, color=dots[0].get_color(), lw=1)
+    ax.set(xscale="log", xlabel="training tokens", ylabel="gap to dense (nats per token, 95% CI)",
+           title="Quality lost against data budget (lines: fit; dotted: extrapolated)")  # fmt: skip
+    ax.legend(fontsize=7)
+    return _save(fig, path)

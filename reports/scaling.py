@@ -21,8 +21,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from reports.stats import N_BOOT, SEED, Estimate, resampled_means
+from reports.stats import N_BOOT, SEED, Estimate, ratio_ci, resampled_means
 
 B_GRID = np.exp(np.linspace(math.log(0.02), math.log(4.0), 241))  # exponents tried; steps of 2.2%
 MIN_BUDGETS = 4
@@ -122,3 +123,217 @@ def fit_power_law(tokens, gaps: np.ndarray, n_boot: int = N_BOOT, seed: int = SE
         )
     estimates = [Estimate(float(point[i]), *np.percentile(usable[:, i], [2.5, 97.5]).tolist()) for i in range(3)]
     return PowerLawFit(*estimates, float(tokens[-1]), usable, tuple(float(v) for v in point[:3]))
+
+
+# ---- the scaling section: records -> tables (build.py renders them) ----
+
+LN2 = math.log(2)
+HEAD_SHARE = (
+    0.5,
+    "the output head is over half of the FLOPs per token of the converted model: cutting the FFN further "
+    "saves little (the paper's attention bottleneck, at the head)",
+)
+
+
+def document_bits(record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per held-out document: loss in bits, KL(dense || model) in bits, UTF-8 bytes; None for a
+    token-cut held-out set (eval.heldout_documents: 0), which carries no bytes."""
+    held = record.get("heldout") or {}
+    if not held.get("per_sequence_bytes") or not held.get("per_sequence_tokens"):
+        return None
+    tokens = np.asarray(held["per_sequence_tokens"], dtype=float)
+    loss = np.asarray(held["per_sequence_loss"], dtype=float) * tokens / LN2
+    kl = held.get("per_sequence_kl")
+    kl_bits = np.asarray(kl, dtype=float) * tokens / LN2 if kl else np.full(len(tokens), math.nan)
+    return loss, kl_bits, np.asarray(held["per_sequence_bytes"], dtype=float)
+
+
+def _same_documents(a, b) -> bool:
+    return a is not None and b is not None and np.array_equal(a[2], b[2])
+
+
+def gap_bits_per_byte(record: dict, dense: dict) -> Estimate:
+    """(model's bits - dense model's bits) / bytes over the same documents, paired by document."""
+    mine, theirs = document_bits(record), document_bits(dense)
+    if not _same_documents(mine, theirs):
+        return Estimate.missing()
+    return ratio_ci(mine[0] - theirs[0], mine[2])
+
+
+def kl_bits_per_byte(record: dict) -> Estimate:
+    bits = document_bits(record)
+    return Estimate.missing() if bits is None else ratio_ci(bits[1], bits[2])
+
+
+def gap_difference(a: tuple[dict, dict], b: tuple[dict, dict]) -> Estimate:
+    """Gap of a minus gap of b, bits per byte, each (record, its dense baseline), paired by document
+    (every model reads the same documents)."""
+    bits = [document_bits(r) for pair in (a, b) for r in pair]
+    if not all(_same_documents(bits[0], other) for other in bits[1:]):
+        return Estimate.missing()
+    return ratio_ci((bits[0][0] - bits[1][0]) - (bits[2][0] - bits[3][0]), bits[0][2])
+
+
+def weights_read(model: dict) -> dict | None:
+    """Parameters, the FFN's share of them, and the weights a decode step reads: every matrix but
+    the input embedding (one row of it; with tied embeddings the table is read whole as the head)."""
+    keys = ("params", "n_layers", "hidden_size", "ffn_width", "vocab_size", "tied_embeddings")
+    if any(model.get(k) is None for k in keys):
+        return None
+    ffn = model["n_layers"] * 3 * model["hidden_size"] * model["ffn_width"]
+    read = model["params"] - (0 if model["tied_embeddings"] else model["vocab_size"] * model["hidden_size"])
+    return {"params": model["params"], "ffn_params": ffn, "ffn_share_params": ffn / model["params"],
+            "read": read, "ffn_share_read": ffn / read}  # fmt: skip
+
+
+def ideal_decode(weights: dict, active: float) -> float:
+    """Decode speedup if time were the bytes read: all of them against the converted model's."""
+    return weights["read"] / (weights["read"] - (1 - active) * weights["ffn_params"])
+
+
+def _conversion(record: dict) -> str:
+    return f"{record['setting']} {record['recipe'] or 'paper'}"
+
+
+def _baselines(records: list[dict]) -> dict[str, dict]:
+    from reports.tables import dense_baselines
+
+    return dense_baselines(records)
+
+
+def size_rows(records: list[dict], frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and conversion at the budget most models share: what the model is,
+    what the conversion kept (bits per byte, chance-normalized maintenance) and saved."""
+    from reports.tables import completed, eval_key
+
+    done = [r for r in completed(records) if r["config"].get("factor")]
+    budget = _common_budget(done)
+    dense = _baselines(records)
+    rows = []
+    for r in done:
+        base = dense.get(eval_key(r))
+        weights = weights_read(r.get("model") or {})
+        if base is None or r["config"]["train"]["data_budget_tokens"] != budget:
+            continue
+        f = frame[frame["trial_id"] == r["trial_id"]].iloc[0]
+        row = {"model": r["config"]["model"], "conversion": _conversion(r), "active_pct": 100 * r["active_fraction"],
+               "budget": budget} | _model_columns(weights, r["active_fraction"])  # fmt: skip
+        for name, e in (("gap_bpb", gap_bits_per_byte(r, base)), ("kl_bpb", kl_bits_per_byte(r))):
+            row |= {name: e.value, f"{name}_lo": e.low, f"{name}_hi": e.high}
+        for name in ("cn_maintenance_pct", "ffn_reduction_pct", "total_reduction_pct", "decode_speedup",
+                     "served_decode_speedup", "head_share"):  # fmt: skip
+            for suffix in ("", "_lo", "_hi", "_min", "_max"):
+                if name + suffix in f:
+                    row[name + suffix] = f[name + suffix]
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["conversion", "params_m"]) if rows else pd.DataFrame()
+
+
+def _model_columns(weights: dict | None, active: float) -> dict:
+    names = ("params_m", "ffn_share_params", "ffn_share_read", "ideal_decode")
+    if weights is None:
+        return dict.fromkeys(names, math.nan)
+    values = (weights["params"] / 1e6, 100 * weights["ffn_share_params"], 100 * weights["ffn_share_read"],
+              ideal_decode(weights, active))  # fmt: skip
+    return dict(zip(names, values))
+
+
+def _common_budget(records: list[dict]) -> int | None:
+    """The data budget the most models were converted at (ties: the smaller budget)."""
+    models: dict[int, set] = {}
+    for r in records:
+        models.setdefault(r["config"]["train"]["data_budget_tokens"], set()).add(r["config"]["model"])
+    return min(models, key=lambda b: (-len(models[b]), b)) if models else None
+
+
+@dataclass(frozen=True)
+class BudgetCurve:
+    """One conversion of one model at several budgets: the gap to dense per budget (nats per
+    token, paired by held-out sequence), and the fit, or why there is none."""
+
+    model: str
+    conversion: str
+    tokens: list[int]
+    gaps: list[Estimate]
+    fit: PowerLawFit | None
+    refused: str | None
+
+
+def budget_curves(records: list[dict]) -> list[BudgetCurve]:
+    """Every (model, conversion) measured at two or more data budgets."""
+    from reports.tables import completed, eval_key, paired_sequences
+
+    dense = _baselines(records)
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in completed(records):
+        if r["config"].get("factor") and eval_key(r) in dense:
+            key = (r["config"]["model"], _conversion(r), r["config"].get("seed"))
+            groups.setdefault(key, {})[r["config"]["train"]["data_budget_tokens"]] = r
+    curves = []
+    for (model, conversion, _), by_budget in sorted(groups.items(), key=str):
+        if len(by_budget) < 2:
+            continue
+        tokens = sorted(by_budget)
+        base = dense[eval_key(by_budget[tokens[0]])]
+        gaps = [paired_sequences([by_budget[t], base], "per_sequence_loss") for t in tokens]
+        per_sequence = np.array(
+            [
+                np.asarray(by_budget[t]["heldout"]["per_sequence_loss"]) - base["heldout"]["per_sequence_loss"]
+                for t in tokens
+            ]  # fmt: skip
+        )
+        fit, refused = None, None
+        try:
+            fit = fit_power_law(tokens, per_sequence)
+        except FitRefused as error:
+            refused = str(error)
+        curves.append(BudgetCurve(model, conversion, tokens, gaps, fit, refused))
+    return curves
+
+
+def size_answer(rows: pd.DataFrame, records: list[dict]) -> list[str]:
+    """At equal data, per 50%-active conversion: is the gap (bits per byte) smaller on the largest
+    model than on the smallest? A difference only where its interval excludes zero."""
+    from reports.tables import completed, eval_key
+
+    if rows.empty:
+        return []
+    dense, out = _baselines(records), []
+    by_key = {(r["config"]["model"], _conversion(r), r["config"]["train"]["data_budget_tokens"]): r
+              for r in completed(records) if r["config"].get("factor")}  # fmt: skip
+    for conversion, group in rows[rows["active_pct"] == 50].groupby("conversion"):
+        sized = group.dropna(subset=["params_m", "gap_bpb"]).sort_values("params_m")
+        if len(sized) < 2:
+            continue
+        small, large = sized.iloc[0], sized.iloc[-1]
+        a = by_key[(large["model"], conversion, large["budget"])]
+        b = by_key[(small["model"], conversion, small["budget"])]
+        diff = gap_difference((a, dense[eval_key(a)]), (b, dense[eval_key(b)]))
+        if not diff.ok:
+            continue
+        verdict = (
+            f"smaller on {large['model']} by {-diff.value:.3f} [{-diff.high:.3f}, {-diff.low:.3f}] bits per byte"
+            if diff.high < 0
+            else f"larger on {large['model']} by {diff.value:.3f} [{diff.low:.3f}, {diff.high:.3f}] bits per byte"
+            if diff.low > 0
+            else f"not distinguishable between the two (difference {diff.value:+.3f} [{diff.low:+.3f}, "
+            f"{diff.high:+.3f}] bits per byte)"
+        )
+        out.append(
+            f"At {int(large['budget']):,} tokens, the 50% conversion {conversion}'s gap to dense is {verdict}: "
+            f"{large['model']} ({large['params_m']:.0f}M parameters) {large['gap_bpb']:.3f} against "
+            f"{small['model']} ({small['params_m']:.0f}M) {small['gap_bpb']:.3f}, paired by held-out document."
+        )
+    return out
+
+
+def head_flags(rows: pd.DataFrame) -> list[str]:
+    """The output-head bottleneck, per model (HEAD_SHARE)."""
+    out = []
+    for _, r in rows.iterrows():
+        if r.get("head_share", math.nan) > HEAD_SHARE[0]:
+            out.append(
+                f"output-head bottleneck: the LM head is {100 * r['head_share']:.0f}% of {r['model']} "
+                f"{r['conversion']}'s FLOPs per token"
+            )
+    return out

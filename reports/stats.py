@@ -115,3 +115,13 @@ def chance_normalized(chance: dict[str, float], variant: int = 0, dense: int = 1
 def maintenance_difference(means: dict[str, np.ndarray]) -> np.ndarray:
     """Columns (a, b, dense): maintenance of a minus maintenance of b, in points of %."""
     return maintenance(means, 0, 2) - maintenance(means, 1, 2)
+
+
+def ratio_ci(numerator, denominator, seed: int = SEED) -> Estimate:
+    """sum(numerator) / sum(denominator) over independent units (e.g. held-out documents: bits
+    and bytes), with its interval: each replicate resamples the units once for both sums."""
+    columns = np.column_stack([np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)])
+    if columns.shape[0] < 2 or not np.isfinite(columns).all():
+        return Estimate.missing()
+    means = resampled_means(columns, seed=seed)
+    return _interval(float(columns[:, 0].sum() / columns[:, 1].sum()), means[:, 0] / means[:, 1])

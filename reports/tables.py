@@ -155,6 +155,7 @@ def _row(record: dict, tasks: list[str]) -> dict:
     for part in ("attention", "ffn", "total"):
         row[f"{part}_gflops"] = flops.get(f"{part}_gflops_per_token", math.nan)
     row["attention_share"] = row["attention_gflops"] / row["total_gflops"]
+    row["head_share"] = flops.get("lm_head_gflops_per_token", math.nan) / row["total_gflops"]
     dense_flops = (record.get("dense_reference") or {}).get("flops") or {}
     row["dense_attention_share"] = (
         dense_flops["attention_gflops_per_token"] / dense_flops["total_gflops_per_token"] if dense_flops else math.nan
