@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import disable_progress_bar
 
-from factorllm_core import COMBINES, FactorConfig, factorized_layers, load_trained_ffns
+from factorllm_core import COMBINES, FactorConfig, factorized_layers, load_trained_ffns, use_dispatch
 from factorllm_core.registry import Registry
 from harness.logs import setup_console
 from reports.record import RECORD_FILE, output_problem, read_record
@@ -160,7 +160,7 @@ def _granite_tensors(i: int, layer: Layer, source) -> dict:
             p + "shared_mlp.input_linear.weight": torch.cat([gate, up]),
             p + "shared_mlp.output_linear.weight": down,
         }
-    if _has_qkv_bias(source):  # a Qwen2 source: q/k/v carry biases, o does not (attention_bias covers all four)
+    if _has_qkv_bias(source) and not _has_o_bias(source):  # Qwen2: q/k/v biases, none on o (Granite's covers all four)
         out[p + "self_attn.o_proj.bias"] = torch.zeros(source.hidden_size)
     return out
 
@@ -224,6 +224,11 @@ def _has_qkv_bias(source) -> bool:
     return bool(getattr(source, "attention_bias", False)) or getattr(source, "model_type", "") == "qwen2"
 
 
+def _has_o_bias(source) -> bool:
+    """Llama's attention_bias puts a bias on all four projections; Qwen2's o has none."""
+    return getattr(source, "model_type", "") == "llama" and bool(getattr(source, "attention_bias", False))
+
+
 def pick_arch(arch: str, factor: FactorConfig, architecture: str) -> str:
     """`auto`: Mixtral for a Llama source without shared experts, GraniteMoeShared with them
     and for a Qwen2 source (its q/k/v biases as Granite's attention biases); llama.cpp runs both."""
@@ -280,6 +285,8 @@ def source_problems(source, arch: str, has_ffn_bias: bool) -> list[str]:
     out = []
     if _has_qkv_bias(source) and not TARGETS.get(arch).attention_bias:
         out.append(f"the source's attention has q/k/v biases, which {arch} lacks: use --arch granitemoeshared")
+    elif _has_o_bias(source) and arch == "qwen2_moe":
+        out.append("the source's o projection has a bias, which qwen2_moe lacks: use --arch granitemoeshared")
     if getattr(source, "mlp_bias", False) or has_ffn_bias:
         out.append("the FFN has biases, which stock MoE experts lack")
     if getattr(source, "use_sliding_window", False):
@@ -364,16 +371,11 @@ def rounding_floor(model: nn.Module, ids: torch.Tensor) -> float:
     """How far the factorized model's own two implementations (the `reference` loop and the
     fast `sorted` dispatch) differ in the logits on `ids`, fp32: the rounding an exact export
     cannot be asked to beat. An exact export must agree within max(1e-4, twice this)."""
-    layers = factorized_layers(model)
-    before = [layer.experts.dispatch for _, layer in layers]
     logits = []
     with torch.no_grad():
         for path in ("reference", "sorted"):
-            for _, layer in layers:
-                layer.experts.dispatch = path
-            logits.append(model.float().eval()(ids).logits.float())
-    for (_, layer), path in zip(layers, before):
-        layer.experts.dispatch = path
+            with use_dispatch(model, path):  # restores each layer's own path, also on an error
+                logits.append(model.float().eval()(ids).logits.float())
     return float((logits[0] - logits[1]).abs().max())
 
 
@@ -441,7 +443,8 @@ def load_trial(path: str | Path, device: str = "cpu"):
     model_dir = folder / "model"
     if not (model_dir / "source.json").exists():
         raise FileNotFoundError(
-            f"{model_dir} holds no trained weights: trials keep them since schema 3 (rerun the trial)"
+            f"{model_dir} holds no trained weights (trials keep them since harness commit a3ff5f4, within record "
+            f"schema 3): a completed record is never recomputed, so delete {folder / RECORD_FILE} and rerun the trial"
         )
     source = json.loads((model_dir / "source.json").read_text())
     loaded = load_model(

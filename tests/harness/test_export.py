@@ -207,3 +207,63 @@ def test_a_wrong_mapping_is_caught_before_anything_is_written(
     with pytest.raises(RuntimeError, match="a bug in the mapping, nothing written"):
         export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_rounding_floor_restores_each_layers_dispatch_even_when_a_forward_fails(tiny_model_factory, monkeypatch):
+    """Review bug 7: the dispatch paths were switched without try/finally."""
+    from factorllm_core import factorized_layers
+    from harness.export import rounding_floor
+
+    model, _ = factorized(tiny_model_factory, combine="weighted")
+    layers = [layer for _, layer in factorized_layers(model)]
+    layers[0].experts.dispatch, layers[1].experts.dispatch = "grouped", "reference"
+    calls = []
+
+    def failing_second_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > len(layers):  # the "sorted" pass
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    original = type(layers[0]).forward
+    monkeypatch.setattr(type(layers[0]), "forward", lambda self, *a, **k: failing_second_pass(self, *a, **k))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        rounding_floor(model, IDS)
+    assert [layer.experts.dispatch for layer in layers] == ["grouped", "reference"]
+
+
+def test_a_llama_source_with_attention_biases_goes_to_granite_with_all_four(tmp_path, word_tokenizer):
+    """Review bug 6: it was sent to qwen2_moe (no o bias) and failed with a traceback; Granite carries
+    q, k, v and o biases, the o bias the source's own (not the zero written for Qwen2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY, with_attention_biases
+
+    def biased():
+        torch.manual_seed(0)
+        return with_attention_biases(LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True))).eval()
+
+    model, config = biased(), FactorConfig(n_experts=4, top_k=2, combine="weighted", router_bias=False)
+    factorize(model, config)
+    for arch in ("auto", "qwen2_moe"):
+        with pytest.raises(NotExportable, match="use --arch granitemoeshared"):
+            to_stock(model, arch)
+    check = export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out", "granitemoeshared")
+    assert check["exact"] and check["max_abs_logit_diff"] < 1e-4
+
+
+def test_a_record_without_kept_weights_says_how_to_get_them(tmp_path, cache_dir, capsys):
+    """Review bug 10: the message named the wrong schema and said "rerun the trial", which does
+    nothing while the completed record is there."""
+    from harness.config import TrialConfig
+    from harness.export import main
+    from harness.trial import Trial
+
+    factor = {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}
+    config = TrialConfig.from_dict(trial_config(tmp_path) | {"latency": {"enabled": False}, "factor": factor})
+    assert Trial(config, tmp_path / "runs").run()["status"] == "completed"
+    folder = tmp_path / "runs" / config.trial_id
+    (folder / "model" / "source.json").unlink()  # as in a record from before weights were kept
+    assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"delete {folder / 'record.json'} and rerun the trial" in err and "since schema 3" not in err
