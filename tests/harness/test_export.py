@@ -235,9 +235,8 @@ def test_the_rounding_floor_restores_each_layers_dispatch_even_when_a_forward_fa
 def test_a_llama_source_with_attention_biases_goes_to_granite_with_all_four(tmp_path, word_tokenizer):
     """Review bug 6: it was sent to qwen2_moe (no o bias) and failed with a traceback; Granite carries
     q, k, v and o biases, the o bias the source's own (not the zero written for Qwen2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import TINY, with_attention_biases
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     def biased():
         torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """The saturating power-law fit of the gap against training tokens, on synthetic gaps."""
 
 import math
-
 from dataclasses import asdict
 
 import numpy as np
@@ -9,7 +8,6 @@ import pytest
 
 from factorllm_core import FactorConfig
 from harness.config import EvalConfig
-
 from reports.scaling import FitRefused, fit_power_law
 
 BUDGETS = [5_000, 20_000, 80_000, 320_000, 1_280_000]
