@@ -70,6 +70,7 @@ def test_a_curve_the_data_cannot_determine_is_refused_with_the_reason(budgets, g
 # ---- the report's Scaling section, on synthetic records of three "models" ----
 
 N_DOCS = 24
+EVAL = asdict(EvalConfig(tasks=("piqa",), limit=40, heldout_documents=N_DOCS)) | {"tasks": ["piqa"]}
 DOC_BYTES = np.random.default_rng(9).integers(400, 2000, N_DOCS)
 
 
@@ -94,7 +95,7 @@ def scaling_record(trial_id, model, params, factor=None, budget=20_000, gap_bits
         "model": {"params": params, "n_layers": 12, "hidden_size": hidden, "ffn_width": 4 * hidden,
                   "vocab_size": vocab, "tied_embeddings": tied, "pretraining_tokens": 2e12},
         "config": {"model": model, "factor": factor, "seed": 0,
-                   "eval": asdict(EvalConfig(tasks=("piqa",), limit=40, heldout_documents=N_DOCS)) | {"tasks": ["piqa"]},
+                   "eval": EVAL,
                    "train": {"data_budget_tokens": budget, "lr": 1e-3}},
         "metrics": {"piqa": {"name": "piqa", "metric": "acc", "value": float(np.mean(items["correct"])),
                              "stderr": 0.05, "n": 40, "chance": 0.5, "items": items}},
