@@ -434,9 +434,11 @@ def _folder(path: str | Path) -> Path:
     return path.parent if path.name == RECORD_FILE else path
 
 
-def load_trial(path: str | Path, device: str = "cpu"):
-    """(factorized model, tokenizer, record) of a completed trial, from its folder or record."""
-    from harness.assets.models import load_model
+def load_trial(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    """(factorized model, tokenizer, record) of a completed trial, from its folder or record.
+    Whether the source model's own code may run is the caller's to say (a command-line flag),
+    never the record's: a trial folder can come from anyone."""
+    from harness.assets.models import MODELS, config_json, load_model
 
     record = trial_record(path)
     folder = _folder(path)
@@ -447,12 +449,12 @@ def load_trial(path: str | Path, device: str = "cpu"):
             f"schema 3): a completed record is never recomputed, so delete {folder / RECORD_FILE} and rerun the trial"
         )
     source = json.loads((model_dir / "source.json").read_text())
-    loaded = load_model(
-        source["name"],
-        dtype=torch.float32,
-        device=device,
-        trust_remote_code=record["config"].get("trust_remote_code", False),
-    )
+    if source["name"] not in MODELS and "auto_map" in config_json(source["name"]) and not trust_remote_code:
+        raise NotExportable(
+            f"the source model {source['name']!r} names its own code (auto_map in config.json), which would run "
+            "to load it: pass --trust-remote-code if you trust it (the record's setting is not used)"
+        )
+    loaded = load_model(source["name"], dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
     if loaded.source.fingerprint != source["fingerprint"]:
         raise NotExportable(
             f"the source model {source['name']!r} changed since the trial "
@@ -478,6 +480,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="auto", choices=["auto", *TARGETS.names()])
     parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="gguf: also a GGUF file (llama.cpp)")
     parser.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF tensor type")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the source model's own code run (its config's auto_map); never taken from the record",
+    )
     parser.add_argument(
         "--approximate",
         action="store_true",
@@ -505,7 +512,7 @@ def main(argv=None) -> int:
         if reasons:
             raise NotExportable(f"{factor.name} cannot be exported as {arch}: " + "; ".join(reasons))
         disable_progress_bar()  # transformers' weight-loading bars
-        model, tokenizer, record = load_trial(args.trial)
+        model, tokenizer, record = load_trial(args.trial, trust_remote_code=args.trust_remote_code)
         ids = heldout_ids(tokenizer, record, getattr(model.config, "max_position_embeddings", 2048))
         check = export(model, tokenizer, ids, out, arch, args.approximate)
     except (NotExportable, FileNotFoundError) as error:

@@ -213,9 +213,7 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         if config is not None:
             trials.append(config)
     if check_models and complete:
-        problems += _check_models(
-            axes, data.get("include") or [], [t for _, t in candidates], data.get("trust_remote_code") is True
-        )
+        problems += _check_models(axes, data.get("include") or [], [t for _, t in candidates])
     for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
         value = (data.get(section) or {}).get(key, default) if sections_ok else default
         if isinstance(value, str) and not path_text_problem("", value):  # else reported by the section's check
@@ -453,14 +451,15 @@ def _skip_reason(point: dict, rules) -> str | None:
     return None
 
 
-def _check_models(axes: dict, includes: list, trials: list[dict], trust_remote_code: bool) -> list[str]:
+def _check_models(axes: dict, includes: list, trials: list[dict]) -> list[str]:
     """Every model must be obtainable, and every trial's expert count (shared experts
-    included) must divide its model's FFN width."""
+    included) must divide its model's FFN width. Reads configs as JSON: validation never
+    runs a model's code, whatever trust_remote_code says."""
     models = set(axes.get("model", [])) | {i["model"] for i in includes if isinstance(i, dict) and "model" in i}
     problems, widths = [], {}
     for model in sorted(models, key=str):
         try:
-            widths[model] = ffn_width(model, trust_remote_code=trust_remote_code)
+            widths[model] = ffn_width(model)
         except (ModelUnavailable, ValueError, OSError) as error:
             problems.append(f"axes.model: {error}")
     factors = [(t.get("model"), t["factor"]) for t in trials if isinstance(t.get("factor"), dict)]

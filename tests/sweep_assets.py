@@ -45,3 +45,24 @@ def write_grid(path: Path, assets: Path, storage: Path, budgets, repeats: int = 
         )
     )
     return path
+
+
+def trial_config(folder, data_budget_tokens: int = 300) -> dict:
+    """A tiny trial over the sweep tests' assets: no benchmarks, no FLOPs."""
+    assets = make_assets(folder)
+    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
+    train = {
+        "data_budget_tokens": data_budget_tokens,
+        "corpus": str(assets / "corpus.txt"),
+        "seq_len": 32,
+        "batch_size": 2,
+        "lr": 1e-3,
+    }
+    heldout = {"heldout_text": str(assets / "heldout.txt"), "heldout_tokens": 64, "heldout_seq_len": 32}
+    return {
+        "model": str(assets / "ckpt"),
+        "device": "cpu",
+        "train": train,
+        "eval": {"benchmarks": False} | heldout,
+        "flops": {"enabled": False},
+    }

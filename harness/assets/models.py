@@ -248,17 +248,52 @@ def load_model(
     return LoadedModel(model.to(device).eval(), tokenizer, source)
 
 
-def ffn_width(name: str, trust_remote_code: bool = False) -> int:
-    """The model's FFN width, without loading weights (packaged: known, once its packages are
-    found; else its config). Raises ModelUnavailable when a packaged model is not installed."""
+def ffn_width(name: str) -> int:
+    """The model's FFN width, without loading weights or running any of its code (packaged:
+    known, once its packages are found; else `intermediate_size` of its config.json, read as
+    JSON). Raises ModelUnavailable when a packaged model is not installed, ValueError (one
+    line) when the config cannot be a decoder-only model with a gated FFN of that width."""
     if name in MODELS:
         spec = MODELS.get(name)
         spec.part_paths(name)  # installed? (locates the files, reads nothing)
         return spec.ffn_width
-    from transformers import AutoConfig
+    config = config_json(name)
+    width = config.get("intermediate_size")
+    if type(width) is not int or not 0 < width <= MAX_FFN_WIDTH:  # not bool, str, float, None
+        raise ValueError(
+            f"model {name!r}: config.json intermediate_size {width!r} is not a whole number in 1..{MAX_FFN_WIDTH:,}"
+        )
+    architectures = config.get("architectures") or []
+    if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise ValueError(f"model {name!r} is {', '.join(map(str, architectures))}: FactorLLM converts causal LMs")
+    return width
 
+
+MAX_FFN_WIDTH = 1 << 20  # the largest released FFNs are ~5 x 10^4 wide
+MAX_CONFIG_JSON_BYTES = 1 << 20
+
+
+def config_json(name: str) -> dict:
+    """A local folder's or a hub model's config.json, parsed as JSON: never code. (A config's
+    `auto_map` names Python files that AutoConfig would import with trust_remote_code.)"""
     source = resolve_source(name)
-    return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code).intermediate_size
+    if source.kind == "local":
+        path = Path(source.location) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source.location, "config.json"))
+    if not path.is_file():
+        raise ValueError(f"model {name!r}: {path} is missing or not a regular file")
+    if path.stat().st_size > MAX_CONFIG_JSON_BYTES:
+        raise ValueError(f"model {name!r}: {path} is over {MAX_CONFIG_JSON_BYTES:,} bytes; a model config is a few KB")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"model {name!r}: {path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model {name!r}: {path} holds a {type(config).__name__}, not a mapping")
+    return config
 
 
 def pretraining_tokens(name: str) -> float | None:

@@ -4,6 +4,7 @@ experts included), refused in one line where it is not, and loadable without cus
 import json
 
 import pytest
+import sweep_assets
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -99,36 +100,13 @@ def test_approximate_mode_exports_a_constant_combine_and_measures_its_error(
     assert saved["max_abs_logit_diff"] == check["max_abs_logit_diff"]
 
 
-def trial_config(folder, data_budget_tokens: int = 300) -> dict:
-    """A tiny trial over the sweep tests' assets: no benchmarks, no FLOPs."""
-    import sweep_assets
-
-    assets = sweep_assets.make_assets(folder)
-    (assets / "heldout.txt").write_text((assets / "corpus.txt").read_text())
-    train = {
-        "data_budget_tokens": data_budget_tokens,
-        "corpus": str(assets / "corpus.txt"),
-        "seq_len": 32,
-        "batch_size": 2,
-        "lr": 1e-3,
-    }
-    heldout = {"heldout_text": str(assets / "heldout.txt"), "heldout_tokens": 64, "heldout_seq_len": 32}
-    return {
-        "model": str(assets / "ckpt"),
-        "device": "cpu",
-        "train": train,
-        "eval": {"benchmarks": False} | heldout,
-        "flops": {"enabled": False},
-    }
-
-
 def test_the_command_exports_a_trained_trial_and_refuses_in_one_line(tmp_path, cache_dir, capsys):
 
     from harness.config import TrialConfig
     from harness.export import main
     from harness.trial import Trial
 
-    common = trial_config(tmp_path) | {"latency": {"enabled": False}}
+    common = sweep_assets.trial_config(tmp_path) | {"latency": {"enabled": False}}
     trained = TrialConfig.from_dict(
         common | {"factor": {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}}
     )
@@ -170,7 +148,7 @@ def test_a_trial_asked_for_served_latency_says_why_a_model_is_not_exportable(tmp
     from harness.config import ConfigError, TrialConfig
     from harness.trial import Trial
 
-    config = trial_config(tmp_path, data_budget_tokens=200) | {
+    config = sweep_assets.trial_config(tmp_path, data_budget_tokens=200) | {
         "factor": {"n_experts": 4, "top_k": 2, "combine": "weighted"},
         "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0, "engine": "llama.cpp"},
     }
@@ -259,7 +237,9 @@ def test_a_record_without_kept_weights_says_how_to_get_them(tmp_path, cache_dir,
     from harness.trial import Trial
 
     factor = {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}
-    config = TrialConfig.from_dict(trial_config(tmp_path) | {"latency": {"enabled": False}, "factor": factor})
+    config = TrialConfig.from_dict(
+        sweep_assets.trial_config(tmp_path) | {"latency": {"enabled": False}, "factor": factor}
+    )
     assert Trial(config, tmp_path / "runs").run()["status"] == "completed"
     folder = tmp_path / "runs" / config.trial_id
     (folder / "model" / "source.json").unlink()  # as in a record from before weights were kept

@@ -1,0 +1,94 @@
+"""What a model folder, a grid or a trial folder says never runs code, and hostile model
+configs are refused in one line (issue 31: security, tracebacks, accepted nonsense)."""
+
+import json
+
+import pytest
+import sweep_assets
+
+from harness.config import ConfigError
+from harness.grid import expand_grid
+
+CANARY = "import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('yes')\n"
+
+
+def custom_code_model(folder, tiny_model_factory, **config_overrides):
+    """A real tiny checkpoint whose config.json points at a Python file through auto_map."""
+    model = tiny_model_factory("llama")
+    model.save_pretrained(folder)
+    (folder / "evil.py").write_text(CANARY)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}
+    (folder / "config.json").write_text(json.dumps(config | config_overrides))
+    return folder
+
+
+def grid(model, **top):
+    return {"axes": {"model": [str(model)], "n_experts": [4], "top_k": [2]}, **top}
+
+
+def test_validating_a_grid_with_trust_remote_code_runs_no_model_code(tmp_path, tiny_model_factory):
+    folder = custom_code_model(tmp_path / "m", tiny_model_factory)
+    sweep = expand_grid(grid(folder, trust_remote_code=True))  # what --dry-run does
+    assert len(sweep.trials) == 2 and not (folder / "RAN").exists()
+
+
+@pytest.mark.parametrize(
+    "width,message",
+    [
+        ("96", "intermediate_size '96' is not a whole number"),
+        (None, "intermediate_size None is not a whole number"),
+        (96.0, "intermediate_size 96.0 is not a whole number"),
+        (float("nan"), "intermediate_size nan is not a whole number"),
+        (0, "intermediate_size 0 is not a whole number"),
+        (-96, "intermediate_size -96 is not a whole number"),
+        (True, "intermediate_size True is not a whole number"),
+    ],
+)
+def test_a_config_with_a_nonsense_ffn_width_is_refused_in_one_line(tmp_path, tiny_model_factory, width, message):
+    folder = custom_code_model(tmp_path / "m", tiny_model_factory, intermediate_size=width)
+    with pytest.raises(ConfigError) as error:
+        expand_grid(grid(folder))
+    (problem,) = error.value.problems
+    assert message in problem and "\n" not in problem
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, tiny_model_factory):
+    folder = custom_code_model(tmp_path / "m", tiny_model_factory, architectures=["BertForMaskedLM"])
+    with pytest.raises(ConfigError, match="is BertForMaskedLM: FactorLLM converts causal LMs"):
+        expand_grid(grid(folder))
+
+
+def test_a_config_that_is_not_json_is_refused(tmp_path, tiny_model_factory):
+    folder = custom_code_model(tmp_path / "m", tiny_model_factory)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
+        expand_grid(grid(folder))
+
+
+def test_export_never_takes_trust_remote_code_from_a_record(tmp_path, cache_dir, capsys):
+    """A trial folder handed over with trust_remote_code: true edited into its record, whose source
+    model names a Python file: the export refuses before anything of the model is loaded."""
+    from harness.config import TrialConfig
+    from harness.export import main
+    from harness.trial import Trial
+
+    factor = {"n_experts": 4, "top_k": 2, "combine": "weighted", "router_bias": False}
+    config = TrialConfig.from_dict(
+        sweep_assets.trial_config(tmp_path) | {"latency": {"enabled": False}, "factor": factor}
+    )
+    assert Trial(config, tmp_path / "runs").run()["status"] == "completed"
+    folder = tmp_path / "runs" / config.trial_id
+    record = json.loads((folder / "record.json").read_text())
+    record["config"]["trust_remote_code"] = True
+    (folder / "record.json").write_text(json.dumps(record))
+    source = tmp_path / "ckpt"  # the trial's source model (sweep_assets)
+    (source / "evil.py").write_text(CANARY)
+    model_config = json.loads((source / "config.json").read_text())
+    model_config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (source / "config.json").write_text(json.dumps(model_config))
+    capsys.readouterr()
+    assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names its own code (auto_map" in err[0] and "--trust-remote-code" in err[0]
+    assert not (source / "RAN").exists() and not (tmp_path / "out").exists()
