@@ -138,7 +138,10 @@ def train(
         churn.start()
     model.train()
     budget = sum(b["tokens"] for b in batches)
-    start, start_tokens = time.perf_counter() - summary.seconds, summary.tokens
+    # summary.seconds counts every process's training time (a resume carries it on); the rate is this
+    # process's own tokens over its own seconds, so that a resume does not dilute it
+    resumed_at, resumed_tokens = time.perf_counter(), summary.tokens
+    start = resumed_at - summary.seconds
     for step in range(summary.steps, total_steps):
         micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
         terms = _optimizer_step(model, micro, config, device, optimizer, params, step, bf16, teacher)
@@ -148,7 +151,7 @@ def train(
         summary.final = terms
         summary.history.append([step + 1, terms["lm"], terms["pa"], terms["balance"], terms["kd"]])
         summary.seconds = time.perf_counter() - start
-        rate = (summary.tokens - start_tokens) / max(1e-9, summary.seconds)
+        rate = (summary.tokens - resumed_tokens) / max(1e-9, time.perf_counter() - resumed_at)
         if _crossed_decile(summary.tokens, micro, budget):
             log.info(
                 "train %d/%d tokens, step %d/%d, lm %.3f, pa %s, balance %.4f, kd %s, %.0f tok/s",

@@ -229,6 +229,32 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_checkpoint, tin
         assert torch.equal(a, b), name
 
 
+def test_the_rate_after_a_resume_is_this_process_tokens_over_its_own_seconds(
+    tiny_checkpoint, tiny_corpus, cache_dir, tmp_path
+):
+    """Review bug 5: the rate divided the new tokens by the old and the new seconds together."""
+    from harness.train import TRAIN_STATE
+
+    cfg = config(tiny_checkpoint, tiny_corpus, checkpoint_every=2)
+
+    def crash(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path, on_train_step=crash)
+    path = tmp_path / "runs" / cfg.trial_id / "checkpoint" / TRAIN_STATE
+    state = torch.load(path, weights_only=True)
+    state["summary"]["seconds"] = 1e6  # the dead process trained for a long time
+    torch.save(state, path)
+    _, record = run(cfg, tmp_path)
+    training = record["training"]
+    resumed = [p for p in training["series"] if p["step"] > training["resumed_from_step"]]
+    before = next(p["tokens"] for p in training["series"] if p["step"] == training["resumed_from_step"])
+    assert resumed and all(p["tokens_per_s"] > (p["tokens"] - before) / 1000 for p in resumed)  # not / 10^6 s
+    assert training["seconds"] > 1e6  # the total still counts both processes
+
+
 def test_completed_trial_is_not_rerun(tiny_checkpoint, tiny_corpus, cache_dir, tmp_path, monkeypatch):
     cfg = config(tiny_checkpoint, tiny_corpus, budget=0)
     first = run_trial(cfg, tmp_path / "runs")
