@@ -35,16 +35,21 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.utils.logging import disable_progress_bar
 
 from factorllm_core import COMBINES, FactorConfig, factorized_layers, load_trained_ffns, use_dispatch
+from factorllm_core.factorize import FACTOR_CONFIG_FILE
 from factorllm_core.registry import Registry
+from harness.assets.cache import file_lock
 from harness.logs import setup_console
 from reports.record import RECORD_FILE, output_problem, read_record
 
@@ -384,8 +389,6 @@ def export(
 ) -> dict:
     """Map, check against `model` on `ids`, write `out`, and check the folder loads as stock
     transformers. Returns what was measured."""
-    from transformers import AutoModelForCausalLM
-
     stock = to_stock(model, arch, approximate)
     factor = factorized_layers(model)[0][1].config
     exact = not (approximate and _constant(factor) and 1 < factor.top_k < factor.n_experts)
@@ -404,15 +407,38 @@ def export(
             f"> {tolerance:.2e} in the logits: a bug in the mapping, nothing written"
         )
     out = Path(out)
-    stock.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    if "auto_map" in config:
-        raise RuntimeError(f"{out}/config.json names custom code (auto_map)")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
-    check["reloaded_max_abs_logit_diff"] = compare(model, reloaded, ids)["max_abs_logit_diff"]
-    (out / "factorllm_export.json").write_text(json.dumps(check | {"factor": factor.to_dict()}, indent=2))
+    with file_lock(out.with_name(f".{out.name}.lock")):  # two exports to one folder: one waits
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} was written by another export meanwhile; nothing written")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:  # written whole into a sibling, checked, then renamed: never a half-written --out
+            check |= _write_checked(stock, tokenizer, tmp, model, ids, tolerance)
+            (tmp / "factorllm_export.json").write_text(json.dumps(check | {"factor": factor.to_dict()}, indent=2))
+            if out.exists():
+                out.rmdir()  # an empty folder the user made
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return check
+
+
+def _write_checked(stock, tokenizer, folder: Path, model, ids, tolerance: float | None) -> dict:
+    """Save, then load the folder as stock transformers would and compare it with `model` again."""
+    from transformers import AutoModelForCausalLM
+
+    stock.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if "auto_map" in json.loads((folder / "config.json").read_text()):
+        raise RuntimeError(f"{folder}/config.json names custom code (auto_map)")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    diff = compare(model, reloaded, ids)["max_abs_logit_diff"]
+    if tolerance is not None and diff > tolerance:
+        raise RuntimeError(
+            f"the written folder, loaded back, differs from the factorized model by {diff:.2e} > {tolerance:.2e} "
+            "in the logits: nothing written"
+        )
+    return {"reloaded_max_abs_logit_diff": diff}
 
 
 def trial_record(path: str | Path) -> dict:
@@ -448,7 +474,7 @@ def load_trial(path: str | Path, device: str = "cpu", trust_remote_code: bool = 
             f"{model_dir} holds no trained weights (trials keep them since harness commit a3ff5f4, within record "
             f"schema 3): a completed record is never recomputed, so delete {folder / RECORD_FILE} and rerun the trial"
         )
-    source = json.loads((model_dir / "source.json").read_text())
+    source = _checked_source(model_dir, record)
     if source["name"] not in MODELS and "auto_map" in config_json(source["name"]) and not trust_remote_code:
         raise NotExportable(
             f"the source model {source['name']!r} names its own code (auto_map in config.json), which would run "
@@ -460,7 +486,33 @@ def load_trial(path: str | Path, device: str = "cpu", trust_remote_code: bool = 
             f"the source model {source['name']!r} changed since the trial "
             f"({loaded.source.fingerprint} against {source['fingerprint']})"
         )
-    return load_trained_ffns(loaded.model, model_dir), loaded.tokenizer, record
+    try:
+        return load_trained_ffns(loaded.model, model_dir), loaded.tokenizer, record
+    except (ValueError, RuntimeError, OSError, SafetensorError) as error:  # truncated, wrong shapes, ...
+        raise NotExportable(f"{model_dir}: the trained layers do not load onto {source['name']!r}: {error}") from None
+
+
+def _checked_source(model_dir: Path, record: dict) -> dict:
+    """source.json and factor_config.json of a trial's kept weights, checked against its record:
+    the same source model (name and fingerprint) and the same factor config."""
+    try:
+        source = json.loads((model_dir / "source.json").read_text())
+        meta = json.loads((model_dir / FACTOR_CONFIG_FILE).read_text())
+        saved = FactorConfig.from_dict(meta["factor_config"])
+        if not (isinstance(source, dict) and isinstance(source.get("name"), str) and source.get("fingerprint")):
+            raise ValueError("source.json needs the model's name and fingerprint")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise NotExportable(f"{model_dir}: unreadable or incomplete kept weights ({error})") from None
+    claimed = FactorConfig.from_dict(record["config"]["factor"])
+    if saved != claimed:
+        raise NotExportable(f"{model_dir} holds {saved.name} layers, but the record says {claimed.name}: not exported")
+    wanted = (record["config"].get("model"), (record.get("model") or {}).get("fingerprint"))
+    if (source["name"], source["fingerprint"]) != wanted:
+        raise NotExportable(
+            f"{model_dir}/source.json names {source['name']!r} ({source['fingerprint']}), but the record was trained "
+            f"from {wanted[0]!r} ({wanted[1]}): not exported"
+        )
+    return source
 
 
 def heldout_ids(tokenizer, record: dict, max_len: int, sequences: int | None = 2) -> torch.Tensor:
@@ -492,17 +544,38 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     setup_console()
-    out = Path(args.out)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted: nothing written to %s", args.out)  # export() removes its temporary folder
+        return 130
+
+
+def _out_problem(out: Path, trial: Path) -> str | None:
+    if out.is_symlink():
+        return f"--out {out} is a symbolic link; give the path of a plain folder"
     if why := output_problem(out, folder=True):
-        log.error("--out %s", why)
-        return 2
+        return f"--out {why}"
     if out.exists() and any(out.iterdir()):
-        log.error("--out %s exists and is not an empty folder", out)
-        return 2
+        return f"--out {out} exists and is not an empty folder"
+    if out.resolve().is_relative_to(_folder(trial).resolve() / "model"):
+        return f"--out {out} is inside the trial's own kept weights ({_folder(trial) / 'model'})"
+    return None
+
+
+def _run(args) -> int:
+    out = Path(args.out)
     if not Path(args.trial).exists():
         log.error("%s does not exist: give a trial folder or its record.json", args.trial)
         return 2
+    if why := _out_problem(out, Path(args.trial)):
+        log.error("%s", why)
+        return 2
     try:
+        if args.format == "gguf":  # before anything is written
+            from harness.serve import llama_class, llama_cpp_source
+
+            llama_cpp_source(), llama_class()
         record = trial_record(args.trial)
         factor = FactorConfig.from_dict(record["config"]["factor"])
         arch = pick_arch(args.arch, factor, record["model"]["architecture"])
@@ -515,7 +588,7 @@ def main(argv=None) -> int:
         model, tokenizer, record = load_trial(args.trial, trust_remote_code=args.trust_remote_code)
         ids = heldout_ids(tokenizer, record, getattr(model.config, "max_position_embeddings", 2048))
         check = export(model, tokenizer, ids, out, arch, args.approximate)
-    except (NotExportable, FileNotFoundError) as error:
+    except (NotExportable, RuntimeError, ValueError, OSError) as error:  # ServeUnavailable is a RuntimeError
         log.error("%s", error)
         return 2
     log.info(
@@ -530,8 +603,11 @@ def main(argv=None) -> int:
     if args.format == "gguf":
         from harness.serve import convert_to_gguf
 
-        path = convert_to_gguf(out, args.quant)
-        log.info("wrote %s", path)
+        try:
+            log.info("wrote %s", convert_to_gguf(out, args.quant))
+        except RuntimeError as error:
+            log.error("%s (the transformers folder %s is complete)", error, out)
+            return 2
     return 0
 
 
