@@ -218,6 +218,7 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
         value = (data.get(section) or {}).get(key, default) if sections_ok else default
         if isinstance(value, str) and not path_text_problem("", value):  # else reported by the section's check
             problems += _check_corpus(value, f"{section}.{key}")
+    problems += served_problems(trials)
     if scheduler is not None and scheduler.type != "none" and scheduler.metric == "heldout_loss":
         if any(t.train.heldout_every == 0 for t in trials if not t.is_dense):
             problems.append(
@@ -230,6 +231,16 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
     unique = list({t.trial_id: t for t in trials}.values())
     unique.sort(key=lambda t: not t.is_dense)
     return Sweep(name, storage, unique, skipped, resources, failure, source, scheduler, tracking)
+
+
+def served_problems(trials) -> list[str]:
+    """latency.engine: llama.cpp needs the llama.cpp extra: say so before any trial trains, not at
+    each trial's last stage."""
+    from harness import serve
+
+    if any(t.latency.engine == "llama.cpp" and not t.is_dense for t in trials) and (why := serve.unavailable()):
+        return [f"latency.engine: llama.cpp, but {why}"]
+    return []
 
 
 def _tracking(raw) -> tuple[tuple[str, ...], list[str]]:

@@ -69,6 +69,19 @@ def llama_cpp_source() -> Path:
     return Path(found[-1])
 
 
+def unavailable() -> str | None:
+    """Why llama.cpp cannot serve here (the extra is missing), or None; finds, imports nothing."""
+    import importlib.util
+
+    try:
+        llama_cpp_source()
+    except ServeUnavailable as error:
+        return str(error)
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama-cpp-python is not installed: {INSTALL_HINT}"
+    return None
+
+
 def llama_class():
     try:
         from llama_cpp import Llama

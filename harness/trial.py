@@ -35,6 +35,7 @@ from harness.config import DEVICE, ConfigError, TrialConfig, resolve_precision
 from harness.environment import environment
 from harness.eval.benchmarks import evaluate, make_lm
 from harness.eval.heldout import document_bytes, first_tokens, heldout_measures, heldout_sequences, next_token_logprobs
+from harness.grid import served_problems
 from harness.layerwise import layerwise_fit
 from harness.logs import setup_console, trial_log
 from harness.measure.analysis import ChurnMonitor, analyze_routing
@@ -243,18 +244,26 @@ class Trial:
             self.record["speedup"] = _speedup(latency["dense"], latency["model"])
             if self.config.latency.engine == "llama.cpp":
                 del models
-                lat = self.config.latency
-                self.record["served"] = served_latency(
-                    self.dir / MODEL_DIR,
-                    self._source,
-                    self.tokenizer,
-                    self.probe,
-                    lat.prefill_len,
-                    lat.decode_tokens,
-                    lat.repeats,
-                    torch.get_num_threads(),
-                    self.cache_dir,
-                )
+                self.record["served"] = self._served()
+
+    def _served(self) -> dict:
+        """Served latency, or its failure with the reason: never at the cost of the trial's other results."""
+        lat = self.config.latency
+        try:
+            return served_latency(
+                self.dir / MODEL_DIR,
+                self._source,
+                self.tokenizer,
+                self.probe,
+                lat.prefill_len,
+                lat.decode_tokens,
+                lat.repeats,
+                torch.get_num_threads(),
+                self.cache_dir,
+            )
+        except Exception as error:  # noqa: BLE001 - recorded with its reason; the rest of the record stands
+            detail.warning("served latency failed: %s", traceback.format_exc(limit=4))
+            return {"engine": "llama.cpp", "error": f"{type(error).__name__}: {error}"}
 
     def _in_eval_dtype(self, model):
         dtype = self._eval_dtype()
@@ -466,6 +475,8 @@ def main(argv=None) -> int:
         if args.device:
             config = replace(config, device=args.device)
         resolve_device(config.device)
+        if served := served_problems([config]):
+            raise ConfigError(served, args.config)
     except (ConfigError, OSError, ValueError) as error:
         log.error("%s", error)
         return 2

@@ -1,8 +1,9 @@
 """Served latency of a trial's model in llama.cpp (`latency.engine: llama.cpp`).
 
 The trial's saved weights (fp32, <trial dir>/model) are exported exactly to a stock MoE
-class (harness/export.py) and converted to GGUF (f16) by llama.cpp's own converter; the
-dense source model goes through the same converter once per model and is cached. Both are
+class (harness/export.py's `export`, with its checks against the factorized model) and
+converted to GGUF (f16) by llama.cpp's own converter; the dense source model goes through
+the same converter once per model into the locked, verified cache (harness/assets/cache.py). Both are
 timed in interleaved rounds, prefill of `latency.prefill_len` tokens in one batch and
 `latency.decode_tokens` decode steps, with the trial's thread count. A model that cannot
 be exported exactly gets no served numbers: the record says why.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 SERVED_QUANT = "f16"
+EXPORT_CHECK_TOKENS = 256  # probe tokens the export is checked on (logits, fp32) before it is timed
 
 
 def served_latency(
@@ -37,27 +39,29 @@ def served_latency(
 
     from factorllm_core import load_trained_ffns
     from harness import serve
-    from harness.assets.cache import default_cache_root
-    from harness.export import NotExportable, to_stock
+    from harness.assets.cache import default_cache_root, prepare_cached
+    from harness.export import NotExportable, export
 
     out = {"engine": "llama.cpp", "quant": SERVED_QUANT, "threads": threads}
-    dense_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-    try:
-        stock = to_stock(load_trained_ffns(dense_model, model_dir))
-    except NotExportable as error:
-        return out | {"error": str(error)}
+    factorized = load_trained_ffns(
+        AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32), model_dir
+    )
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
     key = hashlib.sha256(source.fingerprint.encode()).hexdigest()[:16]
-    dense_gguf = root / "gguf" / f"{key}-{SERVED_QUANT}.gguf"
-    if not dense_gguf.exists():  # converted once per source model
-        dense_gguf.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dense_gguf.with_name(dense_gguf.name + ".tmp")
-        serve.convert_to_gguf(source.location, SERVED_QUANT, tmp)
-        tmp.replace(dense_gguf)
     with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
-        stock.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # the converter reads the vocabulary from the folder
-        gguf = serve.convert_to_gguf(tmp, SERVED_QUANT)
+        try:  # the same exact mapping and checks as python -m harness.export
+            export(factorized, tokenizer, probe[:, :EXPORT_CHECK_TOKENS], Path(tmp) / "hf")
+        except NotExportable as error:
+            return out | {"error": str(error)}
+        gguf = serve.convert_to_gguf(Path(tmp) / "hf", SERVED_QUANT)
+        # the dense source through the same converter, once per model: locked and verified (harness/assets/cache.py)
+        dense_gguf = (
+            prepare_cached(
+                root / "gguf" / f"{key}-{SERVED_QUANT}",
+                lambda folder: serve.convert_to_gguf(source.location, SERVED_QUANT, folder / "model.gguf"),
+            )
+            / "model.gguf"
+        )
         ids = probe.flatten().tolist()
         prompt, steps = ids[:prefill_len], ids[prefill_len : prefill_len + decode_tokens]
         contexts = {
