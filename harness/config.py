@@ -451,6 +451,8 @@ class TrialConfig:
             "active_fraction": 1.0 if f is None else f.active_fraction,
             "paper_recipe": self.paper_recipe,
             "factors": self.factors(),
+            # what a factor was before it existed: older records lack options added later (reports pair over both)
+            "factor_defaults": {} if f is None else {d.factor_name: d.default for d in options() if d.factor_name},
             "config": self.to_dict(),
         }
 

@@ -296,12 +296,33 @@ def pair_differences(records: list[dict]) -> pd.DataFrame:
         for b in done[i + 1 :]:
             if eval_key(a) != eval_key(b):
                 continue
-            va, vb = a["factors"], b["factors"]
-            differ = [k for k in va if va[k] != vb[k]]
-            if len(differ) != 1:
+            differ = differing_factors(a, b)
+            if differ is None or len(differ) != 1:
                 continue
-            rows.append(_pair_row(a, b, differ[0], va, vb, dense.get(eval_key(a))))
+            rows.append(_pair_row(a, b, differ[0], a["factors"], b["factors"], dense.get(eval_key(a))))
     return pd.DataFrame(rows, columns=["model", "factor", "a", "b", *DIFFERENCE_COLUMNS])
+
+
+def differing_factors(a: dict, b: dict) -> list[str] | None:
+    """The factors in which two records differ, over the union of their factor names: a factor one
+    record lacks (written before the option existed) takes its declared default, from whichever
+    record carries `factor_defaults`; None when that is unknown (the pair cannot be compared)."""
+    va, vb = a["factors"], b["factors"]
+    defaults = (a.get("factor_defaults") or {}) | (b.get("factor_defaults") or {})
+    differ = []
+    for key in sorted(set(va) | set(vb)):
+        if (key not in va or key not in vb) and key not in defaults:
+            return None
+        x, y = va.get(key, defaults.get(key)), vb.get(key, defaults.get(key))
+        if key == OTHER_TRAINING:  # JSON of the remaining settings: compare those both records name
+            x, y = json.loads(x), json.loads(y)
+            x, y = ({k: v[k] for k in set(x) & set(y)} for v in (x, y))
+        if x != y:
+            differ.append(key)
+    return differ
+
+
+OTHER_TRAINING = "other training settings"  # harness/config.py TrialConfig.factors()
 
 
 def _pair_row(a: dict, b: dict, factor: str, va: dict, vb: dict, dense: dict | None) -> dict:

@@ -72,7 +72,8 @@ def names(factor, train: dict) -> dict:
 
     config = TrialConfig(model="m", factor=FactorConfig(**factor) if factor else None, train=TrainConfig(**train))
     described = config.describe()
-    return {k: described[k] for k in ("variant", "setting", "recipe", "active_fraction", "paper_recipe", "factors")}
+    keys = ("variant", "setting", "recipe", "active_fraction", "paper_recipe", "factors", "factor_defaults")
+    return {k: described[k] for k in keys}
 
 
 def record(
@@ -485,3 +486,26 @@ def test_a_sweep_without_benchmarks_reports_held_out_measures(records, tmp_path)
     # it says there are no benchmark results, rather than that the dense model is at chance on them
     assert "has no benchmark results here (eval.benchmarks: false)" in text and "On none of them" not in text
     assert "### Per benchmark" not in text and "Setup: benchmarks off" in text
+
+
+def test_records_from_before_an_option_existed_pair_over_its_default(records):
+    """Review bug 1: a record written before router_bias existed lacks that factor; pairing it with a
+    newer one raised KeyError or paired trials that differ in two factors as one."""
+    import copy
+
+    k2 = next(r for r in records if r["trial_id"] == "k2")
+    old = copy.deepcopy(k2) | {"trial_id": "k2-old", "variant": "k2 (old record)"}
+    del old["factors"]["router_bias"], old["factor_defaults"]  # as written before the option existed
+    unbiased = copy.deepcopy(k2) | {"trial_id": "k2-nobias", "variant": "k2 bias=False"}
+    unbiased["factors"]["router_bias"] = False
+    both = copy.deepcopy(unbiased) | {"trial_id": "k2-nobias-kd", "variant": "k2 bias=False kd"}
+    both["factors"]["lambda_kd"] = 1.0
+    dense = next(r for r in records if r["trial_id"] == "dense")
+    pairs = pair_differences([dense, old, unbiased, both])
+    assert [(p.a, p.b, p.factor) for p in pairs.itertuples()] == [
+        ("k2 (old record)", "k2 bias=False", "router_bias"),  # the old record had the default, True
+        ("k2 bias=False", "k2 bias=False kd", "lambda_kd"),
+    ]  # and old against both (two factors) is not a pair
+    unknown = copy.deepcopy(old) | {"trial_id": "k2-unknown"}
+    unknown["factors"]["new_option"] = 3  # a factor whose default no record declares
+    assert pair_differences([dense, old, unknown]).empty  # not comparable, not a KeyError
