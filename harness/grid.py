@@ -11,6 +11,7 @@ collected and reported at once; nothing starts on an invalid grid.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -340,6 +341,8 @@ def _include_problems(raw) -> list[str]:
         return []
     if not isinstance(raw, list):
         return [f"include: {short(raw)} must be a list of variants (axis -> value)"]
+    if len(raw) > MAX_TRIALS:  # before each is validated
+        return [f"include: {len(raw):,} variants; at most {MAX_TRIALS:,} in one grid: split it into several grid files"]
     problems = []
     for i, extra in enumerate(raw):
         if not isinstance(extra, dict) or not extra or set(extra) - set(axis_options()):
@@ -373,6 +376,8 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
     """(label, trial dict) for every combination, the skipped ones with reasons, and problems."""
     base, shared_factor = _base_trial(data), dict(data.get("factor") or {})  # mappings: checked before
     rules, problems = _skip_rules(data.get("skip"))
+    if why := _size_problem(axes, data.get("include") or []):
+        return [], [], problems + [why]  # before anything expands: 10^9 combinations would not fit in memory
     names = list(axes)
     points = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
     for extra in data.get("include") or []:  # checked by _include_problems
@@ -400,6 +405,23 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
             dense.update(model=model, factor=None)
             out.append((f"model={model}, dense", dense))
     return out, skipped, problems
+
+
+MAX_TRIALS = 2_000  # a week of the largest trials on a 16-GPU cluster; far beyond any one grid here
+
+
+def _size_problem(axes: dict, includes: list) -> str | None:
+    """How many combinations the axes and includes make, said before any is built."""
+    sizes = {name: len(values) for name, values in axes.items()}
+    total = math.prod(sizes.values()) + len(includes)
+    if total <= MAX_TRIALS:
+        return None
+    parts = [" x ".join(f"{n} {name}" for name, n in sizes.items() if n > 1) or "1 combination of the axes"]
+    parts += [f"{len(includes):,} includes"] if includes else []
+    return (
+        f"axes: the grid expands to {total:,} trials ({' + '.join(parts)}); at most {MAX_TRIALS:,} in one grid: "
+        "split it into several grid files (e.g. one per model or per seed), each run with its own name"
+    )
 
 
 SKIP_RULE_KEYS = ("when", "reason")

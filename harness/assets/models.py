@@ -188,12 +188,31 @@ def hub_revision(name: str) -> str | None:
         return None
 
 
+MAX_MODEL_FOLDER_ENTRIES = 10_000  # a checkpoint folder holds tens of files; "/" or "~" would be walked whole
+
+
 def _folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and times of the files in a checkpoint folder (never their contents). The
+    folder must hold config.json, and the walk stops at MAX_MODEL_FOLDER_ENTRIES."""
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(f"model {str(folder)!r} is a folder without config.json: not a model checkpoint")
+    entries, stack = [], [folder]
+    while stack:
+        with os.scandir(stack.pop()) as listing:
+            for entry in listing:
+                entries.append(entry)
+                if len(entries) > MAX_MODEL_FOLDER_ENTRIES:
+                    raise ModelUnavailable(
+                        f"model {str(folder)!r} holds more than {MAX_MODEL_FOLDER_ENTRIES:,} files and folders: "
+                        "not a model checkpoint"
+                    )
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    for entry in sorted(entries, key=lambda e: Path(e.path)):  # the order of sorted(folder.rglob("*")): ids hold
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"{Path(entry.path).relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -2,6 +2,7 @@
 configs are refused in one line (issue 31: security, tracebacks, accepted nonsense)."""
 
 import json
+import re
 
 import pytest
 import sweep_assets
@@ -92,3 +93,51 @@ def test_export_never_takes_trust_remote_code_from_a_record(tmp_path, cache_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "names its own code (auto_map" in err[0] and "--trust-remote-code" in err[0]
     assert not (source / "RAN").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused_without_walking_it(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="model '/' is a folder without config.json: not a model checkpoint"):
+        expand_grid(grid("/"))
+    assert time.perf_counter() - start < 5
+
+
+def test_the_fingerprint_of_a_checkpoint_folder_is_unchanged(tmp_path, tiny_model_factory):
+    """Dense baselines are found by it: the bounded walk must give the old rglob order's digest."""
+    import hashlib
+
+    from harness.assets.models import _folder_fingerprint
+
+    folder = tmp_path / "m"
+    tiny_model_factory("llama").save_pretrained(folder)
+    for name in ("model.x", "model/x", "model-b/y", "a/b/c.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    digest = hashlib.sha256()  # the implementation before the bound
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    assert _folder_fingerprint(folder) == digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    "grid_data,message",
+    [
+        ({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2], "seed": list(range(100)),
+                   "lr": [1e-3 + i * 1e-5 for i in range(100)]}},
+         "the grid expands to 10,000 trials (100 seed x 100 lr); at most 2,000"),
+        ({"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]},
+          "include": [{"seed": i} for i in range(20_000)]},
+         "include: 20,000 variants; at most 2,000"),
+    ],
+)  # fmt: skip
+def test_a_grid_too_large_to_run_is_refused_at_once_with_its_size(grid_data, message):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand_grid(grid_data)
+    assert time.perf_counter() - start < 5
