@@ -663,7 +663,11 @@ def build_section(cls, data, prefix: str):
         coerced, ok = _coerce(value, hints[key])
         if not ok:
             problems.append(f"{prefix}.{key}: {short(value)} is not {_type_name(hints[key])}")
-        elif problem := _size_problem(f"{prefix}.{key}", coerced) or path_text_problem(f"{prefix}.{key}", coerced):
+        elif problem := (
+            _size_problem(f"{prefix}.{key}", coerced)
+            or range_problem(f"{prefix}.{key}", coerced)
+            or path_text_problem(f"{prefix}.{key}", coerced)
+        ):
             problems.append(problem)
         else:
             values[key] = coerced
@@ -733,6 +737,51 @@ SIZE_LIMITS = {
     "latency.repeats": (1000, "timed runs"),
     "latency.warmup": (1000, "untimed runs"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The physically sensible values of a number (each element of a pair); `why` says whose."""
+
+    low: float
+    high: float
+    high_open: bool = False
+    why: str = ""
+
+    def problem(self, field: str, value) -> str | None:
+        values = value if isinstance(value, tuple) else (value,)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and not all(
+            self.low <= v and (v < self.high if self.high_open else v <= self.high) for v in values
+        ):
+            bounds = f"[{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            shown = ", ".join(f"{v:g}" for v in values)
+            shown = f"[{shown}]" if isinstance(value, tuple) else shown
+            return f"{field}: {shown} is outside {bounds}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+LEARNING_RATE = Range(1e-8, 10.0, why="a learning rate: AdamW steps of 1e-8 or less change no fp32 weight")
+VALUE_RANGES = {
+    "train.lr": LEARNING_RATE,
+    "train.layerwise_lr": LEARNING_RATE,
+    "train.betas": Range(0.0, 1.0, high_open=True, why="Adam's moment decays"),
+    "train.weight_decay": Range(0.0, 1.0),
+    "train.grad_clip": Range(0.0, 1e6),
+    "train.lambda_pa": Range(0.0, 1e3),
+    "train.lambda_balance": Range(0.0, 1e3),
+    "train.lambda_kd": Range(0.0, 1e3),
+    "train.lambda_lm": Range(0.0, 1e3),
+    "eval.sample_seed": Range(0, 2**31 - 1, why="a seed"),
+    "resources.gpus_per_trial": Range(0, 64, why="GPUs one trial can use on one node"),
+    "resources.cpus_per_trial": Range(1, 1024, why="CPUs one trial can use on one node"),
+    "resources.max_concurrent_trials": Range(0, 10_000),
+    "failure.max_failures": Range(0, 100, why="retries of a crashed trial"),
+}
+
+
+def range_problem(field: str, value) -> str | None:
+    bound = VALUE_RANGES.get(field)
+    return None if bound is None else bound.problem(field, value)
 
 
 def _size_problem(field: str, value) -> str | None:

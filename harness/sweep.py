@@ -122,11 +122,27 @@ def short_text(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def resolve_resources(resources: Resources, cluster: dict) -> dict:
+def resolve_resources(resources: Resources, cluster: dict, largest_node: dict | None = None) -> dict:
+    """What each trial reserves. `largest_node`: the most CPUs and GPUs any one live node has
+    (a trial runs on one node); a trial that asks for more could never start, and Tune would
+    wait for it forever, so that is refused here."""
     gpus = resources.gpus_per_trial
     if gpus == "auto":
         gpus = 1 if cluster.get("GPU", 0) > 0 else 0
+    largest = largest_node if largest_node is not None else cluster
+    for name, wanted, key in (("cpus_per_trial", resources.cpus_per_trial, "CPU"), ("gpus_per_trial", gpus, "GPU")):
+        if float(wanted) > largest.get(key, 0):
+            raise ClusterUnreachable(
+                f"resources.{name}: {wanted} is more than any node of this Ray cluster has ({largest.get(key, 0):g} "
+                f"{key}s on the largest): no trial could start; lower it, or add a larger node"
+            )
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
+
+
+def largest_node(nodes: list[dict]) -> dict:
+    """The most CPUs and GPUs on one live node, from ray.nodes()."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    return {key: max((r.get(key, 0) for r in alive), default=0) for key in ("CPU", "GPU")}
 
 
 class TrialErrorsToTrialLog(logging.Filter):
@@ -405,7 +421,7 @@ def run_sweep(
                 "machine, that this driver and every node run the same Ray and Python versions, and that "
                 "RAY_AUTH_MODE is set the same way on the head, every worker node and this driver"
             ) from None
-    resources = resolve_resources(sweep.resources, ray.cluster_resources())
+    resources = resolve_resources(sweep.resources, ray.cluster_resources(), largest_node(ray.nodes()))
     sweep = sweep.with_precision(on_gpu=resources["gpu"] > 0)
     trainable = tune.with_resources(
         tune.with_parameters(

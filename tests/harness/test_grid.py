@@ -87,7 +87,7 @@ def test_every_problem_reported_at_once():
         "extra: unknown key",
         "axes.colour: unknown axis",
         "resources.gpus_per_trial: 'many'",
-        "train.lr: -1.0 must be > 0",
+        "train.lr: -1 is outside [1e-08, 10] (a learning rate: AdamW steps of 1e-8 or less change no fp32 weight)",
         "eval.tasks='squad' is not a known benchmark",
         "factor.router_mode='learned' is not a known router mode",
         "axes.model: model 'nope/x'",

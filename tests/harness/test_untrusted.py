@@ -141,3 +141,39 @@ def test_a_grid_too_large_to_run_is_refused_at_once_with_its_size(grid_data, mes
     with pytest.raises(ConfigError, match=re.escape(message)):
         expand_grid(grid_data)
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    "section,values,message",
+    [
+        ("train", {"lr": 1e15}, "train.lr: 1e+15 is outside [1e-08, 10] (a learning rate"),
+        ("train", {"lr": 5e-324}, "train.lr: 4.94066e-324 is outside [1e-08, 10]"),
+        ("train", {"betas": [0.9, 1.5]}, "train.betas: [0.9, 1.5] is outside [0, 1) (Adam's moment decays)"),
+        ("train", {"betas": [-5, -5]}, "train.betas: [-5, -5] is outside [0, 1)"),
+        ("eval", {"sample_seed": -1}, "eval.sample_seed: -1 is outside [0, 2.14748e+09] (a seed)"),
+        ("failure", {"max_failures": 10**15}, "failure.max_failures: 1e+15 is outside [0, 100]"),
+        ("resources", {"gpus_per_trial": 10**6}, "resources.gpus_per_trial: 1e+06 is outside [0, 64]"),
+        ("resources", {"cpus_per_trial": 10**5}, "resources.cpus_per_trial: 100000 is outside [1, 1024]"),
+    ],
+)
+def test_nonsense_numbers_are_refused_with_their_physical_range(section, values, message):
+    data = {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}, section: values}
+    with pytest.raises(ConfigError) as error:
+        expand_grid(data)
+    (problem,) = error.value.problems
+    assert problem.startswith(message), problem
+
+
+def test_a_trial_larger_than_any_node_is_refused_instead_of_waiting_forever():
+    from harness.grid import Resources
+    from harness.sweep import ClusterUnreachable, largest_node, resolve_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    largest = largest_node(nodes)
+    assert largest == {"CPU": 2.0, "GPU": 0}  # a dead node offers nothing
+    cluster = {"CPU": 2.0}
+    assert resolve_resources(Resources(cpus_per_trial=2), cluster, largest) == {"cpu": 2, "gpu": 0.0}
+    with pytest.raises(ClusterUnreachable, match=r"resources.cpus_per_trial: 1000 is more than any node .* \(2 CPUs"):
+        resolve_resources(Resources(cpus_per_trial=1000), cluster, largest)
+    with pytest.raises(ClusterUnreachable, match=r"resources.gpus_per_trial: 1 is more than any node .* \(0 GPUs"):
+        resolve_resources(Resources(gpus_per_trial=1), cluster, largest)
