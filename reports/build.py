@@ -10,7 +10,6 @@ embedded PNGs), trials.csv (every number, with per-benchmark maintenance) and th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -21,7 +20,15 @@ import pandas as pd
 
 from . import plots
 from .findings import findings
-from .record import RECORD_FILE, load_records, output_problem, read_record, write_json_atomic, write_text_atomic
+from .record import (
+    RECORD_FILE,
+    load_records,
+    output_problem,
+    read_json_bounded,
+    read_record,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .scaling_section import scaling_section
 from .stats import N_BOOT
 from .tables import (
@@ -479,11 +486,32 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
         models = {r["config"]["model"] for r in records}
         baselines = [r for r in load_records(sweep_dir.parent / "baselines") if r["config"]["model"] in models]
         return build_report(_one_baseline_each(baselines, records) + records, out_dir, title=f"Sweep {sweep_dir.name}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     records = [r for rel in manifest["records"].values() if (r := read_record(sweep_dir / rel)) is not None]
     return build_report(
         records, out_dir, expected=manifest["expected"], title=manifest["title"], skipped=manifest["skipped"]
     )
+
+
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def read_manifest(path: Path) -> dict:
+    """sweep.json, checked: a mapping with a title, records (trial id -> relative path), the
+    trials expected and the combinations skipped. Raises ValueError naming what is wrong."""
+    try:
+        manifest = read_json_bounded(path, MAX_MANIFEST_BYTES)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a sweep manifest") from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not a sweep manifest ({str(error)[:200]})") from None
+    shapes = {"title": str, "records": dict, "expected": list, "skipped": list}
+    wrong = [k for k, kind in shapes.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
+    if not wrong and not all(isinstance(v, str) for v in manifest["records"].values()):
+        wrong = ["records (trial id -> path)"]
+    if wrong:
+        raise ValueError(f"{path} is not a sweep manifest: {', '.join(wrong)} missing or of the wrong type")
+    return manifest
 
 
 def _one_baseline_each(baselines: list[dict], records: list[dict]) -> list[dict]:
@@ -516,7 +544,11 @@ def main(argv=None) -> int:
     if not any((sweep_dir / "records").glob(f"**/{RECORD_FILE}")) and not (sweep_dir / MANIFEST).is_file():
         print(f"error: {sweep_dir}/records holds no {RECORD_FILE}: nothing to report", file=sys.stderr)
         return 2
-    print(f"report: {build_sweep_report(sweep_dir, args.out)}")
+    try:
+        print(f"report: {build_sweep_report(sweep_dir, args.out)}")
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,8 +62,11 @@ def problem(record) -> str | None:
         return f"missing field(s) {', '.join(missing)}"
     if record["status"] not in STATUSES:
         return f"status {record['status']!r} is none of {', '.join(STATUSES)}"
-    if not isinstance(record["config"], dict) or not isinstance(record["config"].get("train"), dict):
+    config = record["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         return "config is not a trial config"
+    if why := _shape_problem(record):
+        return why
     metrics = record.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         return "metrics is not a mapping of benchmark -> result"
@@ -70,6 +74,49 @@ def problem(record) -> str | None:
         missing = [key for key in METRIC_FIELDS if not isinstance(result, dict) or key not in result]
         if missing:
             return f"metrics.{name}: missing field(s) {', '.join(missing)}"
+    return None
+
+
+# The shapes a report relies on: (where, what it must be, test).
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SHAPES = (
+    ("config.model", "a model name", lambda r: isinstance(r["config"].get("model"), str)),
+    ("config.factor", "a mapping or null", lambda r: isinstance(r["config"].get("factor"), (dict, type(None)))),
+    ("config.eval", "a mapping", lambda r: isinstance(r["config"].get("eval"), dict)),
+    (
+        "config.train.data_budget_tokens",
+        "an integer",
+        lambda r: isinstance(r["config"]["train"].get("data_budget_tokens"), int),
+    ),
+    ("factors", "a mapping", lambda r: isinstance(r["factors"], dict)),
+    ("setting, recipe, variant, label", "strings", lambda r: all(isinstance(r[k], str) for k in _NAMES)),
+    ("active_fraction", "a number", lambda r: _is_number(r["active_fraction"])),
+    ("metrics.*.value", "numbers", lambda r: all(_is_number(m["value"]) for m in (r.get("metrics") or {}).values())),
+    (
+        "heldout.per_sequence_loss",
+        "a list of numbers",
+        lambda r: r.get("heldout") is None or _numbers(r["heldout"].get("per_sequence_loss") or []),
+    ),
+    ("flops", "numbers", lambda r: r.get("flops") is None or all(_is_number(v) for v in r["flops"].values())),
+)
+_NAMES = ("setting", "recipe", "variant", "label")
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and all(_is_number(v) for v in values)
+
+
+def _shape_problem(record: dict) -> str | None:
+    for where, what, test in _SHAPES:
+        try:
+            ok = test(record)
+        except (AttributeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            return f"{where} must be {what}"
     return None
 
 
@@ -81,10 +128,10 @@ def read_record(path: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        record = read_json_bounded(path, MAX_RECORD_BYTES)
         why = problem(record)
-    except (OSError, ValueError) as error:
-        why = f"{type(error).__name__}: {error}"
+    except (OSError, ValueError, RecursionError) as error:
+        why = f"{type(error).__name__}: {str(error)[:200]}"
     if why:
         log.warning(
             "unreadable record %s (%s): treated as missing (a sweep runs the trial again, a report leaves it out)",
@@ -93,6 +140,25 @@ def read_record(path: str | Path) -> dict | None:
         )
         return None
     return record
+
+
+MAX_RECORD_BYTES = 64 << 20  # a record with per-item outcomes of the full benchmark sets is a few MB
+
+
+def read_json_bounded(path: str | Path, max_bytes: int):
+    """JSON from a regular file of at most `max_bytes`: a FIFO would block the reader, a device
+    (a symlink to /dev/zero) never end, and a huge file take all memory; each is refused before it
+    is read. Nesting too deep for the decoder raises RecursionError (callers treat it as unreadable)."""
+    info = os.stat(path)  # follows symlinks: what would actually be read
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file (a pipe, a device or a folder?)")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{path} is {info.st_size:,} bytes, over the {max_bytes:,} a record file may have")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} grew past {max_bytes:,} bytes while read")
+    return json.loads(data)
 
 
 def load_records(folder: str | Path) -> list[dict]:

@@ -509,3 +509,77 @@ def test_records_from_before_an_option_existed_pair_over_its_default(records):
     unknown = copy.deepcopy(old) | {"trial_id": "k2-unknown"}
     unknown["factors"]["new_option"] = 3  # a factor whose default no record declares
     assert pair_differences([dense, old, unknown]).empty  # not comparable, not a KeyError
+
+
+def hostile_record(folder, case, good):
+    """Put a hostile record.json at folder/record.json (issue 31's cases)."""
+    import copy
+    import json
+    import os
+
+    folder.mkdir(parents=True)
+    path = folder / "record.json"
+    if case == "fifo":
+        os.mkfifo(path)
+    elif case == "dev zero":
+        path.symlink_to("/dev/zero")
+    elif case == "200 MB":
+        with open(path, "wb") as f:
+            f.truncate(200 << 20)  # sparse: its size is what is refused, without reading it
+    elif case == "nested 100k":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        rec = copy.deepcopy(good) | {"trial_id": folder.name}
+        {
+            "string number": lambda r: r.update(active_fraction="half"),
+            "factor a string": lambda r: r["config"].update(factor="1R4E2K"),
+            "model a list": lambda r: r["config"].update(model=["m"]),
+            "factors null": lambda r: r.update(factors=None),
+            "heldout strings": lambda r: r["heldout"].update(per_sequence_loss=["x"]),
+        }[case](rec)
+        path.write_text(json.dumps(rec))
+
+
+HOSTILE_RECORDS = ["fifo", "dev zero", "200 MB", "nested 100k", "string number", "factor a string", "model a list",
+                   "factors null", "heldout strings"]  # fmt: skip
+
+
+def test_hostile_records_are_skipped_with_a_warning_naming_each(records, tmp_path, caplog):
+    """One malformed record never kills the report, hangs it, or fills memory: it is left out
+    and named (issue 31)."""
+    import json
+    import time
+
+    from reports.build import main as build_main
+
+    sweep = tmp_path / "s"
+    for rec in records:
+        (sweep / "records" / rec["trial_id"]).mkdir(parents=True)
+        (sweep / "records" / rec["trial_id"] / "record.json").write_text(json.dumps(rec))
+    k2 = next(r for r in records if r["trial_id"] == "k2")
+    for case in HOSTILE_RECORDS:
+        hostile_record(sweep / "records" / f"bad-{case.replace(' ', '-')}", case, k2)
+    start = time.perf_counter()
+    assert build_main([str(sweep)]) == 0
+    assert time.perf_counter() - start < 60
+    warned = [r.getMessage() for r in caplog.records if "unreadable record" in r.getMessage()]
+    for case in HOSTILE_RECORDS:
+        assert any(f"bad-{case.replace(' ', '-')}" in w for w in warned), case
+    text = (sweep / "report" / "report.md").read_text()
+    assert "| dense |" in text and "bad-" not in text.split("## Failed")[0]
+
+
+@pytest.mark.parametrize(
+    "manifest,message",
+    [("{not json", "is not a sweep manifest"), ("[1, 2]", "title, records, expected, skipped missing"),
+     ('{"title": "t", "expected": [], "skipped": []}', "records missing or of the wrong type"),
+     ('{"title": "t", "records": {"a": 3}, "expected": [], "skipped": []}', "records (trial id -> path)")],
+)  # fmt: skip
+def test_a_broken_sweep_manifest_is_one_line_and_exit_2(tmp_path, capsys, manifest, message):
+    from reports.build import main as build_main
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(manifest)
+    assert build_main([str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
