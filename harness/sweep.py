@@ -468,9 +468,17 @@ def run_sweep(
         results = fit(tuner, storage)
     except KeyboardInterrupt:
         return sweep, collect_records(sweep, storage)
+    except RayStopped as error:  # finished records are kept, and the report says what is unfinished
+        log.error("%s", error)
+        return sweep, collect_records(sweep, storage)
     finally:
         tune_logger.removeFilter(moved)
     return sweep, collect_records(sweep, storage, results)
+
+
+class RayStopped(RuntimeError):
+    """Ray Tune's controller itself stopped (e.g. its memory monitor killed a worker: Tune 2.60
+    raises from fit() instead of failing that trial); the message is one line."""
 
 
 def fit(tuner, storage: Path):
@@ -485,7 +493,16 @@ def fit(tuner, storage: Path):
             raise OSError(
                 errno.ENOSPC, f"Ray stopped ({type(error).__name__}: {error}) with {free // 1024} KiB free on the disk"
             ) from error
+        if isinstance(error, RuntimeError):
+            raise RayStopped(f"Ray Tune stopped the sweep: {ray_reason(error)}") from error
         raise
+
+
+def ray_reason(error: Exception) -> str:
+    """The one line of a Ray error that says why (an OOM kill names the memory it saw)."""
+    lines = [line.strip() for line in ANSI.sub("", str(error)).splitlines() if line.strip()]
+    memory = [line for line in lines if "running low on memory" in line or line.startswith("OOM kill reason")]
+    return " ".join(memory)[:600] if memory else (lines[0][:600] if lines else type(error).__name__)
 
 
 def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict | None]:
@@ -605,7 +622,7 @@ def finish(sweep: Sweep, storage: Path, records: dict, seconds: float, grid_path
     )
     log.info("report: %s", report)
     if unfinished:
-        log.info("interrupted: resume with  python -m harness.sweep %s --resume", grid_path)
+        log.info("unfinished: resume with  python -m harness.sweep %s --resume", grid_path)
         return 130
     return 1 if failed else 0
 

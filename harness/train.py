@@ -278,7 +278,46 @@ def _optimizer_step(
 
 def distillation_kl(dense_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(dense || model) of the next-token distributions, mean over unmasked positions
-    (float32). dense_logits, logits: (B, L, V); mask: (B, L), 1 = a real token."""
+    (float32). dense_logits, logits: (B, L, V); mask: (B, L), 1 = a real token. Computed in blocks
+    of positions (_BlockedKL): the reference below keeps five (B, L, V) float32 tensors for the
+    backward pass, 5 GB at Gemma3's 262k-token vocabulary and 1,024 tokens a step."""
+    keep = mask.to(torch.float32)
+    return _BlockedKL.apply(dense_logits.detach(), logits, keep)
+
+
+class _BlockedKL(torch.autograd.Function):
+    """KL(softmax(dense) || softmax(student)) summed over kept positions / their count. The gradient
+    with respect to the student's logits is (softmax(student) - softmax(dense)) x keep / count:
+    computed with the loss, block by block, and kept (one tensor of the logits' size)."""
+
+    BLOCK = 256  # positions at a time: (256, V) float32 temporaries
+
+    @staticmethod
+    def forward(ctx, dense_logits, logits, keep):
+        vocab = logits.shape[-1]
+        dense_rows, rows, weights = dense_logits.reshape(-1, vocab), logits.reshape(-1, vocab), keep.reshape(-1)
+        grad = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, rows.shape[0], _BlockedKL.BLOCK):
+            block = slice(start, start + _BlockedKL.BLOCK)
+            dense = torch.log_softmax(dense_rows[block].float(), dim=-1)
+            student = torch.log_softmax(rows[block].float(), dim=-1)
+            p = dense.exp()
+            total += ((p * (dense - student)).sum(dim=-1) * weights[block]).sum()
+            grad[block] = (student.exp() - p) * weights[block, None]
+        count = weights.sum()
+        ctx.save_for_backward(grad, count)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, count = ctx.saved_tensors
+        return None, (grad * (grad_output / count)).reshape(ctx.shape).to(ctx.dtype), None
+
+
+def distillation_kl_reference(dense_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain computation `distillation_kl` must match (tests/harness/test_train_memory.py)."""
     dense = torch.log_softmax(dense_logits.float(), dim=-1)
     student = torch.log_softmax(logits.float(), dim=-1)
     per_position = (dense.exp() * (dense - student)).sum(dim=-1)  # (B, L)
