@@ -56,13 +56,17 @@ def record_path(config: TrialConfig, storage: Path, name: str) -> Path:
     return trial_dir(config, storage, name) / config.trial_id / RECORD_FILE
 
 
-def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int) -> None:
+def trial_worker(
+    tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int, copy_checkpoints: bool = True
+) -> None:
     """Runs inside a Ray worker: one trial. Each intermediate training result goes to Tune as
-    it comes (`tune.report`), with the training checkpoint when one was written, so Tune's
-    result files, TensorBoard and schedulers see the trial while it runs; then one final
-    report with the record's numbers. A trial restarted by Ray (a retry, --resume, another
-    node) resumes from its own checkpoint folder, or from Tune's copy when that folder is
-    gone (`tune.get_checkpoint()`)."""
+    it comes (`tune.report`), so Tune's result files, TensorBoard and schedulers see the trial
+    while it runs; then one final report with the record's numbers. A trial restarted by Ray (a
+    retry, --resume, another node) resumes from its own checkpoint folder, or from Tune's copy
+    when that folder is gone (`tune.get_checkpoint()`). Tune gets that copy only where it can
+    help (`copy_checkpoints`: several nodes, where a retry may land elsewhere): on one machine
+    it would double the disk a training checkpoint takes (~1 GB on SmolLM2: expert slices and
+    Adam state) for nothing."""
     import ray
     import torch
     from ray import tune
@@ -81,7 +85,7 @@ def trial_worker(tune_config: dict, storage: str, name: str, cache_dir: str | No
 
     def report(point: dict, checkpoint: Path | None) -> None:
         last.update(point)
-        saved = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        saved = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint and copy_checkpoints else None
         tune.report(dict(point), checkpoint=saved)
 
     record = run_trial(config, out_dir, cache_dir=cache_dir, where=where, on_report=report)
@@ -137,6 +141,12 @@ def resolve_resources(resources: Resources, cluster: dict, largest_node: dict | 
                 f"{key}s on the largest): no trial could start; lower it, or add a larger node"
             )
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
+
+
+def copy_checkpoints(nodes: list[dict]) -> bool:
+    """Whether Tune should keep its own copy of each training checkpoint: only with more than
+    one live node, where a retried trial may land on a node without the trial's folder."""
+    return sum(1 for n in nodes if n.get("Alive")) > 1
 
 
 def largest_node(nodes: list[dict]) -> dict:
@@ -430,6 +440,7 @@ def run_sweep(
             name=sweep.name,
             cache_dir=cache_dir,
             cpus=sweep.resources.cpus_per_trial,
+            copy_checkpoints=copy_checkpoints(ray.nodes()),
         ),
         resources,
     )

@@ -69,9 +69,9 @@ def test_a_sweep_reports_intermediate_results_to_tune_and_tensorboard(assets, tm
     ]
     assert results[-1]["status"] == "completed" and results[-1]["heldout_loss_full"] == record["heldout"]["loss"]
 
-    # the training state went through Tune (the latest kept: CheckpointConfig(num_to_keep=1))
-    (copy,) = trial_folder.glob("checkpoint_*")
-    assert (copy / "train_state.pt").exists()
+    # on one node Tune keeps no copy of the training state (it would double its disk): the trial's own is the one
+    assert not list(trial_folder.glob("checkpoint_*"))
+    assert (tmp_path / "runs" / "tiny" / "records" / variant.trial_id / "checkpoint" / "train_state.pt").exists()
 
     scalars = tensorboard_scalars(trial_folder)
     for tag in ("ray/tune/lm", "ray/tune/heldout_loss", "ray/tune/tokens", "ray/tune/lr", "ray/tune/tokens_per_s"):
@@ -131,3 +131,11 @@ def test_a_trial_without_its_checkpoint_folder_resumes_from_tunes_copy(tmp_path)
     assert (local / "train_state.pt").read_bytes() == b"newer local state"
     restore_checkpoint(None, tmp_path / "other")  # a first attempt: nothing to restore
     assert not (tmp_path / "other").exists()
+
+
+def test_tune_copies_training_checkpoints_only_across_several_nodes():
+    from harness.sweep import copy_checkpoints
+
+    assert not copy_checkpoints([{"Alive": True}])
+    assert not copy_checkpoints([{"Alive": True}, {"Alive": False}])  # a dead node holds nothing
+    assert copy_checkpoints([{"Alive": True}, {"Alive": True}])
