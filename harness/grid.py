@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from harness.assets.corpora import resolve_corpus
-from harness.assets.models import ModelUnavailable, ffn_width
+from harness.assets.models import ModelUnavailable, ffn_width, memory_problem
 from harness.config import (
     SECTIONS,
     ConfigError,
@@ -493,6 +493,8 @@ def _check_models(axes: dict, includes: list, trials: list[dict]) -> list[str]:
     for model in sorted(models, key=str):
         try:
             widths[model] = ffn_width(model)
+            if why := memory_problem(model):
+                problems.append(f"axes.model: {why}")
         except (ModelUnavailable, ValueError, OSError) as error:
             problems.append(f"axes.model: {error}")
     factors = [(t.get("model"), t["factor"]) for t in trials if isinstance(t.get("factor"), dict)]

@@ -30,7 +30,13 @@ import torch
 
 from factorllm_core import calibrate, defactorize, factorize, factorized_layers, save_trained_ffns
 from harness.assets.corpora import pack, resolve_corpus, token_budget
-from harness.assets.models import load_model, pretraining_tokens, resolve_device, use_offline_mode_if_hub_unreachable
+from harness.assets.models import (
+    load_model,
+    memory_problem,
+    pretraining_tokens,
+    resolve_device,
+    use_offline_mode_if_hub_unreachable,
+)
 from harness.config import DEVICE, ConfigError, TrialConfig, resolve_precision
 from harness.environment import environment
 from harness.eval.benchmarks import evaluate, make_lm
@@ -477,6 +483,8 @@ def main(argv=None) -> int:
         resolve_device(config.device)
         if served := served_problems([config]):
             raise ConfigError(served, args.config)
+        if why := memory_problem(config.model):  # before anything is allocated
+            raise ConfigError([f"model: {why}"], args.config)
     except (ConfigError, OSError, ValueError) as error:
         log.error("%s", error)
         return 2

@@ -288,6 +288,30 @@ def ffn_width(name: str) -> int:
     return width
 
 
+def memory_problem(name: str) -> str | None:
+    """Why a local or hub model cannot be loaded here: its fp32 weights, estimated from
+    config.json (embeddings, and per layer 4 h^2 for attention and 3 h I for the FFN), would
+    not fit in this machine's memory. Checked before anything is allocated (a config that
+    says 10^6 layers would otherwise allocate until the machine stops). None if it fits."""
+    if name in MODELS:
+        return None
+    config = config_json(name)
+    try:
+        hidden, width = int(config["hidden_size"]), int(config["intermediate_size"])
+        layers, vocab = int(config["num_hidden_layers"]), int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as error:
+        return f"model {name!r}: config.json lacks a usable {error} (sizes: hidden, intermediate, layers, vocab)"
+    tied = bool(config.get("tie_word_embeddings", False))
+    params = vocab * hidden * (1 if tied else 2) + layers * (4 * hidden * hidden + 3 * hidden * width)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        return (
+            f"model {name!r}: its config describes ~{params / 1e9:.1f}B parameters, {4 * params / 2**30:.0f} GiB in "
+            f"fp32, more than this machine's {memory / 2**30:.0f} GiB of memory"
+        )
+    return None
+
+
 MAX_FFN_WIDTH = 1 << 20  # the largest released FFNs are ~5 x 10^4 wide
 MAX_CONFIG_JSON_BYTES = 1 << 20
 

@@ -177,3 +177,20 @@ def test_a_trial_larger_than_any_node_is_refused_instead_of_waiting_forever():
         resolve_resources(Resources(cpus_per_trial=1000), cluster, largest)
     with pytest.raises(ClusterUnreachable, match=r"resources.gpus_per_trial: 1 is more than any node .* \(0 GPUs"):
         resolve_resources(Resources(gpus_per_trial=1), cluster, largest)
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_anything_is_allocated(
+    tmp_path, tiny_model_factory, capsys
+):
+    import time
+
+    from harness.trial import main as trial_main
+
+    folder = custom_code_model(tmp_path / "m", tiny_model_factory, num_hidden_layers=1_000_000)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"describes ~\d+\.\dB parameters, \d+ GiB in fp32, more than this machine"):
+        expand_grid(grid(folder))
+    (tmp_path / "t.yaml").write_text(f"model: {folder}\n")
+    assert trial_main([str(tmp_path / "t.yaml"), "--out", str(tmp_path / "runs")]) == 2
+    assert "more than this machine's" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10 and not (folder / "RAN").exists()
