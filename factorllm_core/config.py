@@ -13,11 +13,6 @@ MAX_EXPERTS = 4096  # per layer; beyond this an expert is a handful of neurons
 MAX_ROUTERS = 64  # per layer; the paper's settings use 1-4
 
 
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @dataclass(frozen=True)
 class FactorConfig:
     """One FactorLLM setting, `{n_routers}R{n_experts}E{top_k}K` (+ `{n_shared}S`).

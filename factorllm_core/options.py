@@ -37,7 +37,8 @@ NOT_RECIPE: Any = _NotRecipe()
 TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a name (a string)", bool: "true or false"}
 
 
-def _short(value, limit: int = 60) -> str:
+def short(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -62,7 +63,7 @@ class Option:
         else:
             ok = isinstance(value, kind)
         if not ok:
-            return f"{name}={_short(value)} must be {TYPE_WORDS.get(kind, kind.__name__)}"
+            return f"{name}={short(value)} must be {TYPE_WORDS.get(kind, kind.__name__)}"
         if self.choices is None or value in self.choices:
             return None
         allowed = self.choices.names() if hasattr(self.choices, "names") else sorted(self.choices)

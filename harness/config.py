@@ -21,6 +21,7 @@ import yaml
 
 from factorllm_core import DISPATCH, FactorConfig
 from factorllm_core.options import Declared, declared, option
+from factorllm_core.options import short as core_short
 from harness.eval.benchmarks import LM_KINDS, resolve_task_names
 
 
@@ -114,9 +115,8 @@ def _check_size(data) -> None:
 
 
 def short(value, limit: int = 80) -> str:
-    """repr(value) cut to `limit` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """repr(value) cut to `limit` characters (the harness's messages allow 80)."""
+    return core_short(value, limit)
 
 
 class ConfigError(ValueError):
