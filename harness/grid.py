@@ -33,6 +33,7 @@ from harness.config import (
     resolve_precision,
     short,
 )
+from harness.train import SCHEDULER_METRICS
 from reports.record import output_problem
 
 REQUIRED_AXES = ("model", "n_experts", "top_k")
@@ -71,7 +72,6 @@ class Failure:
 
 
 SCHEDULERS = ("none", "asha")
-SCHEDULER_METRICS = ("heldout_loss", "lm")  # what every training result carries (harness/train.py)
 
 
 @dataclass(frozen=True)

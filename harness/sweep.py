@@ -37,7 +37,7 @@ from harness.assets.models import model_fingerprint
 from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
 from harness.logs import FORMAT, setup_console
-from harness.train import SERIES_KEYS, TRAIN_STATE
+from harness.train import SCHEDULER_METRICS, SCHEDULER_TIME, SERIES_KEYS, TRAIN_STATE
 from reports.record import RECORD_FILE, new_record, output_problem, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
@@ -89,7 +89,7 @@ def trial_worker(
         tune.report(dict(point), checkpoint=saved)
 
     record = run_trial(config, out_dir, cache_dir=cache_dir, where=where, on_report=report)
-    tune.report(tune_metrics(record) | {k: last[k] for k in ("tokens", "heldout_loss", "lm") if k in last})
+    tune.report(tune_metrics(record) | {k: last[k] for k in (SCHEDULER_TIME, *SCHEDULER_METRICS) if k in last})
 
 
 def restore_checkpoint(checkpoint, local: Path) -> None:
@@ -186,7 +186,7 @@ def make_scheduler(config):
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
-        time_attr="tokens",
+        time_attr=SCHEDULER_TIME,
         metric=config.metric,
         mode=config.mode,
         grace_period=config.grace_tokens,

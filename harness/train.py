@@ -194,6 +194,8 @@ def train(
 
 # The keys of an intermediate result (`_point`, then `heldout_loss` where measured).
 SERIES_KEYS = ("step", "tokens", "lm", "pa", "balance", "kd", "lr", "tokens_per_s", "churn", "heldout_loss")
+SCHEDULER_METRICS = ("heldout_loss", "lm")  # the series keys an early-stopping scheduler may compare (lower is better)
+SCHEDULER_TIME = "tokens"  # and what it counts progress in (each trial's last report repeats all three)
 
 
 def _every(step: int, every: int, last: bool) -> bool:
