@@ -38,7 +38,8 @@ from harness.config import ConfigError, TrialConfig
 from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
 from harness.logs import FORMAT, setup_console
 from harness.train import SCHEDULER_METRICS, SCHEDULER_TIME, SERIES_KEYS, TRAIN_STATE
-from reports.record import RECORD_FILE, new_record, output_problem, read_record, write_record
+from reports import record as record_module
+from reports.record import RECORD_FILE, failed_record, output_problem, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -303,8 +304,8 @@ def _results_file(trial) -> Path | None:
 
 
 def stopped_record(config: TrialConfig, last: dict, results: Path | None) -> dict:
-    """The record of a trial a scheduler stopped: status `stopped`, the last metrics it
-    reported, the tokens it trained on, and its training series from Tune's result file."""
+    """The record of a trial a scheduler stopped (reports/record.py), its training series read
+    from Tune's result file."""
     series = []
     if results is not None and results.exists():
         for line in results.read_text().splitlines():
@@ -314,13 +315,7 @@ def stopped_record(config: TrialConfig, last: dict, results: Path | None) -> dic
                 continue  # a line being written when the trial stopped
             if "status" not in result:
                 series.append({k: result[k] for k in SERIES_KEYS if k in result})
-    last_point = {k: last[k] for k in SERIES_KEYS if k in last}
-    return new_record(
-        config.describe(),
-        status="stopped",
-        stopped={"by": "scheduler", "last": last_point, "tokens": last.get("tokens", 0)},
-        training={"tokens": last.get("tokens", 0), "steps": last.get("step", 0), "series": series},
-    )
+    return record_module.stopped_record(config.describe(), {k: last[k] for k in SERIES_KEYS if k in last}, series)
 
 
 def quiet_ray() -> None:
@@ -529,9 +524,7 @@ def collect_records(sweep: Sweep, storage: Path, results=None) -> dict[str, dict
         if record is not None:
             records[config.trial_id] = record
         elif config.trial_id in errors:
-            record = new_record(
-                config.describe(), status="failed", error="ray: " + errors[config.trial_id].splitlines()[-1][:2000]
-            )
+            record = failed_record(config.describe(), "ray: " + errors[config.trial_id].splitlines()[-1][:2000])
             write_record(path, record)
             records[config.trial_id] = record
         else:

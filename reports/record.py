@@ -48,6 +48,28 @@ def new_record(described: dict, **fields) -> dict:
     return {"schema": SCHEMA, **described, "status": "running", "error": None, "stage_seconds": {}, **fields}
 
 
+def failed_record(described: dict, reason: str) -> dict:
+    """A trial that ended without its own record (Ray gave up on its worker): `failed`, the reason, no numbers."""
+    return new_record(described, status="failed", error=reason)
+
+
+def stopped_record(described: dict, last: dict, series: list[dict]) -> dict:
+    """A trial an early-stopping scheduler stopped: `stopped`, the last point it reported, the
+    tokens it trained on, and its training series. A trial Ray retried reports the steps after
+    its checkpoint again: each step is kept once, its latest report."""
+    by_step = {point["step"]: point for point in series if "step" in point}
+    return new_record(
+        described,
+        status="stopped",
+        stopped={"by": "scheduler", "last": last, "tokens": last.get("tokens", 0)},
+        training={
+            "tokens": last.get("tokens", 0),
+            "steps": last.get("step", 0),
+            "series": [by_step[step] for step in sorted(by_step)],
+        },  # fmt: skip
+    )
+
+
 def problem(record) -> str | None:
     """Why `record` is not a readable record of this schema, or None."""
     if not isinstance(record, dict):

@@ -250,3 +250,23 @@ def test_ray_stopping_the_sweep_on_memory_is_one_line_not_a_traceback(tmp_path):
     message = str(stopped.value)
     assert "\n" not in message and "running low on memory" in message and "22.51GB used / 23.54GB" in message
     assert "Object store" not in message
+
+
+def test_a_stopped_trial_ray_retried_keeps_each_step_once(tmp_path):
+    """Review bug 9: a retried trial reports the steps after its checkpoint again, and the series
+    rebuilt from Tune's result file repeated them."""
+    import json
+
+    from harness.config import TrialConfig
+    from harness.sweep import stopped_record
+
+    reported = [{"step": s, "tokens": 64 * s, "lm": 9.0 - s} for s in (1, 2, 3)]
+    retried = [{"step": s, "tokens": 64 * s, "lm": 8.5 - s} for s in (2, 3, 4)]  # resumed from step 1's checkpoint
+    results = tmp_path / "result.json"
+    results.write_text("\n".join(json.dumps(r) for r in reported + retried) + "\n{torn")
+    config = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
+    record = stopped_record(config, retried[-1], results)
+    series = record["training"]["series"]
+    assert [p["step"] for p in series] == [1, 2, 3, 4]
+    assert series[1]["lm"] == 6.5  # the retry's report of step 2, the one training went on from
+    assert record["status"] == "stopped" and record["stopped"]["tokens"] == 256
