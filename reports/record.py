@@ -122,7 +122,14 @@ _SHAPES = (
         "a list of numbers",
         lambda r: r.get("heldout") is None or _numbers(r["heldout"].get("per_sequence_loss") or []),
     ),
-    ("flops", "numbers", lambda r: r.get("flops") is None or all(_is_number(v) for v in r["flops"].values())),
+    (
+        "flops.*_gflops_per_token",
+        "numbers",
+        lambda r: (
+            r.get("flops") is None
+            or all(_is_number(v) for k, v in r["flops"].items() if k.endswith("_gflops_per_token"))
+        ),
+    ),
 )
 _NAMES = ("setting", "recipe", "variant", "label")
 
