@@ -61,6 +61,10 @@ def _size(rows: pd.DataFrame, out_dir: Path) -> list[str]:
                  _num(r.get("total_reduction_pct"), 1), _range(r, "decode_speedup"),
                  _range(r, "served_decode_speedup"), _num(r["ideal_decode"], 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    if rows["gap_bpb"].isna().all():
+        lines += ["", "Gap and KL in bits per byte are n/a: this sweep's held-out text is cut by tokens, which cover "
+                  "different text for each tokenizer; `eval.heldout_documents` measures every model on the same "
+                  "documents (experiments/scaling.yaml)."]  # fmt: skip
     lines += [
         "",
         "Bits per byte: nats summed over the same held-out documents for every model, / ln 2, over their UTF-8 "

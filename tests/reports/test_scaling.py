@@ -193,3 +193,15 @@ def test_a_sweep_of_one_model_and_budget_points_to_the_scaling_grid(tmp_path):
     records = [r for r in scaling_records() if r["config"]["model"] == "small"][:2]
     text = build_report(records, tmp_path).read_text()
     assert POINTER in text and "## Scaling\n" not in text
+
+
+def test_a_sweep_of_token_cut_held_out_text_says_why_bits_per_byte_are_missing(tmp_path):
+    from reports.build import build_report
+
+    records = scaling_records()
+    for r in records:  # as written with eval.heldout_documents: 0
+        for key in ("per_sequence_bytes", "per_sequence_tokens"):
+            r["heldout"].pop(key)
+    section = build_report(records, tmp_path).read_text().split("## Scaling\n")[1]
+    assert "Gap and KL in bits per byte are n/a: this sweep's held-out text is cut by tokens" in section
+    assert "| big | 630 |" in section  # the rest of the table stands
