@@ -350,6 +350,19 @@ def restore_tuner(tune, experiment: Path, trainable):
         ) from None
 
 
+def use_callbacks(tuner, callbacks: list) -> None:
+    """Tuner.restore brings back the callbacks the dead process pickled, with its clock (elapsed
+    seconds counted from a perf_counter of another process) and its storage (stopped records
+    written where the sweep used to be, if --storage changed): put this process's in their place.
+    Ray 2.60 has no public setter for a restored tuner's run config."""
+    run_config = getattr(getattr(tuner, "_local_tuner", None), "get_run_config", lambda: None)()
+    if run_config is None:
+        raise DamagedState(
+            "this Ray version's restored Tuner has no run config to give fresh callbacks: run without --resume"
+        )
+    run_config.callbacks = callbacks
+
+
 class ClusterUnreachable(RuntimeError):
     """--address names a Ray cluster this driver cannot join."""
 
@@ -440,8 +453,13 @@ def run_sweep(
         resources,
     )
     experiment = storage / sweep.name
+    callbacks = [
+        progress_callback(len(sweep.trials), sweep.failure.max_failures, sweep, storage),
+        *loggers(sweep.tracking, sweep.name),
+    ]
     if resume and tune.Tuner.can_restore(str(experiment)):
         tuner = restore_tuner(tune, experiment, trainable)
+        use_callbacks(tuner, callbacks)
     else:
         # the label too: TensorBoard's hyperparameter view shows it beside each run (named by its id)
         params = [{"id": t.trial_id, "label": t.label, "config": t.to_dict()} for t in sweep.trials]
@@ -461,10 +479,7 @@ def run_sweep(
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.failure.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest training state
-                callbacks=[
-                    progress_callback(len(sweep.trials), sweep.failure.max_failures, sweep, storage),
-                    *loggers(sweep.tracking, sweep.name),
-                ],
+                callbacks=callbacks,
             ),
         )
     moved = TrialErrorsToTrialLog({t.trial_id: record_path(t, storage, sweep.name).parent for t in sweep.trials})

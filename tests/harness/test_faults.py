@@ -270,3 +270,17 @@ def test_a_stopped_trial_ray_retried_keeps_each_step_once(tmp_path):
     assert [p["step"] for p in series] == [1, 2, 3, 4]
     assert series[1]["lm"] == 6.5  # the retry's report of step 2, the one training went on from
     assert record["status"] == "stopped" and record["stopped"]["tokens"] == 256
+
+
+def test_a_restored_tuner_gets_this_processes_callbacks(tmp_path):
+    """Review bug 8: Tune restores the callbacks the dead process pickled (its clock, its storage);
+    the sweep replaces them on the restored tuner. Checked on a real Tuner of this Ray version."""
+    tune = pytest.importorskip("ray.tune")
+    from harness.sweep import use_callbacks
+
+    old, new = sweep_module.progress_callback(total=1), sweep_module.progress_callback(total=1)
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[old]))
+    use_callbacks(tuner, [new])
+    assert tuner._local_tuner.get_run_config().callbacks == [new]
+    with pytest.raises(sweep_module.DamagedState, match="run without --resume"):
+        use_callbacks(SimpleNamespace(), [new])
