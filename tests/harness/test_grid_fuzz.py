@@ -1,6 +1,7 @@
 """Grid validation is total: every input gets exit 0 or exit 2 with a message, never a
 traceback or a hang. Known bad inputs first, then seeded mutations of the shipped grids."""
 
+import json
 import math
 import os
 import random
@@ -400,3 +401,50 @@ def test_a_valid_scheduler_leaves_the_trial_ids_alone(tmp_path):
     asha = load_grid(write(tmp_path, default(scheduler={"type": "asha", "grace_tokens": 4096}), "b.yaml"))
     assert [t.trial_id for t in plain.trials] == [t.trial_id for t in asha.trials]
     assert asha.scheduler.type == "asha" and plain.scheduler.type == "none"
+
+
+# Third pass: sizes and hostile folders, through the commands a user runs; exit 0 or 2 within 10 s.
+def _hostile_model(folder: Path, tiny_model_factory, **config) -> str:
+    tiny_model_factory("llama").save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(data | config))
+    return str(folder)
+
+
+def _third_pass(tmp_path: Path, tiny_model_factory) -> dict:
+    axes = {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}
+
+    def model(name: str, **config) -> dict:
+        return {"axes": axes | {"model": [_hostile_model(tmp_path / name, tiny_model_factory, **config)]}}
+
+    product = {"seed": list(range(1000)), "lr": [1e-3] * 1000, "data_budget_tokens": list(range(1000, 2000))}
+    return {
+        "10^9 trials": {"axes": axes | product},
+        "20,000 includes": {"axes": axes, "include": [{"seed": i} for i in range(20_000)]},
+        "99,001 model copies": {"axes": axes | {"model": ["smollm2-135m"] * 99_001}},
+        "model /": {"axes": axes | {"model": ["/"]}},
+        "10^6 layers": model("layers", num_hidden_layers=1_000_000),
+        "width a string": model("string", intermediate_size="96"),
+        "width NaN": model("nan", intermediate_size=float("nan")),
+        "an encoder": model("bert", architectures=["BertForMaskedLM"]),
+        "code through auto_map": model("code", auto_map={"AutoConfig": "evil.C"}) | {"trust_remote_code": True},
+        "lr 1e15": {"axes": axes, "train": {"lr": 1e15}},
+        "betas above 1": {"axes": axes, "train": {"betas": [0.9, 1.5]}},
+        "cpus 10^6": {"axes": axes, "resources": {"cpus_per_trial": 10**6}},
+    }
+
+
+def test_third_pass_structures_exit_0_or_2_quickly(tmp_path, tiny_model_factory, capsys):
+    cases = _third_pass(tmp_path, tiny_model_factory)
+    capsys.readouterr()  # the model folders' save messages
+    for name, data in cases.items():
+        path = write(tmp_path, data, "g.yaml")
+        start = time.perf_counter()
+        try:
+            code = sweep_main([str(path), "--dry-run"])
+        except Exception as error:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{name}: {type(error).__name__}: {error}")
+        err = capsys.readouterr().err
+        assert code in (0, 2) and time.perf_counter() - start < 10, (name, code)
+        if name != "code through auto_map":  # validation reads configs as JSON: auto_map alone is harmless
+            assert code == 2 and err.startswith("error: "), (name, err[:300])
