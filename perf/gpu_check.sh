@@ -6,7 +6,8 @@
 # dispatch, held-out loss/KL, latency with CUDA sync, routing analysis, an atomic
 # record; benchmarks and fvcore off: the device image has no lm-eval or fvcore), see
 # perf/gpu_trial.py: the paper's 1R4E2K and the calibrated recipe (calibration,
-# coact, shared expert, fitted routers, layer-wise stage, distillation); when vLLM is
+# coact, shared expert, fitted routers, layer-wise stage, distillation through the blocked
+# KL of harness/train.py in bf16); when vLLM is
 # importable, the calibrated trial exported and timed in vLLM against its dense model
 # (perf/served_speed.py --engine vllm; up to 180 s more, skipped with a line otherwise);
 # and the benchmark scorer's packed engine in fp32 and bf16 against HFLM-style scoring
