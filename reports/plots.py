@@ -150,14 +150,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def gap_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
-    """The gap to dense (bits per byte) against parameters, one line per conversion."""
-    points = rows.dropna(subset=["params_m", "gap_bpb"])
+def _against_params(rows: pd.DataFrame, column: str):
+    """(figure, axes, [(conversion, its rows by size)]) for a plot of `column` against parameters, or None."""
+    points = rows.dropna(subset=["params_m", column])
     if points.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for conversion, group in points.groupby("conversion"):
-        group = group.sort_values("params_m")
+    return fig, ax, [(name, group.sort_values("params_m")) for name, group in points.groupby("conversion")]
+
+
+def gap_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
+    """The gap to dense (bits per byte) against parameters, one line per conversion."""
+    if (made := _against_params(rows, "gap_bpb")) is None:
+        return None
+    fig, ax, groups = made
+    for conversion, group in groups:
         ax.errorbar(group["params_m"], group["gap_bpb"], yerr=_yerr(group, "gap_bpb"), fmt="o-", capsize=3,
                     label=conversion)  # fmt: skip
     ax.set(xscale="log", xlabel="parameters (M)", ylabel="gap to dense (bits per byte, 95% CI)",
@@ -168,12 +175,10 @@ def gap_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
 
 def decode_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
     """Decode speedup against parameters: eager and served where measured, the ideal from bytes."""
-    points = rows.dropna(subset=["params_m", "ideal_decode"])
-    if points.empty:
+    if (made := _against_params(rows, "ideal_decode")) is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for conversion, group in points.groupby("conversion"):
-        group = group.sort_values("params_m")
+    fig, ax, groups = made
+    for conversion, group in groups:
         line = ax.plot(group["params_m"], group["ideal_decode"], "--", label=f"{conversion}: ideal (bytes)")[0]
         for column, marker, what in (("decode_speedup", "o", "eager"), ("served_decode_speedup", "s", "served")):
             measured = group.dropna(subset=[column]) if column in group else group.iloc[0:0]
