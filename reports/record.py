@@ -87,8 +87,6 @@ def problem(record) -> str | None:
     config = record["config"]
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         return "config is not a trial config"
-    if why := _shape_problem(record):
-        return why
     metrics = record.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         return "metrics is not a mapping of benchmark -> result"
@@ -96,7 +94,7 @@ def problem(record) -> str | None:
         missing = [key for key in METRIC_FIELDS if not isinstance(result, dict) or key not in result]
         if missing:
             return f"metrics.{name}: missing field(s) {', '.join(missing)}"
-    return None
+    return _shape_problem(record)  # last: the specific messages above come first
 
 
 # The shapes a report relies on: (where, what it must be, test).
