@@ -452,6 +452,8 @@ def trial_record(path: str | Path) -> dict:
             f"{folder}: only a completed factorized trial can be exported "
             f"(status {record['status']}, {record['setting']})"
         )
+    if not isinstance(record.get("model"), dict) or not isinstance(record["model"].get("architecture"), str):
+        raise NotExportable(f"{folder}: the record does not say which model it converted (model.architecture)")
     return record
 
 

@@ -50,7 +50,12 @@ def bad_source_json(folder):
     (folder / "model" / "source.json").write_text("[1, 2")
 
 
+def no_model(folder):
+    edit_json(folder / "record.json", lambda r: r.pop("model"))
+
+
 HOSTILE = {
+    "record without model": (no_model, "the record does not say which model it converted"),
     "record claims other layers": (claims_eight, "holds 1R4E2K layers, but the record says 1R8E2K"),
     "source.json names another model": (other_source, "names 'smollm2-135m'"),
     "truncated ffns.safetensors": (truncated, "the trained layers do not load"),
