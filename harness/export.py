@@ -574,10 +574,6 @@ def _run(args) -> int:
         log.error("%s", why)
         return 2
     try:
-        if args.format == "gguf":  # before anything is written
-            from harness.serve import llama_class, llama_cpp_source
-
-            llama_cpp_source(), llama_class()
         record = trial_record(args.trial)
         factor = FactorConfig.from_dict(record["config"]["factor"])
         arch = pick_arch(args.arch, factor, record["model"]["architecture"])
@@ -586,6 +582,10 @@ def _run(args) -> int:
             reasons.append(why)
         if reasons:
             raise NotExportable(f"{factor.name} cannot be exported as {arch}: " + "; ".join(reasons))
+        if args.format == "gguf":  # the extra, before anything is written
+            from harness.serve import llama_class, llama_cpp_source
+
+            llama_cpp_source(), llama_class()
         disable_progress_bar()  # transformers' weight-loading bars
         model, tokenizer, record = load_trial(args.trial, trust_remote_code=args.trust_remote_code)
         ids = heldout_ids(tokenizer, record, getattr(model.config, "max_position_embeddings", 2048))
