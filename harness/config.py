@@ -23,6 +23,7 @@ from factorllm_core import DISPATCH, FactorConfig
 from factorllm_core.options import Declared, declared, option
 from factorllm_core.options import short as core_short
 from harness.eval.benchmarks import LM_KINDS, resolve_task_names
+from reports.record import EVAL_ADDED_LATER
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -466,10 +467,9 @@ class TrialConfig:
             data["train"].pop(name)
         if self.latency.dispatch == "auto" or self.factor is None:  # added later: left out at its
             data["latency"].pop("dispatch")  # default (and where no expert runs), so older ids still hold
-        if self.eval.benchmarks:
-            data["eval"].pop("benchmarks")  # likewise
-        if self.eval.heldout_documents == 0:
-            data["eval"].pop("heldout_documents")  # likewise
+        for name, default in EVAL_ADDED_LATER.items():  # likewise
+            if data["eval"][name] == default:
+                data["eval"].pop(name)
         for name in ("precision", "dispatch"):  # the same, for these two
             if data[name] == "auto" or (name == "dispatch" and self.factor is None):
                 data.pop(name)

@@ -22,6 +22,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "record.json"
+# eval fields added after records existed, each with the value that reproduces what older records
+# measured: left out of trial ids and of the key that pairs trials when at that value, so a record
+# written before the field existed pairs with (and is found as) one written after
+EVAL_ADDED_LATER = {"benchmarks": True, "heldout_documents": 0}
 # 3: the names derived from the config (label, variant, setting, recipe, active_fraction,
 #    paper_recipe, factors); 2: per-item outcomes, chance levels, held-out loss/KL, churn.
 SCHEMA = 3

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .record import active_pct
+from .record import EVAL_ADDED_LATER, active_pct
 from .stats import Estimate
 
 # Each report metric's better direction, in one place.
@@ -92,7 +92,8 @@ def eval_key(record: dict) -> str:
     """What makes two trials' evaluations comparable item for item."""
     cfg = record["config"]
     device = (record.get("environment") or {}).get("device", "?").split(":")[0]
-    return json.dumps([cfg["model"], cfg["eval"], record.get("eval_dtype"), device], sort_keys=True)
+    evaluation = {k: v for k, v in cfg["eval"].items() if EVAL_ADDED_LATER.get(k, object()) != v}
+    return json.dumps([cfg["model"], evaluation, record.get("eval_dtype"), device], sort_keys=True)
 
 
 def completed(records: list[dict]) -> list[dict]:

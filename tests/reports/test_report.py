@@ -583,3 +583,17 @@ def test_a_broken_sweep_manifest_is_one_line_and_exit_2(tmp_path, capsys, manife
     assert build_main([str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_record_written_after_an_eval_field_was_added_pairs_with_its_older_baseline(records):
+    """Found on the extra-models sweep: a converted Gemma3 trial written after eval.heldout_documents
+    existed was not paired with its dense baseline written before (loss - dense, maintenance, FLOPs
+    cut all n/a)."""
+    import copy
+
+    k2 = copy.deepcopy(next(r for r in records if r["trial_id"] == "k2"))
+    k2["config"]["eval"] = dict(k2["config"]["eval"], heldout_documents=0, benchmarks=True)
+    dense = next(r for r in records if r["trial_id"] == "dense")
+    assert "heldout_documents" not in dense["config"]["eval"]
+    row = trial_frame([dense, k2]).set_index("trial_id").loc["k2"]
+    assert not math.isnan(row["delta_loss_vs_dense"]) and not math.isnan(row["maintenance_pct"])
