@@ -109,7 +109,7 @@ def record(
         "eval_dtype": "float32",
         "environment": {"device": "cpu"},
         "model": {"pretraining_tokens": 2e12},
-        "config": {"model": "m", "factor": factor, "seed": 0, "eval": EVAL, "train": train},
+        "config": {"model": "m", "factor": factor, "seed": 0, "eval": dict(EVAL), "train": train},
         "metrics": metrics(scores, seed),
         "flops": {
             "attention_gflops_per_token": attention,
