@@ -376,7 +376,7 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
     """(label, trial dict) for every combination, the skipped ones with reasons, and problems."""
     base, shared_factor = _base_trial(data), dict(data.get("factor") or {})  # mappings: checked before
     rules, problems = _skip_rules(data.get("skip"))
-    if why := _size_problem(axes, data.get("include") or []):
+    if why := _grid_size_problem(axes, data.get("include") or []):
         return [], [], problems + [why]  # before anything expands: 10^9 combinations would not fit in memory
     names = list(axes)
     points = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
@@ -410,7 +410,7 @@ def _candidates(data: dict, axes: dict) -> tuple[list, list[Skipped], list[str]]
 MAX_TRIALS = 2_000  # a week of the largest trials on a 16-GPU cluster; far beyond any one grid here
 
 
-def _size_problem(axes: dict, includes: list) -> str | None:
+def _grid_size_problem(axes: dict, includes: list) -> str | None:
     """How many combinations the axes and includes make, said before any is built."""
     sizes = {name: len(values) for name, values in axes.items()}
     total = math.prod(sizes.values()) + len(includes)

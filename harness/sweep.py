@@ -144,7 +144,7 @@ def resolve_resources(resources: Resources, cluster: dict, largest_node: dict | 
     return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
 
 
-def copy_checkpoints(nodes: list[dict]) -> bool:
+def tune_keeps_checkpoints(nodes: list[dict]) -> bool:
     """Whether Tune should keep its own copy of each training checkpoint: only with more than
     one live node, where a retried trial may land on a node without the trial's folder."""
     return sum(1 for n in nodes if n.get("Alive")) > 1
@@ -448,7 +448,7 @@ def run_sweep(
             name=sweep.name,
             cache_dir=cache_dir,
             cpus=sweep.resources.cpus_per_trial,
-            copy_checkpoints=copy_checkpoints(ray.nodes()),
+            copy_checkpoints=tune_keeps_checkpoints(ray.nodes()),
         ),
         resources,
     )

@@ -134,8 +134,8 @@ def test_a_trial_without_its_checkpoint_folder_resumes_from_tunes_copy(tmp_path)
 
 
 def test_tune_copies_training_checkpoints_only_across_several_nodes():
-    from harness.sweep import copy_checkpoints
+    from harness.sweep import tune_keeps_checkpoints
 
-    assert not copy_checkpoints([{"Alive": True}])
-    assert not copy_checkpoints([{"Alive": True}, {"Alive": False}])  # a dead node holds nothing
-    assert copy_checkpoints([{"Alive": True}, {"Alive": True}])
+    assert not tune_keeps_checkpoints([{"Alive": True}])
+    assert not tune_keeps_checkpoints([{"Alive": True}, {"Alive": False}])  # a dead node holds nothing
+    assert tune_keeps_checkpoints([{"Alive": True}, {"Alive": True}])
