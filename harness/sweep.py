@@ -439,7 +439,8 @@ def run_sweep(
                 "machine, that this driver and every node run the same Ray and Python versions, and that "
                 "RAY_AUTH_MODE is set the same way on the head, every worker node and this driver"
             ) from None
-    resources = resolve_resources(sweep.resources, ray.cluster_resources(), largest_node(ray.nodes()))
+    nodes = ray.nodes()
+    resources = resolve_resources(sweep.resources, ray.cluster_resources(), largest_node(nodes))
     sweep = sweep.with_precision(on_gpu=resources["gpu"] > 0)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -448,7 +449,7 @@ def run_sweep(
             name=sweep.name,
             cache_dir=cache_dir,
             cpus=sweep.resources.cpus_per_trial,
-            copy_checkpoints=tune_keeps_checkpoints(ray.nodes()),
+            copy_checkpoints=tune_keeps_checkpoints(nodes),
         ),
         resources,
     )
