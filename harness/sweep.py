@@ -5,6 +5,8 @@
     python -m harness.sweep experiments/grid.yaml --resume    # restore an interrupted sweep
     python -m harness.sweep grid.yaml --address auto          # join a running Ray cluster
 
+Ray Tune's side (the trainable, callbacks, scheduler, cluster checks) is in harness/tune/.
+
 Layout under `storage` (a local or shared NFS path; every node must see it):
   <storage>/<name>/records/<trial_id>/record.json    one record per trial (+ checkpoints)
   <storage>/baselines/<model fingerprint>/<trial_id>/ dense baselines, reused across sweeps
@@ -17,10 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -33,289 +32,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from harness.assets.cache import DISK_FULL_BYTES
-from harness.assets.models import model_fingerprint
-from harness.config import ConfigError, TrialConfig
-from harness.grid import Resources, Scheduler, Sweep, load_grid, trial_table
-from harness.logs import FORMAT, setup_console
-from harness.train import SCHEDULER_METRICS, SCHEDULER_TIME, SERIES_KEYS, TRAIN_STATE
-from reports import record as record_module
-from reports.record import RECORD_FILE, failed_record, output_problem, read_record, write_record
+from harness.config import ConfigError
+from harness.grid import Scheduler, Sweep, load_grid, trial_table
+from harness.logs import setup_console
+from harness.tune.cluster import (
+    ClusterUnreachable,
+    check_reachable,
+    largest_node,
+    resolve_resources,
+    tune_keeps_checkpoints,
+)
+
+# trial_worker by this module's name too: Tune states saved before harness/tune/ existed name it here
+from harness.tune.worker import record_path, trial_worker
+from reports.record import failed_record, output_problem, read_record, write_record
 
 log = logging.getLogger("harness.sweep")  # by name: this module also runs as __main__
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def trial_dir(config: TrialConfig, storage: Path, name: str) -> Path:
-    """Where a trial's record lives: dense baselines are shared by every sweep in `storage`."""
-    if config.is_dense:
-        fingerprint = hashlib.sha256(model_fingerprint(config.model).encode()).hexdigest()[:12]
-        return storage / "baselines" / fingerprint
-    return storage / name / "records"
-
-
-def record_path(config: TrialConfig, storage: Path, name: str) -> Path:
-    return trial_dir(config, storage, name) / config.trial_id / RECORD_FILE
-
-
-def trial_worker(
-    tune_config: dict, storage: str, name: str, cache_dir: str | None, cpus: int, copy_checkpoints: bool = True
-) -> None:
-    """Runs inside a Ray worker: one trial. Each intermediate training result goes to Tune as
-    it comes (`tune.report`), so Tune's result files, TensorBoard and schedulers see the trial
-    while it runs; then one final report with the record's numbers. A trial restarted by Ray (a
-    retry, --resume, another node) resumes from its own checkpoint folder, or from Tune's copy
-    when that folder is gone (`tune.get_checkpoint()`). Tune gets that copy only where it can
-    help (`copy_checkpoints`: several nodes, where a retry may land elsewhere): on one machine
-    it would double the disk a training checkpoint takes (~1 GB on SmolLM2: expert slices and
-    Adam state) for nothing."""
-    import ray
-    import torch
-    from ray import tune
-
-    from harness.assets.models import use_offline_mode_if_hub_unreachable
-    from harness.trial import CHECKPOINT_DIR, run_trial
-
-    torch.set_num_threads(cpus)
-    use_offline_mode_if_hub_unreachable()
-    config = TrialConfig.from_dict(tune_config["params"]["config"])
-    where = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
-    setup_console()  # in the worker: its stdout is what Ray forwards to the driver's console
-    out_dir = trial_dir(config, Path(storage), name)
-    restore_checkpoint(tune.get_checkpoint(), out_dir / config.trial_id / CHECKPOINT_DIR)
-    last: dict = {}
-
-    def report(point: dict, checkpoint: Path | None) -> None:
-        last.update(point)
-        saved = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint and copy_checkpoints else None
-        tune.report(dict(point), checkpoint=saved)
-
-    record = run_trial(config, out_dir, cache_dir=cache_dir, where=where, on_report=report)
-    tune.report(tune_metrics(record) | {k: last[k] for k in (SCHEDULER_TIME, *SCHEDULER_METRICS) if k in last})
-
-
-def restore_checkpoint(checkpoint, local: Path) -> None:
-    """Tune's copy of a trial's training checkpoint into the trial's own folder, when that
-    folder has none (a trial moved to another node, or its folder was lost)."""
-    if checkpoint is None or (local / TRAIN_STATE).exists():
-        return
-    with checkpoint.as_directory() as folder:
-        if (Path(folder) / TRAIN_STATE).exists():
-            local.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(folder) / TRAIN_STATE, local / TRAIN_STATE)
-            log.info("restored the training checkpoint from Tune's copy into %s", local)
-
-
-def tune_metrics(record: dict) -> dict:
-    """The few numbers Tune shows per trial (completed ones only)."""
-    out = {"status": record["status"], "trial": record["trial_id"]}  # Ray owns the `trial_id` key
-    if record.get("error"):
-        out["error"] = short_text(record["error"])
-    metrics = record.get("metrics") or {}
-    if metrics:
-        out["avg_score"] = sum(m["value"] for m in metrics.values()) / len(metrics)
-    if record.get("flops"):
-        out["ffn_gflops"] = record["flops"]["ffn_gflops_per_token"]
-    if record.get("speedup"):
-        out["prefill_speedup"] = record["speedup"]["prefill"]
-    if record.get("heldout"):
-        out["heldout_loss_full"] = record["heldout"]["loss"]
-    return out
-
-
-def short_text(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def resolve_resources(resources: Resources, cluster: dict, largest_node: dict | None = None) -> dict:
-    """What each trial reserves. `largest_node`: the most CPUs and GPUs any one live node has
-    (a trial runs on one node); a trial that asks for more could never start, and Tune would
-    wait for it forever, so that is refused here."""
-    gpus = resources.gpus_per_trial
-    if gpus == "auto":
-        gpus = 1 if cluster.get("GPU", 0) > 0 else 0
-    largest = largest_node if largest_node is not None else cluster
-    for name, wanted, key in (("cpus_per_trial", resources.cpus_per_trial, "CPU"), ("gpus_per_trial", gpus, "GPU")):
-        if float(wanted) > largest.get(key, 0):
-            raise ClusterUnreachable(
-                f"resources.{name}: {wanted} is more than any node of this Ray cluster has ({largest.get(key, 0):g} "
-                f"{key}s on the largest): no trial could start; lower it, or add a larger node"
-            )
-    return {"cpu": resources.cpus_per_trial, "gpu": float(gpus)}
-
-
-def tune_keeps_checkpoints(nodes: list[dict]) -> bool:
-    """Whether Tune should keep its own copy of each training checkpoint: only with more than
-    one live node, where a retried trial may land on a node without the trial's folder."""
-    return sum(1 for n in nodes if n.get("Alive")) > 1
-
-
-def largest_node(nodes: list[dict]) -> dict:
-    """The most CPUs and GPUs on one live node, from ray.nodes()."""
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    return {key: max((r.get(key, 0) for r in alive), default=0) for key in ("CPU", "GPU")}
-
-
-class TrialErrorsToTrialLog(logging.Filter):
-    """Ray Tune logs a worker's failure (a killed worker's ActorDiedError, say) with its whole
-    traceback, some 24 lines, before the sweep's own one-line notice. This filter, on Tune's
-    controller logger, appends that record, traceback included, to the trial's own log
-    (records/<id>/trial.log) and keeps it off the console."""
-
-    PREFIX = "Trial task failed for trial "
-    LOGGER = "ray.tune.execution.tune_controller"
-
-    def __init__(self, folders: dict[str, Path]):
-        super().__init__()
-        self.folders = folders  # trial id -> its record folder
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        folder = self.folders.get(message[len(self.PREFIX) :].strip()) if message.startswith(self.PREFIX) else None
-        if folder is None:
-            return True
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "trial.log", "a", encoding="utf-8") as log_file:
-            log_file.write(logging.Formatter(FORMAT).format(record) + "\n")
-        return False
-
-
-def make_scheduler(config):
-    """Ray Tune's scheduler for the grid's `scheduler` section (None: FIFO, every trial whole)."""
-    if config.type == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
-        time_attr=SCHEDULER_TIME,
-        metric=config.metric,
-        mode=config.mode,
-        grace_period=config.grace_tokens,
-        reduction_factor=config.reduction_factor,
-        max_t=config.max_tokens,
-        stop_last_trials=False,  # a trial that trains to max_tokens finishes (evaluation and record)
-    )
-
-
-def loggers(tracking: tuple[str, ...], name: str) -> list:
-    """Tune's result files (result.json, progress.csv) always; TensorBoard event files and
-    MLflow runs as `tracking` asks."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    out = [JsonLoggerCallback(), CSVLoggerCallback()]
-    if "tensorboard" in tracking:
-        from ray.tune.logger import TBXLoggerCallback
-
-        out.append(TBXLoggerCallback())
-    if "mlflow" in tracking:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        out.append(MLflowLoggerCallback(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], experiment_name=name))
-    return out
-
-
-def progress_callback(total: int, max_failures: int = 0, sweep: Sweep | None = None, storage: Path | None = None):
-    """A Tune callback printing one line per finished trial, and writing the record of a
-    trial a scheduler stopped (its worker never gets to). Ray is imported lazily."""
-    from ray.tune import Callback
-
-    class Progress(Callback):
-        def __init__(self):
-            self.done, self.start = 0, time.perf_counter()
-            self.configs = {t.trial_id: t for t in (sweep.trials if sweep else [])}
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "status" not in result:
-                return  # an intermediate training result: shown by TensorBoard, not here
-            self.done = _count_with(trials, trial)
-            numbers = ", ".join(
-                f"{k}={v:.3f}" for k, v in result.items() if k in ("avg_score", "ffn_gflops", "prefill_speedup")
-            )
-            error = f"({result['error']})" if result.get("error") else ""
-            log.info(
-                "[sweep %d/%d, %.0f s] %s: %s %s%s",
-                self.done,
-                total,
-                time.perf_counter() - self.start,
-                result.get("trial"),
-                result.get("status"),
-                numbers,
-                error,
-            )
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            config = self.configs.get(trial.config["params"]["id"])
-            if config is None or storage is None:
-                return  # not a sweep's trial (a test's callback)
-            if not config.keep_checkpoints:  # Tune's copies of the training state, like the trial's own
-                for copy in (storage / sweep.name / config.trial_id).glob("checkpoint_*"):
-                    shutil.rmtree(copy, ignore_errors=True)
-            if "status" in last:
-                return  # the worker reported its record
-            self.done = _count_with(trials, trial)
-            path = record_path(config, storage, sweep.name)
-            write_record(path, stopped_record(config, last, _results_file(trial)))
-            if not config.keep_checkpoints:
-                from harness.trial import CHECKPOINT_DIR
-
-                shutil.rmtree(path.parent / CHECKPOINT_DIR, ignore_errors=True)
-            log.info(
-                "[sweep %d/%d, %.0f s] %s: stopped by the scheduler at %s tokens (%s %.4f)",
-                self.done,
-                total,
-                time.perf_counter() - self.start,
-                config.trial_id,
-                last.get("tokens"),
-                sweep.scheduler.metric,
-                last.get(sweep.scheduler.metric, math.nan),
-            )
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            log.info(
-                "[sweep] %s: its worker failed; Ray retries it (failure %d of at most %d), resuming from its "
-                "checkpoint",
-                trial.config["params"]["id"],
-                trial.num_failures,
-                max_failures + 1,
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            log.info(
-                "[sweep] %s: failed %d time(s) in Ray; no retries left (failure.max_failures = %d)",
-                trial.config["params"]["id"],
-                trial.num_failures,
-                max_failures,
-            )
-
-    return Progress()
-
-
-def _count_with(trials, trial) -> int:
-    """The finished trials, this one included (it is still RUNNING when Tune calls back),
-    counted from the trials' states: a restored sweep (--resume) goes on counting."""
-    return 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-
-
-def _results_file(trial) -> Path | None:
-    """Tune's result.json of a trial (one JSON result per line), where its logger wrote it."""
-    path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
-    return Path(path) / "result.json" if path else None
-
-
-def stopped_record(config: TrialConfig, last: dict, results: Path | None) -> dict:
-    """The record of a trial a scheduler stopped (reports/record.py), its training series read
-    from Tune's result file."""
-    series = []
-    if results is not None and results.exists():
-        for line in results.read_text().splitlines():
-            try:
-                result = json.loads(line)
-            except ValueError:
-                continue  # a line being written when the trial stopped
-            if "status" not in result:
-                series.append({k: result[k] for k in SERIES_KEYS if k in result})
-    return record_module.stopped_record(config.describe(), {k: last[k] for k in SERIES_KEYS if k in last}, series)
 
 
 def quiet_ray() -> None:
@@ -363,22 +96,6 @@ def use_callbacks(tuner, callbacks: list) -> None:
     run_config.callbacks = callbacks
 
 
-class ClusterUnreachable(RuntimeError):
-    """--address names a Ray cluster this driver cannot join."""
-
-
-def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
-    """A host:port address must accept a TCP connection before Ray is asked to join it:
-    Ray itself retries an unreachable head for minutes before it says anything."""
-    if not address or address == "auto" or "://" in address or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as error:
-        raise ConnectionError(f"nothing answers at {address} ({error})") from None
-
-
 class SweepRunning(RuntimeError):
     """Another sweep of the same name holds the storage."""
 
@@ -419,10 +136,13 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from harness.tune.callbacks import Progress, TrialErrorsToTrialLog, loggers
+    from harness.tune.schedulers import make_scheduler
+
     storage.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         try:
-            _check_reachable(address)  # before Ray: it retries an unreachable head for minutes
+            check_reachable(address)  # before Ray: it retries an unreachable head for minutes
             ray.init(
                 address=address,
                 include_dashboard=False,
@@ -455,7 +175,7 @@ def run_sweep(
     )
     experiment = storage / sweep.name
     callbacks = [
-        progress_callback(len(sweep.trials), sweep.failure.max_failures, sweep, storage),
+        Progress(len(sweep.trials), sweep.failure.max_failures, sweep, storage),
         *loggers(sweep.tracking, sweep.name),
     ]
     if resume and tune.Tuner.can_restore(str(experiment)):

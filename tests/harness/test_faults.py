@@ -11,6 +11,7 @@ import pytest
 from harness import sweep as sweep_module
 from harness.config import TrialConfig
 from harness.trial import existing_record
+from harness.tune.worker import trial_dir, tune_metrics
 from reports.record import new_record, read_record, write_json_atomic
 
 
@@ -41,7 +42,7 @@ def test_collect_records_treats_a_corrupt_record_as_unfinished(tmp_path):
         {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [2]}, "dense_baseline": False, "name": "s"}
     )
     (trial,) = sweep.trials
-    path = sweep_module.trial_dir(trial, tmp_path, "s") / trial.trial_id / "record.json"
+    path = trial_dir(trial, tmp_path, "s") / trial.trial_id / "record.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     assert sweep_module.collect_records(sweep, tmp_path) == {trial.trial_id: None}
@@ -110,9 +111,7 @@ def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
 
 
 def test_a_failed_trial_shows_its_reason_in_the_progress_line():
-    result = sweep_module.tune_metrics(
-        {"status": "failed", "trial_id": "x", "error": "OSError: [Errno 28] " + "y" * 500}
-    )
+    result = tune_metrics({"status": "failed", "trial_id": "x", "error": "OSError: [Errno 28] " + "y" * 500})
     assert result["error"].startswith("OSError: [Errno 28] yyy") and len(result["error"]) == 200
 
 
@@ -188,49 +187,6 @@ def test_a_full_disk_during_the_sweep_is_one_line(tmp_path, capsys, monkeypatch)
     assert len(err) == 1 and "No space left on device" in err[0] and "records already written are kept" in err[0]
 
 
-def test_retries_are_announced_in_one_line(capsys):
-    pytest.importorskip("ray")
-    progress = sweep_module.progress_callback(total=3, max_failures=2)
-    trial = SimpleNamespace(config={"params": {"id": "1R4E2K-abc"}}, num_failures=1)
-    progress.on_trial_recover(0, [], trial)
-    trial.num_failures = 3
-    progress.on_trial_error(0, [], trial)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == [
-        "[sweep] 1R4E2K-abc: its worker failed; Ray retries it (failure 1 of at most 3), resuming from its checkpoint",
-        "[sweep] 1R4E2K-abc: failed 3 time(s) in Ray; no retries left (failure.max_failures = 2)",
-    ]
-
-
-def test_rays_failure_traceback_goes_to_the_trial_log_not_the_console(tmp_path):
-    import logging
-
-    folder = tmp_path / "records" / "1R4E2K-abc"
-    moved = sweep_module.TrialErrorsToTrialLog({"1R4E2K-abc": folder})
-    try:
-        raise RuntimeError("The actor died unexpectedly before finishing this task.")
-    except RuntimeError as error:
-        exc_info = (type(error), error, error.__traceback__)
-    make = logging.getLogger(moved.LOGGER).makeRecord
-    failed = make(moved.LOGGER, logging.ERROR, __file__, 1, "Trial task failed for trial 1R4E2K-abc", (), exc_info)
-    other = make(moved.LOGGER, logging.ERROR, __file__, 1, "Trial task failed for trial someone-else", (), None)
-    assert moved.filter(failed) is False  # kept off the console
-    assert moved.filter(other) is True  # not one of this sweep's trials: left alone
-    log = (folder / "trial.log").read_text()
-    assert "Trial task failed for trial 1R4E2K-abc" in log and "Traceback" in log and "actor died" in log
-
-
-def test_the_progress_counter_goes_on_after_resume(capsys):
-    """After --resume, Tune's restored trials are TERMINATED already: the count continues."""
-    pytest.importorskip("ray")
-    progress = sweep_module.progress_callback(total=4)
-    done = [SimpleNamespace(status="TERMINATED") for _ in range(2)]
-    running = SimpleNamespace(status="RUNNING")
-    trials = [*done, running, SimpleNamespace(status="PENDING")]
-    progress.on_trial_result(0, trials, running, {"trial": "t3", "status": "completed"})
-    assert "[sweep 3/4," in capsys.readouterr().out
-
-
 def test_ray_stopping_the_sweep_on_memory_is_one_line_not_a_traceback(tmp_path):
     """Tune 2.60 raises from fit() when its memory monitor kills a worker (measured: a Gemma3-270M
     trial with distillation at 20 GB on this 24 GB machine); the sweep keeps its records and says why."""
@@ -252,33 +208,14 @@ def test_ray_stopping_the_sweep_on_memory_is_one_line_not_a_traceback(tmp_path):
     assert "Object store" not in message
 
 
-def test_a_stopped_trial_ray_retried_keeps_each_step_once(tmp_path):
-    """Review bug 9: a retried trial reports the steps after its checkpoint again, and the series
-    rebuilt from Tune's result file repeated them."""
-    import json
-
-    from harness.config import TrialConfig
-    from harness.sweep import stopped_record
-
-    reported = [{"step": s, "tokens": 64 * s, "lm": 9.0 - s} for s in (1, 2, 3)]
-    retried = [{"step": s, "tokens": 64 * s, "lm": 8.5 - s} for s in (2, 3, 4)]  # resumed from step 1's checkpoint
-    results = tmp_path / "result.json"
-    results.write_text("\n".join(json.dumps(r) for r in reported + retried) + "\n{torn")
-    config = TrialConfig.from_dict({"factor": {"n_experts": 4, "top_k": 2}})
-    record = stopped_record(config, retried[-1], results)
-    series = record["training"]["series"]
-    assert [p["step"] for p in series] == [1, 2, 3, 4]
-    assert series[1]["lm"] == 6.5  # the retry's report of step 2, the one training went on from
-    assert record["status"] == "stopped" and record["stopped"]["tokens"] == 256
-
-
 def test_a_restored_tuner_gets_this_processes_callbacks(tmp_path):
     """Review bug 8: Tune restores the callbacks the dead process pickled (its clock, its storage);
     the sweep replaces them on the restored tuner. Checked on a real Tuner of this Ray version."""
     tune = pytest.importorskip("ray.tune")
     from harness.sweep import use_callbacks
+    from harness.tune.callbacks import Progress
 
-    old, new = sweep_module.progress_callback(total=1), sweep_module.progress_callback(total=1)
+    old, new = Progress(total=1), Progress(total=1)
     tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[old]))
     use_callbacks(tuner, [new])
     assert tuner._local_tuner.get_run_config().callbacks == [new]

@@ -118,7 +118,7 @@ def test_asha_stops_a_trial_and_its_record_and_report_say_so(assets, tmp_path, r
 def test_a_trial_without_its_checkpoint_folder_resumes_from_tunes_copy(tmp_path):
     from ray.tune import Checkpoint
 
-    from harness.sweep import restore_checkpoint
+    from harness.tune.worker import restore_checkpoint
 
     tune_copy = tmp_path / "tune"
     tune_copy.mkdir()
@@ -134,7 +134,7 @@ def test_a_trial_without_its_checkpoint_folder_resumes_from_tunes_copy(tmp_path)
 
 
 def test_tune_copies_training_checkpoints_only_across_several_nodes():
-    from harness.sweep import tune_keeps_checkpoints
+    from harness.tune.cluster import tune_keeps_checkpoints
 
     assert not tune_keeps_checkpoints([{"Alive": True}])
     assert not tune_keeps_checkpoints([{"Alive": True}, {"Alive": False}])  # a dead node holds nothing
