@@ -345,7 +345,7 @@ class Trial:
     def _save_model(self) -> None:
         """The trained factorized layers (fp32, before evaluation may cast the model) and
         what rebuilds the whole model from them: its source model and that model's
-        fingerprint (harness/export.py checks it)."""
+        fingerprint (harness/trial_folder.py checks it)."""
         folder = self.dir / MODEL_DIR
         save_trained_ffns(self.model, folder)
         source = {k: self.record["model"][k] for k in ("name", "fingerprint", "architecture")}

@@ -91,7 +91,7 @@ RECIPES = {
             "router_init": "fit",
             "pseudo_label": "min_recon",
             "router_mode": "par",
-            "router_bias": False,  # as the recovery grid trains it: exported exactly (harness/export.py)
+            "router_bias": False,  # as the recovery grid trains it: exported exactly (harness/export/)
         },
         {"calibration_tokens": 2048, "layerwise_steps": 10, "lambda_kd": 1.0},
     ),

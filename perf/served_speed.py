@@ -4,7 +4,7 @@ that llama.cpp computes what transformers computes.
     python perf/served_speed.py runs/sweeps/served/records/<trial_id> ... --quant f16 --threads 2
 
 Needs the llama.cpp extra (FACTORLLM_SERVE=1 bash install.sh). For each trial: the exact
-export (harness/export.py), then GGUF through llama.cpp's own converter; the dense source
+export (harness/export/), then GGUF through llama.cpp's own converter; the dense source
 model goes through the same converter with the same tensor type, so both sides are the
 same kind of file. Then:
   1. parity: per-token log-probabilities on the trial's held-out text, llama.cpp (f32 KV
@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import serve  # noqa: E402
-from harness.export import export, heldout_ids, load_trial  # noqa: E402
+from harness.export import export  # noqa: E402
+from harness.trial_folder import heldout_ids, load_trial  # noqa: E402
 
 PROMPTS = ["The capital of France is", "In 1998, the company announced", "Water boils at a temperature of"]
 

@@ -1,7 +1,7 @@
 """Served latency of a trial's model in llama.cpp (`latency.engine: llama.cpp`).
 
 The trial's saved weights (fp32, <trial dir>/model) are exported exactly to a stock MoE
-class (harness/export.py's `export`, with its checks against the factorized model) and
+class (harness/export/write.py's `export`, with its checks against the factorized model) and
 converted to GGUF (f16) by llama.cpp's own converter; the dense source model goes through
 the same converter once per model into the locked, verified cache (harness/assets/cache.py). Both are
 timed in interleaved rounds, prefill of `latency.prefill_len` tokens in one batch and

@@ -45,7 +45,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(eval_module, "load_model", fail)
     monkeypatch.setattr(trial_module, "run_trial", fail)
-    monkeypatch.setattr(export_module, "load_trial", fail)
+    monkeypatch.setattr("harness.export.cli.load_trial", fail)
 
 
 @pytest.mark.parametrize("where, message", [

@@ -181,7 +181,7 @@ def test_a_wrong_mapping_is_caught_before_anything_is_written(
         layer = right(ffn, factor, approximate)
         return export_module.Layer(layer.router, layer.gate, layer.up, layer.down / factor.n_experts, layer.shared)
 
-    monkeypatch.setattr(export_module, "layer_tensors", forgets_n)
+    monkeypatch.setattr("harness.export.mapping.layer_tensors", forgets_n)
     with pytest.raises(RuntimeError, match="a bug in the mapping, nothing written"):
         export(model, word_tokenizer(["a b c"]), IDS, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -136,7 +136,8 @@ def test_the_check_after_reloading_is_enforced(trial, tmp_path, capsys, monkeypa
 
 
 def test_a_second_export_to_the_same_folder_does_not_overwrite_the_first(trial, tmp_path, word_tokenizer):
-    from harness.export import export, heldout_ids, load_trial
+    from harness.export import export
+    from harness.trial_folder import heldout_ids, load_trial
 
     model, tokenizer, record = load_trial(trial)
     ids = heldout_ids(tokenizer, record, 128)

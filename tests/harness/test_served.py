@@ -80,7 +80,7 @@ def test_an_export_that_fails_its_check_is_not_timed(tmp_path, cache_dir, monkey
         layer = right(ffn, factor, approximate)
         return export_module.Layer(layer.router, layer.gate, layer.up, layer.down / factor.n_experts, layer.shared)
 
-    monkeypatch.setattr(export_module, "layer_tensors", forgets_n)
+    monkeypatch.setattr("harness.export.mapping.layer_tensors", forgets_n)
     record = Trial(trial(tmp_path), tmp_path / "runs").run()
     assert record["status"] == "completed" and "a bug in the mapping" in record["served"]["error"]
     assert engine.loaded == []
