@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .options import declared, option
+from .options import Bound, bound_of, declared, option, short
 from .par import PSEUDO_LABELS, subset_masks
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_INITS, ROUTER_MODES
@@ -41,9 +41,9 @@ class FactorConfig:
     need a calibration pass (`needs_calibration`).
     """
 
-    n_experts: int = option()
-    top_k: int = option()
-    n_routers: int = option(1)
+    n_experts: int = option(bound=Bound(1, MAX_EXPERTS, unit="experts per layer"))
+    top_k: int = option()  # 1 <= top_k <= n_experts, checked below
+    n_routers: int = option(1, bound=Bound(1, MAX_ROUTERS, unit="routers per layer"))
     partition: str = option(
         "contiguous",
         recipe=True,
@@ -70,25 +70,27 @@ class FactorConfig:
         calibrated_hint="router_init fit",
     )
     pseudo_label: str = option("min_mse", recipe=True, tag="{}", choices=PSEUDO_LABELS)
-    seed: int = option(0, axis=False, factor="factor_seed")
-    n_shared: int = option(0, recipe=True, added_later=True, calibrated=lambda v: v > 0, calibrated_hint="n_shared")
+    seed: int = option(0, axis=False, factor="factor_seed", bound=Bound(0, 2**31 - 1, why="a seed"))
+    n_shared: int = option(
+        0,
+        recipe=True,
+        added_later=True,
+        calibrated=lambda v: v > 0,
+        calibrated_hint="n_shared",
+        bound=Bound(0, MAX_EXPERTS - 1, unit="shared experts per layer"),
+    )
     router_bias: bool = option(True, recipe=True, tag="bias={}", added_later=True)
 
     def __post_init__(self):
-        for d in declared(type(self)):  # types and registry names, from the declarations
-            problem = d.option.problem(d.name, getattr(self, d.name), d.type)
+        for f in fields(self):  # types, registry names and bounds, from the declarations
+            option, value = f.metadata["option"], getattr(self, f.name)
+            problem = option.problem(f.name, value, _TYPES[f.name]) or (
+                bound.problem(f.name, value) if (bound := bound_of(f)) else None
+            )
             if problem:
                 raise ValueError(problem)
-        if not 1 <= self.n_experts <= MAX_EXPERTS:
-            raise ValueError(f"n_experts={self.n_experts} must be in [1, {MAX_EXPERTS}]")
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
         if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k={self.top_k} must satisfy 1 <= top_k <= n_experts={self.n_experts}")
-        if not 1 <= self.n_routers <= MAX_ROUTERS:
-            raise ValueError(f"n_routers={self.n_routers} must be in [1, {MAX_ROUTERS}]")
-        if not 0 <= self.n_shared < MAX_EXPERTS:
-            raise ValueError(f"n_shared={self.n_shared} must be in [0, {MAX_EXPERTS})")
+            raise ValueError(f"top_k={short(self.top_k)} must satisfy 1 <= top_k <= n_experts={self.n_experts}")
         if self.router_init != "random" and ROUTER_MODES.get(self.router_mode).random_choice:
             raise ValueError(
                 f"router_init={self.router_init!r} fits a router that router_mode={self.router_mode!r} "
@@ -139,7 +141,14 @@ class FactorConfig:
     @classmethod
     def from_dict(cls, data: dict) -> FactorConfig:
         known = {f.name for f in fields(cls)}
+        allowed = ", ".join(sorted(known))
+        not_names = [k for k in data if not isinstance(k, str)]
+        if not_names:  # YAML keys like 1 or ~ (null): not an option, and not comparable with names
+            raise ValueError(f"{short(not_names[0], 30)}: not an option name (keys are text); allowed: {allowed}")
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown FactorConfig fields {unknown}; allowed: {sorted(known)}")
+            raise ValueError(f"{unknown[0][:40]}: unknown key; allowed: {allowed}")
         return cls(**data)
+
+
+_TYPES = {d.name: d.type for d in declared(FactorConfig)}

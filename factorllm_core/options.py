@@ -13,6 +13,11 @@ is the option's type.
                               calibrated=lambda v: v != "random", calibrated_hint="router_init fit")
 
 Adding an option is one such line (and the code that uses its value).
+
+A plain setting (not a variant's option) is declared the same way with `setting(...)`: its
+`Bound` (the values that make physical sense, checked when a config is built) and its
+`identity` (whether it is part of the trial id) sit beside its default. `option(...)` takes
+a `bound` too.
 """
 
 from __future__ import annotations
@@ -41,6 +46,81 @@ def short(value, limit: int = 60) -> str:
     """repr(value) cut to `limit` characters, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(x) -> str:
+    """A bound or value in a message: integers whole (2147483647), floats short (1e-08)."""
+    return str(x) if isinstance(x, int) and abs(x) < 10**12 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a number may take; a pair (Adam's betas) is checked element by element.
+
+    unit: the field is a size (tokens, steps, runs): above `high` reads "is above the limit
+        of 10,000 measurements", below `low` "must be >= 1". Without a unit the field is a
+        physical quantity (a learning rate, a seed): outside reads "is outside [low, high] (why)".
+    """
+
+    low: float
+    high: float
+    unit: str = ""
+    why: str = ""
+    high_open: bool = False
+
+    def problem(self, field: str, value: Any) -> str | None:
+        """Why `value` is outside this bound, as `field: ...`, or None (also for a non-number:
+        that is a type problem, reported as one)."""
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return None
+        if all(self.low <= v and (v < self.high if self.high_open else v <= self.high) for v in values):
+            return None
+        if self.unit and not isinstance(value, tuple):
+            if value < self.low:
+                return f"{field}: {_number(value)} must be >= {_number(self.low)}"
+            return f"{field}: {_number(value)} is above the limit of {self.high:,} {self.unit}"
+        bounds = f"[{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+        shown = ", ".join(_number(v) for v in values)
+        shown = f"[{shown}]" if isinstance(value, tuple) else shown
+        return f"{field}: {shown} is outside {bounds}" + (f" ({self.why})" if self.why else "")
+
+
+# How a field counts in the trial id (harness/config/identity.py), in its metadata as `identity`:
+ALWAYS = "always"  # part of what is measured
+NEVER = "never"  # where it runs or what is kept and reported, not what is measured
+UNLESS_DEFAULT = "unless default"  # added later: left out at its default, so older ids still hold
+WHERE_EXPERTS_RUN = "where experts run"  # as UNLESS_DEFAULT, and left out of the dense model's id
+IDENTITIES = (ALWAYS, NEVER, UNLESS_DEFAULT, WHERE_EXPERTS_RUN)
+
+
+def setting(
+    default: Any = dataclasses.MISSING, *, bound: Bound | None = None, identity: str = ALWAYS, compared: bool = True
+) -> Any:
+    """A dataclass field that is a plain setting, not a variant's option: its `bound`, its
+    `identity` (see IDENTITIES) and whether two trials that differ only in it are compared
+    as a one-factor pair in the report (`compared`: False for what changes how often something
+    is reported or saved, not what is trained)."""
+    if identity not in IDENTITIES:
+        raise ValueError(f"identity={identity!r} must be one of {IDENTITIES}")
+    metadata = {"bound": bound, "identity": identity, "compared": compared}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def bound_of(f: dataclasses.Field) -> Bound | None:
+    return f.metadata.get("bound")
+
+
+def identity_of(f: dataclasses.Field) -> str:
+    """A field's trial-id rule: declared by `setting`, or UNLESS_DEFAULT for an option added later."""
+    if "identity" in f.metadata:
+        return f.metadata["identity"]
+    option = f.metadata.get("option")
+    return UNLESS_DEFAULT if option is not None and option.added_later else ALWAYS
+
+
+def compared_of(f: dataclasses.Field) -> bool:
+    return f.metadata.get("compared", True)
 
 
 @dataclass(frozen=True)
@@ -75,12 +155,12 @@ class Option:
         return self.paper is not NOT_RECIPE
 
 
-def option(default: Any = dataclasses.MISSING, *, recipe: bool = False, **metadata) -> Any:
+def option(default: Any = dataclasses.MISSING, *, recipe: bool = False, bound: Bound | None = None, **metadata) -> Any:
     """A dataclass field with an `Option` in its metadata; without a default it is required.
-    recipe=True: a recipe choice, whose default is the paper's value."""
+    recipe=True: a recipe choice, whose default is the paper's value. bound: as for `setting`."""
     if recipe:
         metadata["paper"] = default
-    return dataclasses.field(default=default, metadata={"option": Option(**metadata)})
+    return dataclasses.field(default=default, metadata={"option": Option(**metadata), "bound": bound})
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,20 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from factorllm_core.config import MAX_EXPERTS
+from factorllm_core.options import Bound, setting
 from harness.assets.corpora import resolve_corpus
 from harness.assets.models import ModelUnavailable, ffn_width, memory_problem
 from harness.config import (
     SECTIONS,
     ConfigError,
+    EvalConfig,
+    TrainConfig,
     TrialConfig,
     axis_options,
     build_section,
@@ -44,31 +48,24 @@ class Resources:
     """Per-trial resources. gpus_per_trial: 'auto' (1 where the cluster has GPUs, else 0)
     or a number (fractions share a GPU). cpus_per_trial: CPUs reserved (and torch threads)."""
 
-    gpus_per_trial: float | str = "auto"
-    cpus_per_trial: int = 2
-    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    gpus_per_trial: float | str = setting("auto", bound=Bound(0, 64, why="GPUs one trial can use on one node"))
+    cpus_per_trial: int = setting(2, bound=Bound(1, 1024, why="CPUs one trial can use on one node"))
+    max_concurrent_trials: int = setting(0, bound=Bound(0, 10_000))  # 0 = as many as resources allow
 
     def problems(self) -> list[str]:
-        out = []
         if isinstance(self.gpus_per_trial, str) and self.gpus_per_trial != "auto":
-            out.append(f"resources.gpus_per_trial: {self.gpus_per_trial!r} must be 'auto' or a number >= 0")
-        elif not isinstance(self.gpus_per_trial, str) and self.gpus_per_trial < 0:
-            out.append(f"resources.gpus_per_trial: {self.gpus_per_trial} must be >= 0")
-        if self.cpus_per_trial < 1:
-            out.append(f"resources.cpus_per_trial: {self.cpus_per_trial} must be >= 1")
-        if self.max_concurrent_trials < 0:
-            out.append(f"resources.max_concurrent_trials: {self.max_concurrent_trials} must be >= 0")
-        return out
+            return [f"resources.gpus_per_trial: {short(self.gpus_per_trial)} must be 'auto' or a number >= 0"]
+        return []
 
 
 @dataclass(frozen=True)
 class Failure:
     """max_failures: retries of a crashed trial (it resumes from its training checkpoint)."""
 
-    max_failures: int = 1
+    max_failures: int = setting(1, bound=Bound(0, 100, why="retries of a crashed trial"))
 
     def problems(self) -> list[str]:
-        return [] if self.max_failures >= 0 else [f"failure.max_failures: {self.max_failures} must be >= 0"]
+        return []
 
 
 SCHEDULERS = ("none", "asha")
@@ -88,9 +85,9 @@ class Scheduler:
     type: str = "none"
     metric: str = "heldout_loss"
     mode: str = "min"
-    grace_tokens: int = 4096
-    reduction_factor: int = 2
-    max_tokens: int = 10**9
+    grace_tokens: int = setting(4096, bound=Bound(1, 10**11, unit="tokens"))
+    reduction_factor: int = setting(2, bound=Bound(2, 100, unit="(ASHA keeps 1 in reduction_factor at each rung)"))
+    max_tokens: int = setting(10**9, bound=Bound(1, 10**12, unit="tokens"))
 
     def problems(self) -> list[str]:
         out = []
@@ -100,12 +97,8 @@ class Scheduler:
             out.append(f"scheduler.metric: {short(self.metric)} must be one of {', '.join(SCHEDULER_METRICS)}")
         if self.mode not in ("min", "max"):
             out.append(f"scheduler.mode: {short(self.mode)} must be min or max")
-        if not 1 <= self.grace_tokens <= 10**11:
-            out.append(f"scheduler.grace_tokens: {self.grace_tokens} must be in [1, 10**11]")
-        if not 2 <= self.reduction_factor <= 100:
-            out.append(f"scheduler.reduction_factor: {self.reduction_factor} must be in [2, 100]")
-        if not self.grace_tokens <= self.max_tokens <= 10**12:
-            out.append(f"scheduler.max_tokens: {self.max_tokens} must be in [grace_tokens={self.grace_tokens}, 10**12]")
+        if self.max_tokens < self.grace_tokens:
+            out.append(f"scheduler.max_tokens: {self.max_tokens} must be >= grace_tokens={self.grace_tokens}")
         return out
 
 
@@ -142,28 +135,11 @@ class Sweep:
         return replace(self, trials=[fixed(t) for t in self.trials])
 
 
-TOP_KEYS = (
-    "name",
-    "storage",
-    "axes",
-    "include",
-    "skip",
-    "dense_baseline",
-    "factor",
-    "train",
-    "eval",
-    "flops",
-    "latency",
-    "resources",
-    "failure",
-    "device",
-    "trust_remote_code",
-    "precision",
-    "dispatch",
-    "keep_checkpoints",
-    "scheduler",
-    "tracking",
-)
+# the grid's own keys, then the trial's fields that are not axes (sections and settings shared by every trial)
+GRID_KEYS = ("name", "storage", "axes", "include", "skip", "dense_baseline", "resources", "failure", "scheduler",
+             "tracking")  # fmt: skip
+TRIAL_KEYS = tuple(f.name for f in fields(TrialConfig) if f.name not in axis_options())
+TOP_KEYS = GRID_KEYS + TRIAL_KEYS
 
 
 def load_grid(path: str | Path, check_models: bool = True) -> Sweep:
@@ -215,7 +191,8 @@ def expand_grid(data: dict, source: str = "grid", check_models: bool = True) -> 
             trials.append(config)
     if check_models and complete:
         problems += _check_models(axes, data.get("include") or [], [t for _, t in candidates])
-    for section, key, default in (("train", "corpus", "enwiki-gensim"), ("eval", "heldout_text", "lee-news")):
+    texts = (("train", "corpus", TrainConfig.corpus), ("eval", "heldout_text", EvalConfig.heldout_text))
+    for section, key, default in texts:
         value = (data.get(section) or {}).get(key, default) if sections_ok else default
         if isinstance(value, str) and not path_text_problem("", value):  # else reported by the section's check
             problems += _check_corpus(value, f"{section}.{key}")
@@ -363,9 +340,7 @@ def _place(trial: dict, axis: str, value) -> None:
 
 
 def _base_trial(data: dict) -> dict:
-    base = {
-        k: data[k] for k in ("device", "trust_remote_code", "precision", "dispatch", "keep_checkpoints") if k in data
-    }
+    base = {k: data[k] for k in TRIAL_KEYS if k in data and k != "factor" and k not in SECTIONS}
     for section in SECTIONS:
         if section in data:  # mappings (checked before expansion)
             base[section] = dict(data[section] or {})
@@ -504,8 +479,8 @@ def _check_models(axes: dict, includes: list, trials: list[dict]) -> list[str]:
             for model, f in factors
             if isinstance(f.get("n_experts"), int)
             and isinstance(f.get("n_shared", 0), int)
-            and f.get("n_experts") > 0
-            and f.get("n_shared", 0) >= 0
+            and 0 < f.get("n_experts") <= MAX_EXPERTS  # else the factor's own bound says so, once
+            and 0 <= f.get("n_shared", 0) < MAX_EXPERTS
         },
         key=str,
     )

@@ -121,7 +121,7 @@ def test_options_that_need_calibration_refuse_to_build_without(tiny_model_factor
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
-        (dict(n_experts=4, top_k=1, n_shared=-1), r"n_shared=-1 must be in"),
+        (dict(n_experts=4, top_k=1, n_shared=-1), r"n_shared: -1 must be >= 0"),
         (
             dict(n_experts=4, top_k=1, router_init="kmeans"),
             r"router_init='kmeans' is not a known router init; "

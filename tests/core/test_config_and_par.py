@@ -10,8 +10,8 @@ from factorllm_core.router import Routing
     [
         (dict(n_experts=4, top_k=5), r"top_k=5 must satisfy 1 <= top_k <= n_experts=4"),
         (dict(n_experts=4, top_k=0), r"top_k=0 must satisfy"),
-        (dict(n_experts=0, top_k=1), r"n_experts=0 must be in \[1, 4096\]"),
-        (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers=0 must be in \[1, 64\]"),
+        (dict(n_experts=0, top_k=1), r"n_experts: 0 must be >= 1"),
+        (dict(n_experts=4, top_k=1, n_routers=0), r"n_routers: 0 must be >= 1"),
         (dict(n_experts=4, top_k=1.5), r"top_k=1.5 must be an integer"),
         (
             dict(n_experts=4, top_k=1, partition="kmeans"),
@@ -44,7 +44,7 @@ def test_config_is_frozen_and_round_trips():
     assert FactorConfig.from_dict(config.to_dict()) == config
     with pytest.raises(AttributeError):
         config.top_k = 3
-    with pytest.raises(ValueError, match=r"unknown FactorConfig fields \['topk'\]"):
+    with pytest.raises(ValueError, match=r"^topk: unknown key; allowed: combine, n_experts"):
         FactorConfig.from_dict({"n_experts": 4, "topk": 1})
 
 

@@ -150,7 +150,7 @@ def test_a_grid_too_large_to_run_is_refused_at_once_with_its_size(grid_data, mes
         ("train", {"lr": 5e-324}, "train.lr: 4.94066e-324 is outside [1e-08, 10]"),
         ("train", {"betas": [0.9, 1.5]}, "train.betas: [0.9, 1.5] is outside [0, 1) (Adam's moment decays)"),
         ("train", {"betas": [-5, -5]}, "train.betas: [-5, -5] is outside [0, 1)"),
-        ("eval", {"sample_seed": -1}, "eval.sample_seed: -1 is outside [0, 2.14748e+09] (a seed)"),
+        ("eval", {"sample_seed": -1}, "eval.sample_seed: -1 is outside [0, 2147483647] (a seed)"),
         ("failure", {"max_failures": 10**15}, "failure.max_failures: 1e+15 is outside [0, 100]"),
         ("resources", {"gpus_per_trial": 10**6}, "resources.gpus_per_trial: 1e+06 is outside [0, 64]"),
         ("resources", {"cpus_per_trial": 10**5}, "resources.cpus_per_trial: 100000 is outside [1, 1024]"),
@@ -164,9 +164,49 @@ def test_nonsense_numbers_are_refused_with_their_physical_range(section, values,
     assert problem.startswith(message), problem
 
 
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        # a YAML key 1 or ~ gave "'<' not supported between instances of 'NoneType' and 'int'"
+        ({"factor": {1: 2, None: 3}}, "factor.1: not an option name (keys are text); allowed: combine, "),
+        # gave the 100-digit number twice: "must be in [1, 4096]" and "does not divide the FFN width"
+        ({"axes": {"n_experts": [10**100]}}, "factor.n_experts: 1e+100 is above the limit of 4,096 experts per layer"),
+        ({"storage": "/proc/sweeps"}, "storage: /proc/sweeps is on the kernel's proc file system, which holds no"),
+        ({"train": {"corpus": "EMPTY"}}, "train.corpus: corpus='EMPTY' holds no text (its files are empty or "),
+        ({"eval": {"heldout_text": "BLANK"}}, "eval.heldout_text: corpus='BLANK' holds no text"),
+    ],
+)
+def test_wrong_inputs_get_one_right_message(changes, message, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n\t\n")
+    (tmp_path / "blank" / "b.jsonl").write_text("\n\n")
+    places = {"EMPTY": str(tmp_path / "empty.txt"), "BLANK": str(tmp_path / "blank")}
+    data = {"axes": {"model": ["smollm2-135m"], "n_experts": [4], "top_k": [1]}}
+    for key, value in changes.items():
+        if isinstance(value, dict) and key in data:
+            data[key] = data[key] | value
+        elif isinstance(value, dict):
+            data[key] = {k: places.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
+        else:
+            data[key] = value
+    with pytest.raises(ConfigError) as error:
+        expand_grid(data)
+    (problem,) = error.value.problems
+    assert problem.startswith(message.replace("EMPTY", places["EMPTY"]).replace("BLANK", places["BLANK"])), problem
+
+
+def test_a_corpus_with_text_past_what_validation_reads_is_accepted(tmp_path):
+    from harness.assets.corpora import TEXT_CHECK_BYTES, resolve_corpus
+
+    late = tmp_path / "late.txt"
+    late.write_text(" " * (TEXT_CHECK_BYTES + 10) + "words at last")
+    assert resolve_corpus(str(late)).name == str(late)
+
+
 def test_a_trial_larger_than_any_node_is_refused_instead_of_waiting_forever():
     from harness.grid import Resources
-    from harness.sweep import ClusterUnreachable, largest_node, resolve_resources
+    from harness.tune.cluster import ClusterUnreachable, largest_node, resolve_resources
 
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
     largest = largest_node(nodes)
