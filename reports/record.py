@@ -216,7 +216,38 @@ def output_problem(path: str | Path, folder: bool) -> str | None:
             if not os.access(parent, os.W_OK):
                 return f"{parent} is not writable"
             break
+    kind = filesystem_type(path)
+    if kind in VIRTUAL_FILESYSTEMS:
+        return f"{path} is on the kernel's {kind} file system, which holds no files; give a folder on a disk"
     return None
+
+
+# kernel file systems that look writable to root but hold no files (writes fail or do something else)
+VIRTUAL_FILESYSTEMS = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "efivarfs", "binfmt_misc",
+                       "nsfs", "rpc_pipefs")  # fmt: skip
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The file system type of the mount that holds `path` (or would hold it), from
+    /proc/self/mounts (Linux); elsewhere /proc and /sys by name, else None."""
+    try:
+        resolved = Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f.read(1 << 20).splitlines() if len(line.split()) >= 3]
+    except OSError:
+        top = resolved.parts[1] if len(resolved.parts) > 1 else ""
+        return {"proc": "proc", "sys": "sysfs"}.get(top)
+    best, kind = -1, None
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        mount = Path(point)
+        if (resolved == mount or mount in resolved.parents) and len(mount.parts) > best:
+            best, kind = len(mount.parts), fstype
+    return kind
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -165,18 +165,26 @@ def _corpus_files(path: Path) -> list[Path]:
 TEXT_CHECK_BYTES = 1 << 16  # what validation reads of each file to tell text from binary
 
 
-def _check_text(files: list[Path]) -> None:
+def _check_text(files: list[Path], spec: str) -> None:
     """Each file's first TEXT_CHECK_BYTES decode as UTF-8 (a multi-byte character cut at the
-    end is allowed) and hold no NUL byte: a binary file is named here, before any trial."""
+    end is allowed) and hold no NUL byte: a binary file is named here, before any trial. A
+    corpus whose files are read whole and hold only whitespace (or nothing) is refused too:
+    it would fail later, when the first batch found no tokens."""
+    unseen = False  # some file is longer than what is read here: it may hold text further on
+    any_text = False
     for file in files:
         with open(file, "rb") as f:
             head = f.read(TEXT_CHECK_BYTES)
+            unseen = unseen or bool(f.read(1))
+        any_text = any_text or bool(head.strip())
         try:
             codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
             if b"\0" in head:
                 raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
         except UnicodeDecodeError as error:
             raise ValueError(f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); is it binary?") from None
+    if not any_text and not unseen:
+        raise ValueError(f"corpus={spec!r} holds no text (its files are empty or whitespace only)")
 
 
 def _local_documents(path: Path) -> Iterator[str]:
@@ -247,7 +255,7 @@ def resolve_corpus(spec: str) -> Corpus:
             raise ValueError(f"corpus={spec!r}: local corpus files must be .txt or .jsonl")
         if path.is_dir() and not _corpus_files(path):
             raise ValueError(f"corpus={spec!r}: the folder holds no .txt or .jsonl file")
-        _check_text(_corpus_files(path))
+        _check_text(_corpus_files(path), spec)
         return Corpus(str(path), lambda: _local_documents(path), f"local:{_path_fingerprint(path)}")
     raise ValueError(
         f"corpus={spec!r} is not a known corpus ({', '.join(CORPORA.names())}), "
