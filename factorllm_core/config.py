@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .options import Bound, bound_of, declared, option, short
+from .options import Bound, declared, option, short
 from .par import PSEUDO_LABELS, subset_masks
 from .partition import PARTITIONS
 from .router import COMBINES, ROUTER_INITS, ROUTER_MODES
@@ -82,11 +82,9 @@ class FactorConfig:
     router_bias: bool = option(True, recipe=True, tag="bias={}", added_later=True)
 
     def __post_init__(self):
-        for f in fields(self):  # types, registry names and bounds, from the declarations
-            option, value = f.metadata["option"], getattr(self, f.name)
-            problem = option.problem(f.name, value, _TYPES[f.name]) or (
-                bound.problem(f.name, value) if (bound := bound_of(f)) else None
-            )
+        for d in declared(type(self)):  # types, registry names and bounds, from the declarations
+            value = getattr(self, d.name)
+            problem = d.option.problem(d.name, value, d.type) or (d.bound.problem(d.name, value) if d.bound else None)
             if problem:
                 raise ValueError(problem)
         if not 1 <= self.top_k <= self.n_experts:
@@ -149,6 +147,3 @@ class FactorConfig:
         if unknown:
             raise ValueError(f"{unknown[0][:40]}: unknown key; allowed: {allowed}")
         return cls(**data)
-
-
-_TYPES = {d.name: d.type for d in declared(FactorConfig)}

@@ -171,6 +171,7 @@ class Declared:
     type: type
     default: Any
     option: Option
+    bound: Bound | None = None
 
     @property
     def name(self) -> str:
@@ -188,5 +189,5 @@ def declared(cls, prefix: tuple[str, ...] = ()) -> list[Declared]:
     for f in dataclasses.fields(cls):
         if "option" in f.metadata:
             default = f.default if f.default is not dataclasses.MISSING else None
-            out.append(Declared((*prefix, f.name), hints[f.name], default, f.metadata["option"]))
+            out.append(Declared((*prefix, f.name), hints[f.name], default, f.metadata["option"], bound_of(f)))
     return out
