@@ -49,7 +49,7 @@ def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, r
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp_path, cache_dir):
     grid = sweep_assets.write_grid(
-        tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=150
+        tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200, 300], repeats=40
     )
     command = [sys.executable, "-m", "harness.sweep", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -59,7 +59,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp
     records_dir = tmp_path / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and not list(records_dir.glob("**/record.json")):
-        time.sleep(1)
+        time.sleep(0.2)  # Ctrl-C right after the first record: three trials of 40 timed runs each are left
     first = {p: json.loads(p.read_text())["started_at"] for p in records_dir.glob("**/record.json")}
     assert first, "no trial finished in time"
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
