@@ -23,6 +23,7 @@ a `bound` too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -184,10 +185,22 @@ class Declared:
 
 def declared(cls, prefix: tuple[str, ...] = ()) -> list[Declared]:
     """The options a config dataclass declares, in declaration order."""
-    hints = typing.get_type_hints(cls)
+    return list(_declared(cls, prefix))
+
+
+@functools.cache
+def type_hints(cls) -> dict[str, Any]:
+    """typing.get_type_hints(cls), once per class (it evaluates every annotation's string each call:
+    most of a --dry-run's time before this)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _declared(cls, prefix: tuple[str, ...]) -> tuple[Declared, ...]:
+    hints = type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if "option" in f.metadata:
             default = f.default if f.default is not dataclasses.MISSING else None
             out.append(Declared((*prefix, f.name), hints[f.name], default, f.metadata["option"], bound_of(f)))
-    return out
+    return tuple(out)

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import fields
 
-from factorllm_core.options import bound_of
+from factorllm_core.options import bound_of, type_hints
 from factorllm_core.options import short as core_short
 
 
@@ -40,7 +40,7 @@ def build_section(cls, data, prefix: str):
         f"{prefix}.{str(k)[:80]}: unknown key; allowed: {', '.join(known)}"
         for k in sorted(set(data) - set(known), key=str)
     ]
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     values = {}
     for key, value in data.items():
         if key not in known:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from factorllm_core.options import (
     declared,
     option,
     setting,
+    type_hints,
 )
 from harness.config import identity
 from harness.config.fields import ConfigError, build_section, coerce, path_text_problem, short, type_name
@@ -227,7 +227,7 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
                 kwargs["factor"] = OPTION_CLASSES["factor"].from_dict(factor)
             except (ValueError, TypeError) as error:
                 problems.append(f"factor.{error}")
-    hints = typing.get_type_hints(TrialConfig)
+    hints = type_hints(TrialConfig)
     for name in sorted(set(data) & set(top) - {"factor", *SECTIONS}):  # the plain fields
         coerced, ok = coerce(data[name], hints[name])
         if not ok:
