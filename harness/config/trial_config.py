@@ -208,8 +208,8 @@ def parse_trial(data: dict) -> tuple[TrialConfig | None, list[str]]:
     """Build a TrialConfig, collecting every problem instead of stopping at the first."""
     problems: list[str] = []
     top = {f.name: f for f in fields(TrialConfig)}
-    for key in sorted(set(data) - set(top)):
-        problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
+    for key in sorted(set(data) - set(top), key=str):  # YAML keys may be numbers or null
+        problems.append(f"{str(key)[:80]}: unknown key; allowed: {', '.join(top)}")
     kwargs = {}
     for name, section_cls in SECTIONS.items():
         section = data.get(name)

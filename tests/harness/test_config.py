@@ -189,3 +189,12 @@ def test_where_a_trial_runs_and_what_it_keeps_leave_its_id_alone():
         assert TrialConfig.from_dict({**base, **extra}).trial_id == TrialConfig.from_dict(base).trial_id
     assert TrialConfig.from_dict({**base, "precision": "bf16"}).trial_id != TrialConfig.from_dict(base).trial_id
     assert TrialConfig.from_dict({"dispatch": "sorted"}).trial_id == TrialConfig().trial_id  # no experts to dispatch
+
+
+def test_keys_that_are_not_names_are_unknown_keys_not_a_traceback(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("1: 2\n~: 3\nmodel: smollm2-135m\n")
+    with pytest.raises(ConfigError) as error:
+        TrialConfig.from_yaml(path)
+    assert error.value.problems[0].startswith("1: unknown key; allowed: model, factor,")
+    assert error.value.problems[1].startswith("None: unknown key")
