@@ -20,7 +20,7 @@ GRIDS = sorted(k for k in PINNED if k.endswith(".yaml") and not k.startswith("tr
 @pytest.mark.parametrize("grid", GRIDS)
 def test_every_shipped_grid_keeps_its_trial_ids(grid):
     sweep = load_grid(ROOT / "experiments" / grid, check_models=False)
-    assert [t.trial_id for t in sweep.trials] == PINNED[grid]
+    assert sorted(t.trial_id for t in sweep.trials) == sorted(PINNED[grid])  # the order of expansion may change
 
 
 def test_the_shipped_trial_file_keeps_its_id():
