@@ -192,19 +192,12 @@ def task_manager(source: str = "local"):
         root = Path(lm_eval.__file__).parent / "tasks"
         folders = sorted({str(root / BENCHMARKS.get(name).lm_eval_dir) for name in BENCHMARKS.names()})
         manager = TaskManager(include_defaults=False, include_path=[f for f in folders if Path(f).is_dir()])
-        wanted = [t for name in BENCHMARKS.names() for t in _task_names(BENCHMARKS.get(name))]
+        wanted = [t for name in BENCHMARKS.names() for t in BENCHMARKS.get(name).tasks()]  # names, no data
         missing = [t for t in wanted if t not in manager.task_index]
         if not missing:
             return manager
         log.info("lm-eval keeps %s outside %s: indexing all of lm-eval's tasks (~10 s)", missing[0], root)
     return TaskManager()
-
-
-def _task_names(bench: Benchmark) -> list[str]:
-    """The lm-eval task names of a benchmark, without loading its data (MMLU: one per subject)."""
-    if bench.subtasks is None:
-        return [bench.lm_eval_task]
-    return [f"{bench.lm_eval_task}_{s}" for s in bench.subtasks()]
 
 
 def _lm_eval_config(task: str) -> dict:

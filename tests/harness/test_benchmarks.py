@@ -235,10 +235,10 @@ def test_the_local_task_index_reads_the_same_yamls_as_lm_evals_full_index():
     their tasks must resolve to the very YAML file lm-eval's full index gives it."""
     from lm_eval.tasks import TaskManager
 
-    from harness.eval.benchmarks import BENCHMARKS, _task_names
+    from harness.eval.benchmarks import BENCHMARKS
 
     full, local = TaskManager(), task_manager("local")
-    tasks = [t for name in BENCHMARKS.names() for t in _task_names(BENCHMARKS.get(name))]
+    tasks = [t for name in BENCHMARKS.names() for t in BENCHMARKS.get(name).tasks()]
     assert len(tasks) == 7 + 57
     assert {t: local.task_index[t].yaml_path for t in tasks} == {t: full.task_index[t].yaml_path for t in tasks}
     assert len(local.task_index) < len(full.task_index) / 10  # it did not index everything
