@@ -113,9 +113,18 @@ def _failures(frame: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
     lines = ["### Failure modes across scale", ""]
     for model in frame["model"].unique():
         variants = frame[(frame["model"] == model) & ~frame["is_dense"]]
-        flags = [f for _, row in variants.iterrows() for f in failure_flags(row, frame)]
+        flags = [
+            flag
+            for _, row in variants.iterrows()
+            for flag in failure_flags(
+                row, frame, f"{row['setting']} {row['router_mode']} ({int(row['budget']):,} tokens)"
+            )
+        ]
         flags += head_flags(rows[rows["model"] == model]) if not rows.empty else []
-        lines += [f"- {model}: " + ("; ".join(flags) if flags else "no failure mode crossed its threshold")]
+        lines += [
+            f"- {model}:"
+            + ("".join(f"\n  - {flag}" for flag in flags) if flags else " no failure mode crossed its threshold")
+        ]
     lines += ["", f"Output head: threshold {HEAD_SHARE[0]}: {HEAD_SHARE[1]}. Other thresholds: listed above.", ""]
     return lines
 

@@ -403,9 +403,10 @@ def random_router_similarity(frame: pd.DataFrame, row) -> float:
     return float(same["expert_similarity"].mean()) if len(same) else math.nan
 
 
-def failure_flags(row, frame: pd.DataFrame | None = None) -> list[str]:
-    """Plain-words flags for the failure modes a variant row crosses (THRESHOLDS)."""
-    flags, name = [], f"{row['setting']} {row['router_mode']}"
+def failure_flags(row, frame: pd.DataFrame | None = None, name: str | None = None) -> list[str]:
+    """Plain-words flags for the failure modes a variant row crosses (THRESHOLDS); `name` names the
+    variant in them (default: its setting and router mode)."""
+    flags, name = [], name or f"{row['setting']} {row['router_mode']}"
     if row["n_routers"] and row["n_routers"] > 1 and not math.isnan(row["router_agreement"]):
         chance = row["chance_agreement"]
         excess = (row["router_agreement"] - chance) / (1 - chance) if chance < 1 else math.nan

@@ -172,10 +172,26 @@ def test_the_report_has_a_scaling_section_with_tables_fit_plots_and_the_size_ans
     assert "gap to dense is smaller on big by" in section  # the size question, from its interval
     assert "Fit gap(T) = c + a·T^-b: c = " in section and "tokens to a 1-nat gap" in section
     assert "gap at the paper's 30M tokens" in section and "extrapolation" in section
-    assert "output-head bottleneck: the LM head is" in section.split("- gemma:")[1].splitlines()[0]
-    assert "output-head bottleneck" not in section.split("- big:")[1].splitlines()[0]
+    failures = section.split("### Failure modes across scale")[1]
+    per_model = {block.split(":")[0]: block for block in failures.split("\n- ")[1:]}
+    assert "output-head bottleneck: the LM head is" in per_model["gemma"]
+    assert "output-head bottleneck" not in per_model["big"]
     for plot in ("gap_vs_params.png", "decode_vs_params.png", "gap_vs_tokens.png"):
         assert (tmp_path / plot).stat().st_size > 1000 and f"]({plot})" in section
+
+
+def test_findings_along_a_budget_axis_name_their_budget(tmp_path):
+    from reports.build import build_report
+
+    records = scaling_records()
+    for rec in records:
+        if rec["config"]["model"] == "small" and rec["config"]["factor"]:  # attention dominates every budget
+            rec["flops"] |= {"attention_gflops_per_token": 1.0, "total_gflops_per_token": 1.2}
+    failures = build_report(records, tmp_path).read_text().split("### Failure modes across scale")[1]
+    small = failures.split("\n- small:")[1].split("\n- ")[0].split("\n\n")[0]
+    findings = [line for line in small.splitlines() if line.startswith("  - attention bottleneck")]
+    assert len(findings) == 5 and len(set(findings)) == 5  # one per budget, none reading like another
+    assert "of 1R3E1K par (5,000 tokens)'s FLOPs per token" in findings[0]
 
 
 def test_a_flat_budget_curve_says_why_there_is_no_fit(tmp_path):
