@@ -160,13 +160,20 @@ def _against_params(rows: pd.DataFrame, column: str):
 
 
 def gap_vs_params(rows: pd.DataFrame, path: Path) -> Path | None:
-    """The gap to dense (bits per byte) against parameters, one line per conversion."""
+    """The gap to dense (bits per byte) against parameters, one line per conversion and training
+    seed (a conversion's further seeds dotted, in its colour)."""
     if (made := _against_params(rows, "gap_bpb")) is None:
         return None
     fig, ax, groups = made
     for conversion, group in groups:
-        ax.errorbar(group["params_m"], group["gap_bpb"], yerr=_yerr(group, "gap_bpb"), fmt="o-", capsize=3,
-                    label=conversion)  # fmt: skip
+        runs = list(group.groupby("seed")) if "seed" in group else [(None, group)]
+        color = None
+        for seed, run in runs:
+            label = conversion if len(runs) == 1 else f"{conversion}: seed {seed}"
+            style = "o-" if color is None else "o:"
+            bars = ax.errorbar(run["params_m"], run["gap_bpb"], yerr=_yerr(run, "gap_bpb"), fmt=style, capsize=3,
+                               color=color, label=label)  # fmt: skip
+            color = bars[0].get_color()
     ax.set(xscale="log", xlabel="parameters (M)", ylabel="gap to dense (bits per byte, 95% CI)",
            title="Quality lost by the conversion, against model size")  # fmt: skip
     ax.legend(fontsize=7)

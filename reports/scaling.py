@@ -217,7 +217,8 @@ def size_rows(records: list[dict], frame: pd.DataFrame) -> pd.DataFrame:
             continue
         f = frame[frame["trial_id"] == r["trial_id"]].iloc[0]
         row = {"model": r["config"]["model"], "conversion": _conversion(r), "active_pct": 100 * r["active_fraction"],
-               "budget": budget} | _model_columns(weights, r["active_fraction"])  # fmt: skip
+               "budget": budget, "seed": r["config"].get("seed", 0)}  # fmt: skip
+        row |= _model_columns(weights, r["active_fraction"])
         for name, e in (("gap_bpb", gap_bits_per_byte(r, base)), ("kl_bpb", kl_bits_per_byte(r))):
             row |= {name: e.value, f"{name}_lo": e.low, f"{name}_hi": e.high}
         for name in ("cn_maintenance_pct", "ffn_reduction_pct", "total_reduction_pct", "decode_speedup",
@@ -226,7 +227,7 @@ def size_rows(records: list[dict], frame: pd.DataFrame) -> pd.DataFrame:
                 if name + suffix in f:
                     row[name + suffix] = f[name + suffix]
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["conversion", "params_m"]) if rows else pd.DataFrame()
+    return pd.DataFrame(rows).sort_values(["conversion", "params_m", "seed"]) if rows else pd.DataFrame()
 
 
 def _model_columns(weights: dict | None, active: float) -> dict:
@@ -293,38 +294,69 @@ def budget_curves(records: list[dict]) -> list[BudgetCurve]:
 
 def size_answer(rows: pd.DataFrame, records: list[dict]) -> list[str]:
     """At equal data, per 50%-active conversion: is the gap (bits per byte) smaller on the largest
-    model than on the smallest? A difference only where its interval excludes zero."""
+    model than on the smallest? Each difference is paired by document within one training seed;
+    its interval resamples documents, not training runs. With several seeds, an answer only where
+    every seed's interval excludes zero on the same side."""
     from reports.tables import completed, eval_key
 
     if rows.empty:
         return []
     dense, out = _baselines(records), []
-    by_key = {(r["config"]["model"], _conversion(r), r["config"]["train"]["data_budget_tokens"]): r
-              for r in completed(records) if r["config"].get("factor")}  # fmt: skip
+    by_key = {(r["config"]["model"], _conversion(r), r["config"]["train"]["data_budget_tokens"],
+               r["config"].get("seed", 0)): r for r in completed(records) if r["config"].get("factor")}  # fmt: skip
     for conversion, group in rows[rows["active_pct"] == 50].groupby("conversion"):
         sized = group.dropna(subset=["params_m", "gap_bpb"]).sort_values("params_m")
-        if len(sized) < 2:
+        if sized["model"].nunique() < 2:
             continue
         small, large = sized.iloc[0], sized.iloc[-1]
-        a = by_key[(large["model"], conversion, large["budget"])]
-        b = by_key[(small["model"], conversion, small["budget"])]
-        diff = gap_difference((a, dense[eval_key(a)]), (b, dense[eval_key(b)]))
-        if not diff.ok:
+        seeds = sorted(
+            set(sized[sized["model"] == small["model"]]["seed"]) & set(sized[sized["model"] == large["model"]]["seed"])
+        )
+        diffs = {}
+        for seed in seeds:
+            a = by_key[(large["model"], conversion, large["budget"], seed)]
+            b = by_key[(small["model"], conversion, small["budget"], seed)]
+            diff = gap_difference((a, dense[eval_key(a)]), (b, dense[eval_key(b)]))
+            if diff.ok:
+                diffs[seed] = diff
+        if not diffs:
             continue
-        verdict = (
-            f"smaller on {large['model']} by {-diff.value:.3f} [{-diff.high:.3f}, {-diff.low:.3f}] bits per byte"
-            if diff.high < 0
-            else f"larger on {large['model']} by {diff.value:.3f} [{diff.low:.3f}, {diff.high:.3f}] bits per byte"
-            if diff.low > 0
-            else f"not distinguishable between the two (difference {diff.value:+.3f} [{diff.low:+.3f}, "
-            f"{diff.high:+.3f}] bits per byte)"
-        )
-        out.append(
-            f"At {int(large['budget']):,} tokens, the 50% conversion {conversion}'s gap to dense is {verdict}: "
-            f"{large['model']} ({large['params_m']:.0f}M parameters) {large['gap_bpb']:.3f} against "
-            f"{small['model']} ({small['params_m']:.0f}M) {small['gap_bpb']:.3f}, paired by held-out document."
-        )
+        gaps = {m: sized[sized["model"] == m].set_index("seed")["gap_bpb"] for m in (small["model"], large["model"])}
+        out.append(_size_sentence(conversion, small, large, diffs, gaps))
     return out
+
+
+def _size_sentence(conversion: str, small, large, diffs: dict[int, Estimate], gaps: dict) -> str:
+    """The size answer for one conversion: large minus small, per seed (dict seed -> Estimate)."""
+    larger, smaller = all(d.low > 0 for d in diffs.values()), all(d.high < 0 for d in diffs.values())
+    sign = -1 if smaller else 1  # "smaller by" prints positive numbers
+    several = len(diffs) > 1
+    each = ", ".join(
+        f"{sign * d.value:.3f} [{min(sign * d.low, sign * d.high):.3f}, {max(sign * d.low, sign * d.high):.3f}]"
+        + (f" (seed {seed})" if several else "")
+        for seed, d in diffs.items()
+    )
+    if larger or smaller:
+        runs = f"in each of {len(diffs)} training seeds " if several else ""
+        verdict = f"{'larger' if larger else 'smaller'} on {large['model']} {runs}by {each} bits per byte"
+    else:
+        runs = f"across {len(diffs)} training seeds " if several else ""
+        verdict = f"not distinguishable between the two {runs}(difference {each} bits per byte)"
+    note = (
+        "each interval resamples held-out documents within one training seed"
+        if several
+        else "one training run each: the interval resamples held-out documents, not training runs"
+    )
+
+    def gap(model) -> str:
+        values = [gaps[model][seed] for seed in diffs]
+        return f"{min(values):.3f}" if len(values) == 1 else f"{min(values):.3f}-{max(values):.3f}"
+
+    return (
+        f"At {int(large['budget']):,} tokens, the 50% conversion {conversion}'s gap to dense is {verdict}: "
+        f"{large['model']} ({large['params_m']:.0f}M parameters) {gap(large['model'])} against "
+        f"{small['model']} ({small['params_m']:.0f}M) {gap(small['model'])}, paired by held-out document ({note})."
+    )
 
 
 def head_flags(rows: pd.DataFrame) -> list[str]:

@@ -52,6 +52,8 @@ def _size(rows: pd.DataFrame, out_dir: Path) -> list[str]:
     header = ["model", "params (M)", "FFN % of params", "FFN % of bytes read / token", "conversion", "active %",
               "gap to dense (bits/byte)", "KL (bits/byte)", "chance-norm. maint. %", "FFN cut %", "total cut %",
               "eager decode x", "served decode x", "ideal decode x"]  # fmt: skip
+    seeds = rows["seed"].nunique() > 1  # one row per training run: their spread is the run-to-run variance
+    header = header[:5] + ["seed"] * seeds + header[5:]
     lines = [f"### Against model size, at {budget:,} training tokens", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
     for _, r in rows.iterrows():
@@ -60,6 +62,7 @@ def _size(rows: pd.DataFrame, out_dir: Path) -> list[str]:
                  _ci(r, "cn_maintenance_pct", 1), _num(r.get("ffn_reduction_pct"), 1),
                  _num(r.get("total_reduction_pct"), 1), _range(r, "decode_speedup"),
                  _range(r, "served_decode_speedup"), _num(r["ideal_decode"], 2)]  # fmt: skip
+        cells[5:5] = [str(int(r["seed"]))] * seeds
         lines.append("| " + " | ".join(cells) + " |")
     if rows["gap_bpb"].isna().all():
         lines += ["", "Gap and KL in bits per byte are n/a: this sweep's held-out text is cut by tokens, which cover "

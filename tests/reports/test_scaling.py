@@ -221,3 +221,35 @@ def test_a_sweep_of_token_cut_held_out_text_says_why_bits_per_byte_are_missing(t
     section = build_report(records, tmp_path).read_text().split("## Scaling\n")[1]
     assert "Gap and KL in bits per byte are n/a: this sweep's held-out text is cut by tokens" in section
     assert "| big | 630 |" in section  # the rest of the table stands
+
+
+def _second_seed(records, big_gap):
+    """Seed 1 of the 50% conversion on the smallest and the largest model, at 20k tokens."""
+    extra = [
+        scaling_record("h-small-s1", "small", 135e6, HALF, gap_bits=0.6, seed=11),
+        scaling_record("h-big-s1", "big", 630e6, HALF, gap_bits=big_gap, bytes_per_token=4.7, vocab=151_936,
+                       hidden=896, tied=False, seed=12),
+    ]  # fmt: skip
+    for rec in extra:
+        rec["config"]["seed"] = 1
+    return records + extra
+
+
+def test_the_size_answer_pairs_runs_of_one_seed_and_answers_only_when_every_seed_agrees(tmp_path):
+    from reports.build import build_report
+
+    one = build_report(scaling_records(), tmp_path / "one").read_text().split("## Scaling\n")[1]
+    assert "one training run each: the interval resamples held-out documents, not training runs" in one
+    agree = build_report(_second_seed(scaling_records(), 0.2), tmp_path / "agree").read_text()
+    section = agree.split("## Scaling\n")[1].split("### Failure")[0]
+    answer = next(line for line in section.splitlines() if "gap to dense is" in line)
+    assert "smaller on big in each of 2 training seeds by " in answer
+    assert "(seed 0)" in answer and "(seed 1)" in answer
+    assert "big (630M parameters) 0.2" in answer  # the range of the large model's gaps over its seeds
+    header = next(line for line in section.splitlines() if line.startswith("| model |"))
+    assert "| seed |" in header
+    assert len([line for line in section.splitlines() if line.startswith("| big |")]) == 2  # one row per run
+    # seed 1 on the large model loses more than the small one: the seeds disagree, so no answer
+    split = build_report(_second_seed(scaling_records(), 0.9), tmp_path / "split").read_text()
+    answer = next(line for line in split.split("## Scaling\n")[1].splitlines() if "gap to dense is" in line)
+    assert "not distinguishable between the two across 2 training seeds" in answer
