@@ -48,9 +48,7 @@ def test_sweep_records_a_failing_trial_beside_finishing_ones(assets, tmp_path, r
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, tmp_path, cache_dir):
-    grid = sweep_assets.write_grid(
-        tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200], repeats=40
-    )
+    grid = sweep_assets.write_grid(tmp_path / "grid.yaml", assets, tmp_path / "runs", budgets=[100, 200], repeats=40)
     command = [sys.executable, "-m", "harness.sweep", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
