@@ -116,13 +116,8 @@ def _failures(frame: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
     lines = ["### Failure modes across scale", ""]
     for model in frame["model"].unique():
         variants = frame[(frame["model"] == model) & ~frame["is_dense"]]
-        flags = [
-            flag
-            for _, row in variants.iterrows()
-            for flag in failure_flags(
-                row, frame, f"{row['setting']} {row['router_mode']} ({int(row['budget']):,} tokens)"
-            )
-        ]
+        seeds = variants["seed"].nunique() > 1
+        flags = [flag for _, row in variants.iterrows() for flag in failure_flags(row, frame, _run_name(row, seeds))]
         flags += head_flags(rows[rows["model"] == model]) if not rows.empty else []
         lines += [
             f"- {model}:"
@@ -130,6 +125,12 @@ def _failures(frame: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         ]
     lines += ["", f"Output head: threshold {HEAD_SHARE[0]}: {HEAD_SHARE[1]}. Other thresholds: listed above.", ""]
     return lines
+
+
+def _run_name(row, seeds: bool) -> str:
+    """A variant as a failure finding names it: setting, router mode, budget, and the seed where a model has several."""
+    seed = f", seed {int(row['seed'])}" if seeds else ""
+    return f"{row['setting']} {row['router_mode']} ({int(row['budget']):,} tokens{seed})"
 
 
 def _reach(curve: BudgetCurve, gap: float) -> str:
