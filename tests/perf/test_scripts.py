@@ -135,8 +135,9 @@ def test_served_speed_says_when_vllm_is_absent(monkeypatch, capsys):
 
 def test_eval_throughput_compares_both_lms_on_the_same_items(tmp_path, capsys):
     """On a tiny local checkpoint: one row per benchmark, identical choices, tiny differences."""
+    from conftest import TINY  # tests/conftest.py (on the path from pyproject), before tests/harness's own
+
     sys.path.insert(0, str(ROOT / "tests" / "harness"))
-    from conftest import TINY
     from test_shared_prefix import bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -171,3 +172,17 @@ def test_packed_scoring_check_agrees_with_hflm_style_scoring(capsys):
         if line.startswith("| dense") or line.startswith("| 1R4E2K")
     ]
     assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows)
+
+
+def test_kl_memory_checks_the_bits_then_prints_both_peaks_and_their_ratio(capsys):
+    assert load("kl_memory").main(["--batch", "1", "--positions", "300", "--vocab", "20000"]) == 0
+    out = capsys.readouterr().out
+    assert "bit for bit" in out and "| reference |" in out and "| blocked |" in out
+    assert float(out.split("blocked / reference peak memory: ")[1].split()[0]) > 0  # measured, not n/a
+
+
+def test_kl_memory_refuses_to_measure_a_blocked_kl_that_differs(monkeypatch, capsys):
+    bench = load("kl_memory")
+    monkeypatch.setattr(bench, "distillation_kl", lambda d, s, m: 1.0001 * bench.distillation_kl_reference(d, s, m))
+    assert bench.main([]) == 1
+    assert "FAILED" in capsys.readouterr().out
